@@ -1,0 +1,168 @@
+"""
+Every setting of the project lives in one dataclass, `Config`, with its default.
+
+    python train.py                          # the defaults below (U-LVLM, PRIOR, shapes)
+    python train.py configs/shapes_h.py      # a preset overrides some defaults
+    python train.py --alpha=0 --max_iters=50 # flags override both
+
+A config file is plain Python whose top-level assignments must be Config fields.
+Values are type-checked against the default's type; an unknown key is an error;
+booleans accept True/False (also true/false/1/0), never "any non-empty string".
+"""
+
+import ast
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    # ---- data ----
+    dataset: str = 'shapes'      # built-in procedural dataset (no files)
+    data_seed: int = 1234        # the dataset is a pure function of this seed
+    image_size: int = 32
+    n_train: int = 10000         # images (one caption each) per split
+    n_val: int = 500
+    n_test: int = 500
+    noise_rate: float = 0.5      # share of captions ending in ", taken by NAME in CITY"
+    pixel_noise: float = 0.08    # std of Gaussian pixel noise, in [0,1] units
+    block_size: int = 48         # text positions (BOS + caption + EOT, padded)
+    # ---- model ----
+    arch: str = 'patch'          # 'vit' (H-LVLM, LLaVA-style) or 'patch' (U-LVLM, encoder-free)
+    n_layer: int = 4             # the GPT; the reference has the same shape
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    patch_size: int = 4
+    vit_layer: int = 2           # arch=vit only
+    vit_embd: int = 128
+    # ---- reference LM (text only) ----
+    ref_ckpt: str = ''           # '' = out/ref/<hash of data + recipe>/ref.pt; trained on first use,
+                                 # its score cache sits beside it
+    ref_max_iters: int = 150
+    ref_learning_rate: float = 3e-3
+    ref_batch_size: int = 64
+    # ---- objective ----
+    loss: str = 'prior'          # 'ntp' or 'prior'
+    alpha: float = 1.0           # w = (1 - P_r)^alpha; alpha=0 is NTP
+    # ---- initialisation and freezing ----
+    init_lm: str = 'ref'         # 'scratch', 'ref' (the trained reference), or 'gpt2' (HF weights)
+    freeze_lm: bool = False
+    freeze_vision: bool = False
+    # ---- optimisation ----
+    batch_size: int = 32         # per process, per micro-step
+    grad_accum: int = 1          # micro-steps per iteration (global batch = batch_size*grad_accum*world)
+    max_iters: int = 400
+    learning_rate: float = 2e-3
+    min_lr_ratio: float = 0.1    # cosine decays to learning_rate * min_lr_ratio
+    warmup_iters: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0       # 0 disables
+    # ---- logging, eval, checkpoints ----
+    out_dir: str = 'out/shapes_u'
+    log_interval: int = 20
+    eval_interval: int = 100     # val loss every N iterations (and at the end)
+    eval_batches: int = 4        # val batches per periodic eval
+    ckpt_interval: int = 100     # 0: only at the end
+    resume: bool = False
+    final_eval: bool = True      # run eval.py's metrics on the test split at the end
+    # ---- system ----
+    seed: int = 1337             # init and data order; same seed => same init and order for any loss
+    device: str = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    compile: bool = False
+
+
+def _parse_bool(text):
+    low = text.lower()
+    if low in ('true', '1', 'yes'):
+        return True
+    if low in ('false', '0', 'no'):
+        return False
+    raise ValueError(f"expected True or False, got {text!r}")
+
+
+def _coerce(key, value, default):
+    """Return `value` as the type of `default`, or raise with the key's name."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = _parse_bool(value) if kind is bool else ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"config key {key!r}: cannot read {value!r} as {kind.__name__} ({e})")
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise TypeError(f"config key {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_flags(argv, defaults):
+    """`--key=value` flags over a dict of defaults (for small CLIs such as eval.py)."""
+    out = dict(defaults)
+    for arg in argv:
+        key, sep, value = arg[2:].partition('=') if arg.startswith('--') else ('', '', '')
+        if not sep:
+            raise ValueError(f"argument {arg!r} must look like --key=value")
+        if key not in defaults:
+            raise KeyError(f"unknown flag --{key} (known: {', '.join(defaults)})")
+        out[key] = _coerce(key, value, defaults[key])
+    return out
+
+
+def load_config(argv):
+    """Build a Config from `[config_file.py] [--key=value ...]` (argv without the program name)."""
+    cfg = Config()
+    defaults = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)}
+    for arg in argv:
+        if arg.startswith('--'):
+            key, sep, value = arg[2:].partition('=')
+            if not sep:
+                raise ValueError(f"flag {arg!r} must look like --key=value")
+            pairs, origin = {key: value}, 'command line'
+        else:
+            if not os.path.isfile(arg):
+                raise FileNotFoundError(f"config file {arg!r} does not exist")
+            namespace = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, 'exec'), namespace)
+            pairs = {k: v for k, v in namespace.items() if not k.startswith('_')}
+            origin = arg
+        for key, value in pairs.items():
+            if key not in defaults:
+                raise KeyError(f"unknown config key {key!r} (from {origin})")
+            setattr(cfg, key, _coerce(key, value, defaults[key]))
+    check(cfg)
+    return cfg
+
+
+def check(cfg):
+    choices = {'arch': ('vit', 'patch'), 'loss': ('ntp', 'prior'), 'init_lm': ('scratch', 'ref', 'gpt2')}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    if cfg.n_embd % cfg.n_head or cfg.vit_embd % cfg.n_head:
+        raise ValueError("n_embd and vit_embd must be multiples of n_head")
+    if cfg.alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {cfg.alpha}")
+
+
+def as_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d):
+    """Rebuild a Config saved in a checkpoint (keys added since then keep their defaults)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_device(name):
+    if name == 'auto':
+        import torch
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    return name

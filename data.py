@@ -1,0 +1,334 @@
+"""
+Data: the GPT-2 tokenizer (offline), a compact vocabulary, and the built-in `shapes` dataset.
+
+A caption becomes one row of three aligned arrays of length block_size (nanoGPT's x, y):
+
+    idx      BOS  a    red  circle ...  .    pad  pad        (BOS = GPT-2's <|endoftext|>)
+    targets  a    red  circle ...  .    EOT  -1   -1         (the one label shift of the project)
+    classes  F    F    R    R      ...  F    F    -1   -1    (true token class of each target)
+
+Everything the model must predict (every caption token and the closing EOT) has a target;
+the rest is IGNORE (-1). `classes` says, for evaluation only, whether a target token is
+image-relevant (colour, shape, position, count), filler that the text alone predicts
+("a photo of"), or noise that neither text nor image predicts ("taken by Ana in Lima").
+"""
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import numpy as np
+import torch
+
+IGNORE = -1                                     # the one ignore index, used everywhere
+FILLER, RELEVANT, NOISE = 0, 1, 2
+CLASS_NAMES = ('filler', 'relevant', 'noise')
+
+# -----------------------------------------------------------------------------
+# Tokenizer: tiktoken's r50k_base holds GPT-2's ranks. tiktoken downloads them on first
+# use, which fails offline. The openai-whisper sdist on PyPI ships the same file
+# (whisper/assets/gpt2.tiktoken), so a machine that reaches only PyPI can still get it.
+# tiktoken looks for a cached copy at $TIKTOKEN_CACHE_DIR/sha1(url).
+
+RANKS_URL = 'https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken'
+RANKS_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
+WHISPER_SDIST = 'openai-whisper==20250625'
+EOT = 50256                                     # GPT-2's <|endoftext|>, also our BOS
+
+
+def _cache_path():
+    cache_dir = os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.expanduser('~/.cache/tiktoken'))
+    return os.path.join(cache_dir, hashlib.sha1(RANKS_URL.encode()).hexdigest())
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def ensure_gpt2_ranks():
+    """Make sure tiktoken finds GPT-2's ranks offline; fetch them from PyPI if needed."""
+    path = _cache_path()
+    if os.path.exists(path):
+        with open(path, 'rb') as f:
+            if _sha256(f.read()) == RANKS_SHA256:
+                return path
+        os.remove(path)                         # a corrupt copy: replace it
+    print(f"tokenizer: fetching GPT-2 ranks from PyPI ({WHISPER_SDIST} sdist) into {path}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '--no-binary=:all:',
+               '--dest', tmp, WHISPER_SDIST]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = [n for n in os.listdir(tmp) if n.endswith('.tar.gz')]
+        if result.returncode != 0 or not sdists:
+            raise RuntimeError(
+                f"cannot get the GPT-2 tokenizer ranks: tiktoken's cache {path} is empty and "
+                f"'{' '.join(cmd[1:])}' failed:\n{result.stderr.strip()}\n"
+                f"Fix: copy r50k_base.tiktoken (sha256 {RANKS_SHA256}) to {path}")
+        with tarfile.open(os.path.join(tmp, sdists[0])) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith('whisper/assets/gpt2.tiktoken'))
+            data = tar.extractfile(member).read()
+    if _sha256(data) != RANKS_SHA256:
+        raise RuntimeError(f"GPT-2 ranks from {WHISPER_SDIST} have sha256 {_sha256(data)}, expected {RANKS_SHA256}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, 'wb') as f:
+        f.write(data)
+    os.replace(tmp_path, path)
+    return path
+
+
+_ENCODING = None
+
+
+def get_tokenizer():
+    global _ENCODING
+    if _ENCODING is None:
+        import tiktoken
+        ensure_gpt2_ranks()
+        _ENCODING = tiktoken.get_encoding('r50k_base')
+    return _ENCODING
+
+
+# -----------------------------------------------------------------------------
+# Vocabulary. A tiny model does not need 50,257 output rows for a few hundred distinct
+# words, so by default the model sees a compact vocabulary: the GPT-2 ids that occur in the
+# training captions, mapped to 0..n-1, plus one unknown id. The list travels in every
+# checkpoint, so decoding never depends on rebuilding it. `Vocab(None)` is the identity map
+# over the full GPT-2 vocabulary (needed for --init_lm=gpt2).
+
+class Vocab:
+    def __init__(self, gpt2_ids=None):
+        self.gpt2_ids = None if gpt2_ids is None else [int(i) for i in gpt2_ids]
+        if self.gpt2_ids is None:
+            self.size, self.unk = get_tokenizer().n_vocab, None
+            return
+        self.unk = len(self.gpt2_ids)           # the last id means "not seen in training"
+        self.size = self.unk + 1
+        self.lookup = np.full(get_tokenizer().n_vocab, self.unk, dtype=np.int64)
+        self.lookup[self.gpt2_ids] = np.arange(len(self.gpt2_ids))
+
+    @staticmethod
+    def from_captions(token_lists):
+        seen = {EOT}
+        for tokens in token_lists:
+            seen.update(tokens)
+        return Vocab(sorted(seen))
+
+    def encode(self, gpt2_tokens):
+        tokens = np.asarray(gpt2_tokens, dtype=np.int64)
+        return tokens if self.gpt2_ids is None else self.lookup[tokens]
+
+    def to_gpt2(self, ids):
+        if self.gpt2_ids is None:
+            return [int(i) for i in ids]
+        return [self.gpt2_ids[i] for i in ids if i != self.unk]
+
+    def decode(self, ids):
+        """Text of model ids; unknown ids print as the replacement character."""
+        if self.gpt2_ids is None:
+            return get_tokenizer().decode(self.to_gpt2(ids))
+        pieces = [get_tokenizer().decode([self.gpt2_ids[i]]) if i != self.unk else '\ufffd' for i in ids]
+        return ''.join(pieces)
+
+    @property
+    def eot(self):
+        return int(self.encode([EOT])[0])
+
+    def state(self):
+        return {'gpt2_ids': self.gpt2_ids}
+
+
+# -----------------------------------------------------------------------------
+# The built-in `shapes` dataset: a pure function of (seed, sizes, rates). Each image has
+# 1-3 objects on a 3x3 grid; each object has a colour, a shape and a compass position.
+# Text prior trap: every shape has a favourite colour (p=0.6), and the colour comes before
+# the shape in the caption, so after "a red" the text alone says "circle" with high
+# confidence, right or wrong. The image decides.
+
+COLOURS = {'red': (220, 40, 40), 'green': (40, 190, 60), 'blue': (50, 90, 235),
+           'yellow': (235, 220, 40), 'purple': (150, 50, 200), 'pink': (245, 130, 190)}
+SHAPES = ('square', 'circle', 'triangle', 'cross')
+FAVOURITE = {'square': 'blue', 'circle': 'red', 'triangle': 'green', 'cross': 'yellow'}
+FAVOURITE_P = 0.6
+POSITIONS = ('northwest', 'north', 'northeast', 'west', 'center', 'east', 'southwest', 'south', 'southeast')
+COUNTS = ('one', 'two', 'three')
+ATTRIBUTES = {'count': COUNTS, 'colour': tuple(COLOURS), 'shape': SHAPES, 'position': POSITIONS}
+ATTR_NAMES = tuple(ATTRIBUTES)                  # attribute id = index here
+
+OPENERS = ('a photo of', 'in this picture we can see', 'this image shows', 'here we have',
+           'the picture contains', 'we can see')
+PREPOSITIONS = ('in the', 'at the', 'on the')
+JOINERS = (' and', ', and', ', plus', ', as well as')
+NAMES = ('Ana', 'Ben', 'Chloe', 'David', 'Elena', 'Farid', 'Grace', 'Hiro', 'Ines', 'Jonas', 'Kemi',
+         'Liam', 'Maya', 'Nikolai', 'Olga', 'Pablo', 'Quinn', 'Rosa', 'Sven', 'Tariq', 'Uma', 'Victor',
+         'Wen', 'Ximena', 'Yusuf', 'Zoe', 'Arjun', 'Bianca', 'Carlos', 'Dana')
+CITIES = ('Paris', 'Lima', 'Oslo', 'Cairo', 'Tokyo', 'Denver', 'Lagos', 'Quito', 'Hanoi', 'Porto',
+          'Dublin', 'Kyoto', 'Austin', 'Nairobi', 'Seoul', 'Bergen', 'Perth', 'Lyon', 'Milan', 'Tunis',
+          'Boston', 'Delhi', 'Riga', 'Sofia', 'Vienna', 'Zurich', 'Dakar', 'Havana', 'Osaka', 'Leeds')
+
+
+def sample_scene(rng):
+    """Objects of one image: a list of (colour, shape, position) with distinct positions."""
+    count = int(rng.integers(1, 4))
+    cells = rng.choice(len(POSITIONS), size=count, replace=False)
+    objects = []
+    for cell in cells:
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        if rng.random() < FAVOURITE_P:
+            colour = FAVOURITE[shape]
+        else:
+            others = [c for c in COLOURS if c != FAVOURITE[shape]]
+            colour = others[rng.integers(len(others))]
+        objects.append((colour, shape, POSITIONS[cell]))
+    return objects
+
+
+def caption_segments(objects, rng, noise_rate):
+    """The caption as (text, class, attribute) segments; each segment owns its leading space."""
+    n = len(objects)
+    segs = [(OPENERS[rng.integers(len(OPENERS))], FILLER, None),
+            (' ' + COUNTS[n - 1], RELEVANT, 'count'),
+            (' shape:' if n == 1 else ' shapes:', FILLER, None)]
+    for i, (colour, shape, position) in enumerate(objects):
+        if i > 0:
+            segs.append((JOINERS[rng.integers(len(JOINERS))], FILLER, None))
+        segs += [(' a', FILLER, None), (' ' + colour, RELEVANT, 'colour'), (' ' + shape, RELEVANT, 'shape'),
+                 (' ' + PREPOSITIONS[rng.integers(len(PREPOSITIONS))], FILLER, None),
+                 (' ' + position, RELEVANT, 'position')]
+    if rng.random() < noise_rate:
+        segs += [(', taken by', FILLER, None), (' ' + NAMES[rng.integers(len(NAMES))], NOISE, None),
+                 (' in', FILLER, None), (' ' + CITIES[rng.integers(len(CITIES))], NOISE, None)]
+    segs.append(('.', FILLER, None))
+    return segs
+
+
+def label_tokens(segments):
+    """Tokenize a caption and give each BPE token the class/attribute of the segment it starts in.
+
+    Labels come from character spans, so they stay right whatever BPE does at segment
+    boundaries. Returns (text, gpt2 tokens, classes, attribute ids (-1 = none))."""
+    text = ''.join(s[0] for s in segments)
+    char_class = np.empty(len(text), dtype=np.int8)
+    char_attr = np.empty(len(text), dtype=np.int8)
+    pos = 0
+    for seg_text, cls, attr in segments:
+        char_class[pos:pos + len(seg_text)] = cls
+        char_attr[pos:pos + len(seg_text)] = -1 if attr is None else ATTR_NAMES.index(attr)
+        pos += len(seg_text)
+    enc = get_tokenizer()
+    tokens = enc.encode(text)
+    _, offsets = enc.decode_with_offsets(tokens)
+    return text, tokens, char_class[offsets], char_attr[offsets]
+
+
+def render(objects, rng, size, pixel_noise):
+    """Draw the objects on a dark background with jitter and noise -> uint8 [3, size, size]."""
+    cell = size / 3
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    img = np.empty((size, size, 3), dtype=np.float32)
+    img[:] = rng.uniform(0, 60, size=3)          # background tint
+    for colour, shape, position in objects:
+        row, col = divmod(POSITIONS.index(position), 3)
+        cy = (row + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
+        cx = (col + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
+        r = cell * rng.uniform(0.30, 0.40)
+        dy, dx = yy - cy, xx - cx
+        if shape == 'square':
+            mask = (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+        elif shape == 'circle':
+            mask = dx ** 2 + dy ** 2 <= r ** 2
+        elif shape == 'triangle':                # apex up
+            mask = (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+        else:                                    # cross
+            arm = r / 3
+            mask = ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+        img[mask] = np.asarray(COLOURS[colour]) + rng.uniform(-20, 20, size=3)
+    img += rng.normal(0, pixel_noise * 255, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8).transpose(2, 0, 1)
+
+
+class CaptionData:
+    """One split, held as tensors: images uint8 [N,3,H,W] and aligned text rows [N,T]."""
+
+    def __init__(self, images, texts, gpt2_tokens, token_classes, token_attrs, objects, block_size):
+        self.images, self.texts, self.objects = images, texts, objects
+        self.gpt2_tokens, self.block_size = gpt2_tokens, block_size
+        self.token_classes, self.token_attrs = token_classes, token_attrs
+        self.idx = self.targets = self.classes = self.attrs = None
+
+    def __len__(self):
+        return len(self.texts)
+
+    def encode(self, vocab):
+        """Fill idx/targets/classes/attrs with `vocab` ids; captions must fit block_size."""
+        n, T = len(self), self.block_size
+        idx = np.full((n, T), vocab.eot, dtype=np.int64)
+        targets = np.full((n, T), IGNORE, dtype=np.int64)
+        classes = np.full((n, T), IGNORE, dtype=np.int8)
+        attrs = np.full((n, T), -1, dtype=np.int8)
+        for i, tokens in enumerate(self.gpt2_tokens):
+            k = len(tokens) + 1                  # caption tokens + closing EOT
+            if k > T:
+                raise ValueError(f"caption {i} has {k} tokens with EOT, block_size is {T}: {self.texts[i]!r}")
+            ids = vocab.encode(list(tokens) + [EOT])
+            idx[i, 1:k] = ids[:-1]               # idx[0] stays BOS
+            targets[i, :k] = ids
+            classes[i, :k - 1], classes[i, k - 1] = self.token_classes[i], FILLER
+            attrs[i, :k - 1] = self.token_attrs[i]
+        self.idx, self.targets = torch.from_numpy(idx), torch.from_numpy(targets)
+        self.classes, self.attrs = torch.from_numpy(classes), torch.from_numpy(attrs)
+        return self
+
+    def fingerprint(self):
+        """sha256 of what a reference cache depends on: the token rows."""
+        h = hashlib.sha256()
+        h.update(self.idx.numpy().tobytes())
+        h.update(self.targets.numpy().tobytes())
+        return h.hexdigest()
+
+    def batch(self, indices, device):
+        """Images as float in [-1, 1] plus text rows, all on `device`."""
+        images = self.images[indices].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        return (images, self.idx[indices].to(device), self.targets[indices].to(device),
+                self.classes[indices].to(device))
+
+
+def make_shapes(n, seed, image_size, noise_rate, pixel_noise, block_size):
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
+    texts, tokens, classes, attrs, scenes = [], [], [], [], []
+    for i in range(n):
+        objects = sample_scene(rng)
+        text, toks, cls, att = label_tokens(caption_segments(objects, rng, noise_rate))
+        images[i] = render(objects, rng, image_size, pixel_noise)
+        texts.append(text), tokens.append(toks), classes.append(cls), attrs.append(att), scenes.append(objects)
+    return CaptionData(torch.from_numpy(images), texts, tokens, classes, attrs, scenes, block_size)
+
+
+def load_splits(cfg, names=('train', 'val', 'test')):
+    """The named splits of cfg.dataset, unencoded (call .encode(vocab) next)."""
+    if cfg.dataset != 'shapes':
+        raise ValueError(f"unknown dataset {cfg.dataset!r} (built in: 'shapes')")
+    # Disjoint, reproducible splits: each split draws from its own seed stream.
+    sizes = {'train': cfg.n_train, 'val': cfg.n_val, 'test': cfg.n_test}
+    return {name: make_shapes(n, [cfg.data_seed, k], cfg.image_size, cfg.noise_rate, cfg.pixel_noise,
+                              cfg.block_size)
+            for k, (name, n) in enumerate(sizes.items()) if name in names}
+
+
+def batch_indices(n_items, batch_size, position, seed):
+    """Indices of `batch_size` consecutive samples starting at sample `position` of an
+    endless stream that visits the data in a fresh seeded permutation every epoch. The
+    stream is a pure function of (seed, position): resuming needs only the position."""
+    pos = torch.arange(position, position + batch_size)
+    epochs, within = pos // n_items, pos % n_items
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        sel = epochs == epoch
+        out[sel] = perm[within[sel]]
+    return out

@@ -1,0 +1,222 @@
+"""
+Evaluate a trained LVLM on the shapes data.
+
+    python eval.py --ckpt=out/shapes_u/ckpt.pt [--split=test] [--figure=weights.png]
+
+Teacher-forced metrics (one forward pass over every caption):
+  loss, loss_relevant, loss_filler, loss_noise   mean NLL per true token class
+  acc_count, acc_colour, acc_shape, acc_position at each attribute word, is the true value
+                                                 the likeliest among all values of that
+                                                 attribute, given the image? (chance 1/n)
+  attr_acc                                       mean of the four attribute accuracies
+Free-running metrics (greedy captions, parsed back into (colour, shape, position) objects):
+  hallucination   share of described objects that are not in the image
+  recall          share of the image's objects that the caption describes
+  exact           share of captions that describe exactly the image's objects
+"""
+
+import contextlib
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+from data import ATTR_NAMES, ATTRIBUTES, CLASS_NAMES, IGNORE, POSITIONS, SHAPES, COLOURS, get_tokenizer
+from prior_loss import token_nll
+
+OBJECT_RE = re.compile(r"\b({})\s+({})\s+(?:in|at|on)\s+the\s+({})\b".format(
+    '|'.join(COLOURS), '|'.join(SHAPES), '|'.join(POSITIONS)))
+
+
+def attribute_value_ids(vocab):
+    """Model ids of every value of each attribute (each value is one GPT-2 token)."""
+    enc = get_tokenizer()
+    out = []
+    for values in ATTRIBUTES.values():
+        ids = [enc.encode(' ' + v) for v in values]
+        assert all(len(i) == 1 for i in ids), "attribute values must be single GPT-2 tokens"
+        out.append(torch.as_tensor(vocab.encode([i[0] for i in ids])))
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_metrics(model, data, vocab, rows, device, batch_size=128, ctx=None):
+    """Per-class NLL and attribute accuracies over data[rows], in one pass."""
+    value_ids = [v.to(device) for v in attribute_value_ids(vocab)]
+    nll_sum, nll_n = torch.zeros(len(CLASS_NAMES) + 1), torch.zeros(len(CLASS_NAMES) + 1)
+    hits, seen = torch.zeros(len(ATTR_NAMES)), torch.zeros(len(ATTR_NAMES))
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        sel = rows[start:start + batch_size]
+        images, idx, targets, classes = data.batch(sel, device)
+        attrs = data.attrs[sel].to(device)
+        with ctx or contextlib.nullcontext():
+            logits = model(images, idx)
+        nll = token_nll(logits, targets)
+        mask = targets != IGNORE
+        nll_sum[-1] += nll[mask].sum().item()
+        nll_n[-1] += mask.sum().item()
+        for c in range(len(CLASS_NAMES)):
+            m = classes == c
+            nll_sum[c] += nll[m].sum().item()
+            nll_n[c] += m.sum().item()
+        for a, ids in enumerate(value_ids):
+            m = attrs == a
+            if m.any():
+                scores = logits[m][:, ids].float()                    # [n, n_values]
+                truth = (targets[m][:, None] == ids[None]).float().argmax(-1)
+                hits[a] += (scores.argmax(-1) == truth).sum().item()
+                seen[a] += m.sum().item()
+    model.train(was_training)
+    out = {'loss': (nll_sum[-1] / nll_n[-1].clamp(min=1)).item()}
+    for c, name in enumerate(CLASS_NAMES):
+        out[f'loss_{name}'] = (nll_sum[c] / nll_n[c]).item() if nll_n[c] else float('nan')
+    accs = []
+    for a, name in enumerate(ATTR_NAMES):
+        out[f'acc_{name}'] = (hits[a] / seen[a]).item() if seen[a] else float('nan')
+        accs.append(out[f'acc_{name}'])
+    out['attr_acc'] = float(np.nanmean(accs))
+    return out
+
+
+def parse_objects(text):
+    return [m.groups() for m in OBJECT_RE.finditer(text)]
+
+
+def caption_metrics(captions, true_objects):
+    """hallucination / recall / exact of generated captions against the true objects."""
+    described = hallucinated = n_true = recalled = exact = 0
+    for text, truth in zip(captions, true_objects):
+        found, truth = parse_objects(text), set(truth)
+        described += len(found)
+        hallucinated += sum(o not in truth for o in found)
+        n_true += len(truth)
+        recalled += len(truth & set(found))
+        exact += len(found) == len(truth) and set(found) == truth
+    return {'hallucination': hallucinated / described if described else float('nan'),
+            'recall': recalled / n_true, 'exact': exact / len(captions),
+            'objects_per_caption': described / len(captions)}
+
+
+@torch.no_grad()
+def generate_captions(model, data, vocab, rows, device, batch_size=256):
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        sel = rows[start:start + batch_size]
+        images = data.batch(sel, device)[0]
+        for ids in model.generate(images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=data.block_size):
+            out.append(vocab.decode([t for t in ids if t != vocab.eot]))
+    return out
+
+
+def evaluate(model, data, vocab, device, n_generate=200, ctx=None):
+    """All metrics on a split: teacher-forced on every caption, greedy on the first n_generate."""
+    rows = torch.arange(len(data))
+    metrics = teacher_forced_metrics(model, data, vocab, rows, device, ctx=ctx)
+    gen_rows = rows[:n_generate]
+    captions = generate_captions(model, data, vocab, gen_rows, device)
+    metrics.update(caption_metrics(captions, [data.objects[i] for i in gen_rows.tolist()]))
+    metrics['n_captions'], metrics['n_generated'] = len(rows), len(gen_rows)
+    return metrics, captions
+
+
+TABLE_KEYS = ('loss', 'loss_relevant', 'loss_filler', 'loss_noise', 'attr_acc', 'acc_count', 'acc_colour',
+              'acc_shape', 'acc_position', 'hallucination', 'recall', 'exact')
+
+
+def format_table(results):
+    """results: {run name: metrics} -> a markdown table, one column per run."""
+    names = list(results)
+    lines = ['| metric | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+    for key in TABLE_KEYS:
+        lines.append(f'| {key} | ' + ' | '.join(f"{results[n][key]:.3f}" for n in names) + ' |')
+    return '\n'.join(lines)
+
+
+def load_trained(ckpt_path, device):
+    """(model, vocab, cfg, checkpoint) of a train.py checkpoint."""
+    from config import from_dict
+    from data import Vocab
+    from model import LVLM, GPTConfig, load_checkpoint
+    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    cfg = from_dict(ckpt['config'])
+    model = LVLM(cfg, GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), Vocab(ckpt['vocab']['gpt2_ids']), cfg, ckpt
+
+
+def weights_figure(model, data, vocab, ref_path, alpha, device, path, n_examples=4):
+    """The paper's Figure 1 idea: each caption token shaded by its PRIOR weight (from the
+    text-only reference) and by the LVLM's loss given the image."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from prior_loss import token_weights
+    from reference import load_reference, score
+
+    rows = torch.arange(n_examples)
+    sub = type(data).__new__(type(data))          # a view of the first rows, same encoding
+    sub.__dict__.update(data.__dict__)
+    sub.idx, sub.targets, sub.texts = data.idx[rows], data.targets[rows], data.texts[:n_examples]
+    ref, _, _ = load_reference(ref_path, device)
+    p = torch.from_numpy(score(ref, sub, device))
+    weights = token_weights(p, sub.targets, alpha)
+    images, idx, targets, _ = data.batch(rows, device)
+    with torch.no_grad():
+        nll = token_nll(model(images, idx), targets).cpu()
+    fig, axes = plt.subplots(n_examples, 2, figsize=(13, 2.0 * n_examples),
+                             gridspec_kw={'width_ratios': [1, 9]})
+    for r in range(n_examples):
+        img = data.images[r].permute(1, 2, 0).numpy()
+        axes[r, 0].imshow(img, interpolation='nearest'), axes[r, 0].axis('off')
+        ax = axes[r, 1]
+        ax.axis('off'), ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+        k = int((targets[r] != IGNORE).sum())
+        tokens = [vocab.decode([t]) for t in targets[r, :k].tolist()]
+        for line, (name, values, vmax, cmap) in enumerate((('PRIOR weight', weights[r, :k], 3.0, 'Reds'),
+                                                          ('LVLM loss', nll[r, :k], 4.0, 'Blues'))):
+            x, y = 0.0, 0.8 - 0.45 * line
+            ax.text(x, y + 0.17, name, fontsize=8, color='gray')
+            for tok, v in zip(tokens, values.tolist()):
+                width = 0.0105 * max(len(tok), 1)
+                if x + width > 1:
+                    x, y = 0.0, y - 0.16
+                ax.text(x, y, tok.replace('<|endoftext|>', '⏎'), fontsize=8, family='monospace',
+                        bbox=dict(facecolor=plt.get_cmap(cmap)(min(v / vmax, 1.0)), edgecolor='none', pad=1))
+                x += width
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    from config import parse_flags, resolve_device
+    from data import load_splits
+    args = parse_flags(argv, {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 200,
+                              'figure': '', 'device': 'auto'})
+    device = resolve_device(args['device'])
+    model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
+    data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)
+    metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'])
+    print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}, step {ckpt['step']}) on {args['split']}:")
+    for text, objects in list(zip(captions, data.objects))[:3]:
+        print(f"  {text!r}\n    true objects: {objects}")
+    print(format_table({cfg.loss: metrics}))
+    out = os.path.join(os.path.dirname(args['ckpt']), f"eval_{args['split']}.json")
+    with open(out, 'w') as f:
+        json.dump(metrics, f, indent=1)
+    print(f"wrote {out}")
+    if args['figure']:
+        if not ckpt.get('ref_path'):
+            raise ValueError("--figure needs the reference LM; this run had none (loss=ntp, init_lm!=ref)")
+        weights_figure(model, data, vocab, ckpt['ref_path'], cfg.alpha, device, args['figure'])
+        print(f"wrote {args['figure']}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

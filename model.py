@@ -1,0 +1,273 @@
+"""
+The models, smallest first:
+
+  GPT        a GPT-2 (learned positions, pre-LayerNorm, causal attention, GELU MLP, tied
+             embeddings). Alone it is PRIOR's text-only reference LM; inside an LVLM it is
+             the language model that reads the image prefix and writes the caption.
+  ViT        a small vision transformer (patches, learned positions, non-causal attention).
+  LVLM       image prefix + GPT. Two ways to make the prefix:
+               arch='vit'   H-LVLM (LLaVA-style): ViT -> 2-layer GELU MLP projector
+               arch='patch' U-LVLM (Fuyu/SOLO-style): raw patches -> one linear layer,
+                            plus learned row and column embeddings; no vision encoder
+
+The image prefix carries its own position embeddings and the caption keeps GPT positions
+0..T-1, exactly the positions the text-only reference was trained on. That is what lets an
+LVLM start from (or stay frozen at) the reference without shifting every caption position.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 48
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head, dropout, causal):
+        super().__init__()
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.n_head, self.dropout, self.causal = n_head, dropout, causal
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd, dropout):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, 4 * n_embd)
+        self.proj = nn.Linear(4 * n_embd, n_embd)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate='tanh')))   # GPT-2's GELU
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, n_embd, n_head, dropout, causal):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = SelfAttention(n_embd, n_head, dropout, causal)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = MLP(n_embd, dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def init_weights(module, n_layer):
+    """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+    for name, p in module.named_parameters():
+        if name.endswith('bias'):
+            nn.init.zeros_(p)
+        elif p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith('proj.weight') else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+    for m in module.modules():
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, causal=True)
+                               for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        init_weights(self, config.n_layer)
+        self.lm_head.weight = self.wte.weight   # weight tying, after init so both are one tensor
+
+    def forward(self, idx, prefix=None):
+        """Logits [B,T,V] of the text positions. `prefix` [B,P,C] (image embeddings that
+        already carry their own positions) is read before the text, causally."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens, block_size is {self.config.block_size}")
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x[:, x.size(1) - T:]))
+
+    @classmethod
+    def from_hf_gpt2(cls, hf_model):
+        """Copy a transformers GPT2LMHeadModel into GPT. HF's Conv1D stores weights as
+        [in, out], nn.Linear as [out, in], hence the transposes."""
+        c = hf_model.config
+        model = cls(GPTConfig(vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer,
+                              n_head=c.n_head, n_embd=c.n_embd, dropout=0.0))
+        sd = hf_model.state_dict()
+        renames = {'attn.c_attn': 'attn.qkv', 'attn.c_proj': 'attn.proj', 'mlp.c_fc': 'mlp.fc', 'mlp.c_proj': 'mlp.proj'}
+        ours = {}
+        for key, value in sd.items():
+            if not key.startswith('transformer.') or key.endswith(('attn.bias', 'attn.masked_bias')):
+                continue                          # lm_head is tied; attn.bias is HF's causal mask buffer
+            name = key[len('transformer.'):]
+            for hf, mine in renames.items():
+                name = name.replace(hf, mine)
+            is_conv1d = any(h in key for h in renames) and key.endswith('.weight')
+            ours[name] = value.t() if is_conv1d else value
+        missing, unexpected = model.load_state_dict(ours, strict=False)
+        if unexpected or set(missing) != {'lm_head.weight'}:
+            raise RuntimeError(f"GPT-2 weights do not fit: missing {missing}, unexpected {unexpected}")
+        return model
+
+    def flops_per_sequence(self, n_text, n_prefix=0):
+        """Training FLOPs (forward + backward, the 6N rule plus attention) of one sequence:
+        the blocks see prefix + text, the LM head only the text positions."""
+        c, S = self.config, n_prefix + n_text
+        return (6 * linear_params(self.h) * S + 6 * c.vocab_size * c.n_embd * n_text
+                + 12 * c.n_layer * c.n_embd * S * S)
+
+
+class ViT(nn.Module):
+    def __init__(self, image_size, patch_size, n_layer, n_head, n_embd, dropout):
+        super().__init__()
+        n_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, n_embd, kernel_size=patch_size, stride=patch_size)
+        self.pos = nn.Parameter(torch.zeros(1, n_patches, n_embd))
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, causal=False) for _ in range(n_layer))
+        self.ln = nn.LayerNorm(n_embd)
+        init_weights(self, n_layer)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos   # [B, P, C]
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x)
+
+
+class PatchPrefix(nn.Module):
+    """Encoder-free prefix: each raw patch flattened and linearly projected to the LM width,
+    plus a learned row and column embedding so the LM can tell where a patch came from."""
+
+    def __init__(self, image_size, patch_size, n_embd):
+        super().__init__()
+        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.proj = nn.Linear(3 * patch_size * patch_size, n_embd)
+        self.row = nn.Parameter(torch.randn(self.grid, 1, n_embd) * 0.02)
+        self.col = nn.Parameter(torch.randn(1, self.grid, n_embd) * 0.02)
+        nn.init.normal_(self.proj.weight, std=0.02), nn.init.zeros_(self.proj.bias)
+
+    def forward(self, images):
+        p = self.patch_size
+        patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)   # [B, P, 3*p*p]
+        return self.proj(patches) + (self.row + self.col).flatten(0, 1)
+
+
+class LVLM(nn.Module):
+    def __init__(self, cfg, lm_config):
+        super().__init__()
+        self.lm = GPT(lm_config)
+        if cfg.arch == 'vit':
+            self.vision = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
+            width = lm_config.n_embd
+            self.projector = nn.Sequential(nn.Linear(cfg.vit_embd, width), nn.GELU(), nn.Linear(width, width))
+            init_weights(self.projector, 1)
+        else:
+            self.vision = PatchPrefix(cfg.image_size, cfg.patch_size, lm_config.n_embd)
+            self.projector = nn.Identity()
+        self.n_prefix = (cfg.image_size // cfg.patch_size) ** 2
+
+    def image_prefix(self, images):
+        return self.projector(self.vision(images))
+
+    def forward(self, images, idx):
+        """Caption logits [B,T,V] given images [B,3,H,W] and text ids [B,T]."""
+        return self.lm(idx, prefix=self.image_prefix(images))
+
+    @torch.no_grad()
+    def generate(self, images, bos, eot, max_new_tokens, temperature=0.0, top_k=None):
+        """Caption each image. temperature=0 is greedy; otherwise sample (optionally top-k).
+        Returns one list of token ids per image, without BOS and EOT."""
+        prefix = self.image_prefix(images)
+        idx = torch.full((images.size(0), 1), bos, dtype=torch.long, device=images.device)
+        done = torch.zeros(images.size(0), dtype=torch.bool, device=images.device)
+        for _ in range(min(max_new_tokens, self.lm.config.block_size - 1)):
+            logits = self.lm(idx, prefix=prefix)[:, -1].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float('-inf'))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1).squeeze(1)
+            nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            done |= nxt == eot
+            if done.all():
+                break
+        return [[t for t in row[1:].tolist()] for row in idx.cpu()]
+
+    def flops_per_sample(self, n_text):
+        """Training FLOPs (forward + backward) of one image with n_text caption positions."""
+        P = self.n_prefix
+        flops = self.lm.flops_per_sequence(n_text, n_prefix=P) + 6 * linear_params(self.vision, self.projector) * P
+        if isinstance(self.vision, ViT):
+            flops += 12 * len(self.vision.blocks) * self.vision.ln.normalized_shape[0] * P * P
+        return flops
+
+
+def linear_params(*modules):
+    """Weights of the Linear/Conv layers: each costs 2 FLOPs per token forward, 4 backward."""
+    return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def load_hf_gpt2_into(gpt, name='gpt2'):
+    """Initialise `gpt` (GPT-2 small shape, any block_size <= 1024) from Hugging Face weights.
+    Needs `transformers` and network access (or a local HF cache)."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError as e:
+        raise ImportError("--init_lm=gpt2 needs the transformers package: pip install transformers") from e
+    state = GPT.from_hf_gpt2(GPT2LMHeadModel.from_pretrained(name)).state_dict()
+    state['wpe.weight'] = state['wpe.weight'][:gpt.config.block_size]
+    gpt.load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written to a temp file and renamed, so a kill mid-write never leaves a torn
+# file; read with weights_only=True, so loading one never runs pickled code.
+
+def save_checkpoint(obj, path):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)

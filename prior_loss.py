@@ -1,0 +1,62 @@
+r"""
+The PRIOR objective, in one place.
+
+Next-token prediction (NTP) gives every caption token the same weight:
+
+    L_NTP = - 1/k \sum_i log p(t_i | image, t_<i)
+
+PRIOR first trains a text-only reference LM P_r on the captions (no images), then weights
+each caption token by how badly the reference predicts it, i.e. by how much the image is
+needed to predict it:
+
+    w_i     = (1 - P_r(t_i | t_<i)) ** alpha                      (alpha = 1 in the paper)
+    L_PRIOR = - \sum_i  (k * w_i / \sum_j w_j) * log p(t_i | image, t_<i) / k
+
+The weights are normalised inside each caption to mean 1 over its k caption tokens, so
+alpha = 0 gives w_i = 1 and L_PRIOR = L_NTP exactly. The weights are constants: no gradient
+flows into them (the reference is frozen and its probabilities are usually cached).
+
+Here `targets` already hold the next token of each position (the label shift is done once,
+in data.py) and IGNORE (-1) marks positions that are not caption tokens (image prefix,
+padding). The batch loss divides by the total number of caption tokens in the batch.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from data import IGNORE
+
+FALLBACK_EPS = 1e-6   # a caption whose weights sum below this (the reference is sure of
+                      # every token) falls back to NTP weights instead of dividing by ~0
+
+
+def token_nll(logits, targets):
+    """Per-position NLL in float32, [B,T]; 0 at ignored positions."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction='none')
+    return nll.view_as(targets)
+
+
+def ntp_loss(logits, targets):
+    """Mean NLL over positions where targets != IGNORE. logits [B,T,V], targets [B,T] -> 0-dim."""
+    mask = targets != IGNORE
+    return token_nll(logits, targets).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def token_weights(ref_probs, targets, alpha=1.0):
+    """PRIOR weights [B,T]: (1 - p)^alpha scaled to mean 1 over each row's caption tokens, 0 elsewhere."""
+    mask = targets != IGNORE
+    w = (1.0 - ref_probs.float().clamp(0.0, 1.0)).pow(alpha) * mask
+    k = mask.sum(dim=1, keepdim=True)
+    total = w.sum(dim=1, keepdim=True)
+    degenerate = total < FALLBACK_EPS
+    w = torch.where(degenerate, mask.float(), w)
+    total = torch.where(degenerate, k.float(), total)
+    return w * k / total.clamp(min=FALLBACK_EPS)
+
+
+def prior_loss(logits, targets, ref_probs, alpha=1.0):
+    """sum(w * nll) / (number of non-ignored positions). logits [B,T,V], targets/ref_probs [B,T] -> 0-dim."""
+    weights = token_weights(ref_probs, targets, alpha)
+    mask = targets != IGNORE
+    return (weights * token_nll(logits, targets)).sum() / mask.sum().clamp(min=1)

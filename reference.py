@@ -1,0 +1,200 @@
+"""
+The text-only reference LM P_r of PRIOR: train it on the training captions (no images),
+then score every caption token once and cache P_r(t_i | t_<i) on disk.
+
+    python reference.py [config.py] [--key=value ...]
+
+Training the LVLM then reads the cached probabilities (memory-mapped), so PRIOR costs one
+reference pass over the data, paid once, not one per epoch. A cache records what it was made
+from (the token rows' sha256, the tokenizer, the vocabulary, the reference checkpoint's
+sha256) and is refused if any of them does not match what it is loaded for.
+"""
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import config as config_mod
+from data import IGNORE, Vocab, batch_indices, load_splits
+from model import GPT, GPTConfig, load_checkpoint, load_hf_gpt2_into, save_checkpoint
+from prior_loss import ntp_loss
+
+SCORED_SPLITS = ('train', 'val')
+
+
+def make_vocab(cfg, train):
+    """Compact vocabulary of the training captions, or all of GPT-2's for --init_lm=gpt2."""
+    return Vocab(None) if cfg.init_lm == 'gpt2' else Vocab.from_captions(train.gpt2_tokens)
+
+
+def gpt_config(cfg, vocab):
+    if cfg.init_lm == 'gpt2':                    # the LM must have GPT-2 small's shape
+        return GPTConfig(vocab.size, cfg.block_size, 12, 12, 768, cfg.dropout)
+    return GPTConfig(vocab.size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
+
+
+def default_ref_path(cfg, train):
+    """Where the reference for this data and reference recipe lives unless --ref_ckpt says otherwise."""
+    recipe = [train.fingerprint(), cfg.init_lm == 'gpt2', cfg.n_layer, cfg.n_head, cfg.n_embd,
+              cfg.ref_max_iters, cfg.ref_learning_rate, cfg.ref_batch_size, cfg.seed]
+    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
+    return os.path.join('out', 'ref', key, 'ref.pt')
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train_reference(cfg, train, vocab, device, log=print):
+    """Fit the GPT on the captions alone with plain NTP (AdamW, warmup + cosine)."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(gpt_config(cfg, vocab)).to(device)
+    if cfg.init_lm == 'gpt2':
+        load_hf_gpt2_into(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.ref_learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, cfg.ref_max_iters // 20)
+    t0 = time.time()
+    model.train()
+    for it in range(cfg.ref_max_iters):
+        lr_scale = (it + 1) / warmup if it < warmup else \
+            0.1 + 0.45 * (1 + math.cos(math.pi * (it - warmup) / max(1, cfg.ref_max_iters - warmup)))
+        for group in opt.param_groups:
+            group['lr'] = cfg.ref_learning_rate * lr_scale
+        rows = batch_indices(len(train), cfg.ref_batch_size, it * cfg.ref_batch_size, cfg.seed)
+        _, idx, targets, _ = train.batch(rows, device)
+        T = int((targets != IGNORE).sum(1).max())          # drop all-padding columns
+        loss = ntp_loss(model(idx[:, :T]), targets[:, :T])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if it % 100 == 0 or it == cfg.ref_max_iters - 1:
+            log(f"reference iter {it}: loss {loss.item():.4f} ({time.time() - t0:.1f}s)")
+    return model.eval()
+
+
+@torch.inference_mode()
+def score(model, data, device, batch_size=256):
+    """P_r(target | prefix) at every position of every row, [N, T] float32; 0 where ignored."""
+    out = np.zeros((len(data), data.block_size), dtype=np.float32)
+    model.eval()
+    for start in range(0, len(data), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(data)))
+        _, idx, targets, _ = data.batch(rows, device)
+        logp = torch.log_softmax(model(idx).float(), dim=-1)
+        p = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).exp()
+        out[start:start + len(rows)] = torch.where(targets == IGNORE, 0.0, p).cpu().numpy()
+    return out
+
+
+def save_reference(model, vocab, cfg, train, path):
+    save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.config), 'vocab': vocab.state(),
+                     'config': config_mod.as_dict(cfg), 'data_fingerprint': train.fingerprint()}, path)
+
+
+def load_reference(path, device):
+    ckpt = load_checkpoint(path, map_location=device)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), Vocab(ckpt['vocab']['gpt2_ids']), ckpt
+
+
+def cache_paths(ref_path, split):
+    base = os.path.join(os.path.dirname(ref_path), f"ref_probs_{split}")
+    return base + '.npy', base + '.json'
+
+
+def write_cache(probs, manifest, ref_path, split):
+    npy, meta = cache_paths(ref_path, split)
+    tmp = npy + '.tmp.npy'
+    arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=probs.shape)
+    arr[:] = probs
+    arr.flush()
+    del arr
+    os.replace(tmp, npy)
+    with open(meta + '.tmp', 'w') as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(meta + '.tmp', meta)
+
+
+def expected_manifest(data, vocab, ref_path):
+    return {'data_fingerprint': data.fingerprint(), 'tokenizer': 'r50k_base',
+            'vocab_sha256': hashlib.sha256(json.dumps(vocab.gpt2_ids).encode()).hexdigest(),
+            'ref_sha256': file_sha256(ref_path), 'shape': list(data.targets.shape)}
+
+
+def load_cache(ref_path, split, data, vocab):
+    """The cached P_r of `split` as a read-only memory map, after checking it belongs to
+    this data, vocabulary and reference. Raises ValueError naming the mismatch."""
+    npy, meta = cache_paths(ref_path, split)
+    if not (os.path.isfile(npy) and os.path.isfile(meta)):
+        raise FileNotFoundError(f"no reference score cache for split {split!r} at {npy}")
+    with open(meta) as f:
+        found = json.load(f)
+    expected = expected_manifest(data, vocab, ref_path)
+    wrong = [k for k in expected if found.get(k) != expected[k]]
+    if wrong:
+        raise ValueError(f"reference cache {npy} does not match: {', '.join(wrong)} differ "
+                         f"(it was made for other data or another reference). Delete it, or run "
+                         f"`python reference.py` with the same config, to rebuild it.")
+    probs = np.load(npy, mmap_mode='r')
+    if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
+        raise ValueError(f"reference cache {npy} holds values outside [0, 1] or NaN/inf")
+    return probs
+
+
+def ensure_reference(cfg, splits, vocab, device, log=print, is_master=True):
+    """Return (reference path, {split: cached P_r}) for cfg, training and scoring on first use.
+
+    Under DDP only the master process builds; the others wait at a barrier and then load."""
+    train = splits['train']
+    path = cfg.ref_ckpt or default_ref_path(cfg, train)
+    if is_master:
+        if not os.path.isfile(path):
+            log(f"reference: no checkpoint at {path}; training the text-only reference LM first")
+            save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, path)
+        model = None
+        for split in SCORED_SPLITS:
+            try:
+                load_cache(path, split, splits[split], vocab)
+            except FileNotFoundError:
+                if model is None:
+                    model, ref_vocab, _ = load_reference(path, device)
+                    if ref_vocab.gpt2_ids != vocab.gpt2_ids:
+                        raise ValueError(f"reference {path} uses another vocabulary than this data")
+                t0 = time.time()
+                probs = score(model, splits[split], device)
+                write_cache(probs, expected_manifest(splits[split], vocab, path), path, split)
+                log(f"reference: scored {len(probs)} {split} captions in {time.time() - t0:.1f}s -> "
+                    f"{cache_paths(path, split)[0]}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return path, {split: load_cache(path, split, splits[split], vocab) for split in SCORED_SPLITS}
+
+
+def main(argv):
+    cfg = config_mod.load_config(argv)
+    device = config_mod.resolve_device(cfg.device)
+    splits = load_splits(cfg)
+    vocab = make_vocab(cfg, splits['train'])
+    for data in splits.values():
+        data.encode(vocab)
+    path, probs = ensure_reference(cfg, splits, vocab, device)
+    for split, p in probs.items():
+        mask = splits[split].targets != IGNORE
+        print(f"{split}: mean P_r over caption tokens {float(p[mask.numpy()].mean()):.4f}")
+    print(f"reference: {path}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

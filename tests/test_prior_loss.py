@@ -1,0 +1,85 @@
+import torch
+import torch.nn.functional as F
+
+from data import IGNORE
+from prior_loss import ntp_loss, prior_loss, token_weights
+
+
+def make_batch(B=3, T=7, V=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[0, 5:] = IGNORE                      # padding at the end
+    targets[1, :2] = IGNORE                      # ignored prefix
+    ref_probs = torch.rand(B, T, generator=g)
+    return logits, targets, ref_probs
+
+
+def test_ntp_is_mean_nll_over_caption_tokens():
+    logits, targets, _ = make_batch()
+    mask = targets != IGNORE
+    expected = F.cross_entropy(logits[mask], targets[mask])
+    torch.testing.assert_close(ntp_loss(logits, targets), expected)
+
+
+def test_alpha_zero_is_exactly_ntp():
+    logits, targets, ref_probs = make_batch()
+    assert torch.equal(prior_loss(logits, targets, ref_probs, alpha=0.0), ntp_loss(logits, targets))
+
+
+def test_weights_follow_the_paper_formula():
+    _, targets, ref_probs = make_batch()
+    for alpha in (0.5, 1.0, 2.0):
+        w = token_weights(ref_probs, targets, alpha)
+        for b in range(targets.size(0)):
+            m = targets[b] != IGNORE
+            raw = (1 - ref_probs[b][m]) ** alpha
+            torch.testing.assert_close(w[b][m], m.sum() * raw / raw.sum())
+            assert (w[b][~m] == 0).all()
+            torch.testing.assert_close(w[b][m].mean(), torch.tensor(1.0))
+
+
+def test_prior_loss_is_weighted_sum_over_all_caption_tokens():
+    logits, targets, ref_probs = make_batch()
+    w = token_weights(ref_probs, targets, 1.0)
+    mask = targets != IGNORE
+    nll = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    expected = (w * nll)[mask].sum() / mask.sum()
+    torch.testing.assert_close(prior_loss(logits, targets, ref_probs), expected)
+
+
+def test_confident_reference_row_falls_back_to_ntp_weights():
+    _, targets, ref_probs = make_batch()
+    ref_probs[2] = 1.0                           # the reference is sure of every token
+    w = token_weights(ref_probs, targets, 1.0)
+    m = targets[2] != IGNORE
+    assert torch.equal(w[2][m], torch.ones(int(m.sum())))
+    assert torch.isfinite(w).all()
+
+
+def test_ignored_positions_do_not_matter():
+    logits, targets, ref_probs = make_batch()
+    base = prior_loss(logits, targets, ref_probs)
+    logits2, ref2 = logits.clone(), ref_probs.clone()
+    ignored = targets == IGNORE
+    logits2[ignored] = 100 * torch.randn_like(logits2[ignored])
+    ref2[ignored] = 0.0
+    torch.testing.assert_close(prior_loss(logits2, targets, ref2), base)
+
+
+def test_weights_carry_no_gradient_and_upweight_hard_tokens():
+    logits, targets, ref_probs = make_batch()
+    logits.requires_grad_(True)
+    ref_probs.requires_grad_(True)
+    prior_loss(logits, targets, ref_probs).backward()
+    assert ref_probs.grad is None and logits.grad is not None
+    # a token the reference finds hard (p small) gets more weight than an easy one
+    targets = torch.tensor([[1, 2, 3]])
+    w = token_weights(torch.tensor([[0.9, 0.1, 0.5]]), targets)
+    assert w[0, 1] > w[0, 2] > w[0, 0]
+
+
+def test_bf16_logits_give_float32_loss():
+    logits, targets, ref_probs = make_batch()
+    loss = prior_loss(logits.bfloat16(), targets, ref_probs)
+    assert loss.dtype == torch.float32

@@ -1,0 +1,277 @@
+"""
+Train an LVLM on image-caption data with NTP or PRIOR.
+
+    python train.py                                   # U-LVLM + PRIOR on built-in shapes (CPU: minutes)
+    python train.py configs/shapes_h.py --loss=ntp    # H-LVLM (ViT encoder) with plain NTP
+    torchrun --standalone --nproc_per_node=4 train.py # DDP on 4 GPUs (or CPU processes, gloo)
+
+Steps: build the data -> (PRIOR or --init_lm=ref) train and score the text-only reference
+once -> build the LVLM -> train -> evaluate on the test split and print the table.
+Every setting and its default is in config.py.
+"""
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import config as config_mod
+import eval as evaluation
+from data import IGNORE, batch_indices, load_splits
+from model import LVLM, load_checkpoint, load_hf_gpt2_into, save_checkpoint
+from prior_loss import ntp_loss, prior_loss
+from reference import ensure_reference, gpt_config, load_reference, make_vocab
+
+# Dense bf16 peak FLOP/s by CUDA device name (MFU's denominator). On CPU we measure instead.
+GPU_PEAK_FLOPS = {'H200': 989e12, 'H100 NVL': 835e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12,
+                  'L40S': 362e12, 'L4': 121e12, 'A10G': 70e12, 'A10': 125e12, 'RTX 4090': 165e12,
+                  'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
+
+
+def device_peak_flops(device):
+    """Peak FLOP/s of `device`: the table above on CUDA (None if unknown), a measured fp32
+    matmul rate on CPU (the best this machine does, so CPU MFU is honest)."""
+    if str(device).startswith('cuda'):
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float('inf')
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024 ** 3 / best
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to learning_rate * min_lr_ratio."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
+    progress = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_model(cfg, vocab, device, ref_path=None):
+    """The LVLM with its LM initialised as cfg.init_lm says and parts frozen as asked."""
+    torch.manual_seed(cfg.seed)                  # same seed -> same init for every loss
+    model = LVLM(cfg, gpt_config(cfg, vocab))
+    if cfg.init_lm == 'ref':
+        ref, ref_vocab, _ = load_reference(ref_path, 'cpu')
+        if ref_vocab.gpt2_ids != vocab.gpt2_ids:
+            raise ValueError(f"reference {ref_path} was trained with another vocabulary")
+        model.lm.load_state_dict(ref.state_dict())
+    elif cfg.init_lm == 'gpt2':
+        load_hf_gpt2_into(model.lm)
+    for part, frozen in ((model.lm, cfg.freeze_lm), (model.vision, cfg.freeze_vision)):
+        part.requires_grad_(not frozen)
+    return model.to(device)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW; weight decay on matrices only (not on biases, norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=str(device).startswith('cuda'))
+
+
+def plot_curves(log_path, png_path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(log_path)]
+    train = [r for r in rows if 'train_loss' in r]
+    val = [r for r in rows if 'val_loss' in r]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot([r['step'] for r in train], [r['train_loss'] for r in train], label='train objective')
+    ax[0].plot([r['step'] for r in val], [r['val_loss'] for r in val], 'o-', label='val NTP loss')
+    for cls in ('relevant', 'filler', 'noise'):
+        ax[1].plot([r['step'] for r in val], [r[f'val_loss_{cls}'] for r in val], 'o-', label=cls)
+    ax[0].set_title('loss'), ax[1].set_title('val loss per token class')
+    for a in ax:
+        a.set_xlabel('step'), a.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg, log=print):
+    """Run one training job as configured; returns the final test metrics (master) or None."""
+    # ---- processes and devices ----
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else 'cpu'
+        if device != 'cpu':
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl' if device != 'cpu' else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        device, rank, world = config_mod.resolve_device(cfg.device), 0, 1
+    master = rank == 0
+    log = log if master else (lambda *a, **k: None)
+    cuda = str(device).startswith('cuda')
+    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    log(f"config: {json.dumps(config_mod.as_dict(cfg))}")
+
+    # ---- data, vocabulary, reference ----
+    t0 = time.time()
+    splits = load_splits(cfg)
+    vocab = make_vocab(cfg, splits['train'])
+    for data in splits.values():
+        data.encode(vocab)
+    train_data, val_data = splits['train'], splits['val']
+    log(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} captions, vocab {vocab.size}, "
+        f"{time.time() - t0:.1f}s")
+    ref_path = ref_probs = None
+    if cfg.loss == 'prior' or cfg.init_lm == 'ref':
+        ref_path, probs = ensure_reference(cfg, splits, vocab, device, log, master)
+        ref_probs = probs['train']
+
+    # ---- model and optimiser ----
+    model = build_model(cfg, vocab, device, ref_path)
+    optimizer = make_optimizer(model, cfg, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {cfg.arch} LVLM, {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
+        f"{model.n_prefix} image tokens")
+
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    step, ckpt_path, log_path = 0, os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'log.jsonl')
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        saved = {k: v for k, v in ckpt['config'].items() if k != 'resume'}
+        now = {k: v for k, v in config_mod.as_dict(cfg).items() if k != 'resume'}
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise ValueError(f"--resume: config differs from the checkpoint's in {diff}")
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        step = ckpt['step']
+        assert ckpt['data_position'] == step * global_batch, "global batch changed since the checkpoint"
+        torch.set_rng_state(ckpt['rng']['cpu'])
+        if cuda and ckpt['rng']['cuda'] is not None:
+            torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+        log(f"resumed from {ckpt_path} at step {step}")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        kept = [line for line in open(log_path)] if cfg.resume and os.path.exists(log_path) else []
+        with open(log_path, 'w') as f:           # drop what was logged after the checkpoint
+            f.writelines(line for line in kept if json.loads(line)['step'] <= step)
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None)
+
+    def write_log(record):
+        if master:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    def validate():
+        rows = torch.arange(min(len(val_data), cfg.eval_batches * cfg.batch_size))
+        m = evaluation.teacher_forced_metrics(raw_model, val_data, vocab, rows, device, ctx=ctx)
+        write_log({'step': step, **{f'val_{k}': v for k, v in m.items()}})
+        log(f"step {step}: val loss {m['loss']:.4f} (relevant {m['loss_relevant']:.3f}, filler "
+            f"{m['loss_filler']:.3f}, noise {m['loss_noise']:.3f}), attr_acc {m['attr_acc']:.3f}")
+
+    def save():
+        if master:
+            save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                             'config': config_mod.as_dict(cfg), 'model_args': vars(raw_model.lm.config),
+                             'vocab': vocab.state(), 'step': step, 'data_position': step * global_batch,
+                             'ref_path': ref_path,
+                             'rng': {'cpu': torch.get_rng_state(),
+                                     'cuda': torch.cuda.get_rng_state() if cuda else None}}, ckpt_path)
+
+    # ---- the training loop ----
+    peak = device_peak_flops(device)
+    log(f"tokens per iteration: {global_batch} captions x ({raw_model.n_prefix} image + <= {cfg.block_size} text)"
+        f" = global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} accum x {world} proc); "
+        f"peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s")
+    if step == 0:
+        validate()
+    model.train()
+    t_last, flops_since, tokens_since = time.time(), 0.0, 0
+    while step < cfg.max_iters:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        rows_all = batch_indices(len(train_data), global_batch, step * global_batch, cfg.seed)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            # micro-step m of rank r takes slice m*world + r: the same partition of the global
+            # batch whatever the split between processes and accumulation steps
+            part = micro * world + rank
+            rows = rows_all[part * cfg.batch_size:(part + 1) * cfg.batch_size]
+            images, idx, targets, _ = train_data.batch(rows, device)
+            T = int((targets != IGNORE).sum(1).max())      # drop all-padding columns
+            idx, targets = idx[:, :T], targets[:, :T]
+            if ddp:                              # all-reduce gradients on the last micro-step only
+                model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+            with ctx:
+                logits = model(images, idx)
+            if cfg.loss == 'prior':
+                p = torch.from_numpy(ref_probs[rows.numpy(), :T]).to(device)
+                loss = prior_loss(logits, targets, p, cfg.alpha)
+            else:
+                loss = ntp_loss(logits, targets)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+            flops_since += raw_model.flops_per_sample(T) * len(rows)
+            tokens_since += (raw_model.n_prefix + T) * len(rows)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            loss_val = loss_sum / cfg.grad_accum
+            if ddp:
+                dist.all_reduce(loss_val, op=dist.ReduceOp.AVG)
+            loss_val = loss_val.item()                     # syncs the device, so timing is real
+            dt = time.time() - t_last
+            iters = step % cfg.log_interval or cfg.log_interval
+            mfu = flops_since * world / dt / peak if peak else float('nan')
+            log(f"iter {step}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt / iters:.0f} ms/iter, "
+                f"{tokens_since * world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%")
+            write_log({'step': step, 'train_loss': loss_val, 'lr': lr, 'ms_per_iter': 1000 * dt / iters, 'mfu': mfu})
+            t_last, flops_since, tokens_since = time.time(), 0.0, 0
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            validate()
+        if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters:
+            save()
+
+    # ---- the end: curves, test metrics ----
+    results = None
+    if master:
+        plot_curves(log_path, os.path.join(cfg.out_dir, 'loss.png'))
+        if cfg.final_eval:
+            results, captions = evaluation.evaluate(raw_model, splits['test'], vocab, device, ctx=ctx)
+            with open(os.path.join(cfg.out_dir, 'eval_test.json'), 'w') as f:
+                json.dump(results, f, indent=1)
+            log('\nsample captions (greedy, test):')
+            for text, objects in list(zip(captions, splits['test'].objects))[:3]:
+                log(f"  {text!r}\n    true objects: {objects}")
+            log(f"\ntest metrics ({cfg.arch}, {cfg.loss}):\n" + evaluation.format_table({cfg.loss: results}))
+        log(f"outputs in {cfg.out_dir}: ckpt.pt, log.jsonl, loss.png" + (', eval_test.json' if cfg.final_eval else ''))
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == '__main__':
+    train(config_mod.load_config(sys.argv[1:]))
