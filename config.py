@@ -34,7 +34,7 @@ class Config:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    patch_size: int = 4
+    patch_size: int = 8
     vit_layer: int = 2           # arch=vit only
     vit_embd: int = 128
     # ---- reference LM (text only) ----
@@ -53,7 +53,7 @@ class Config:
     # ---- optimisation ----
     batch_size: int = 32         # per process, per micro-step
     grad_accum: int = 1          # micro-steps per iteration (global batch = batch_size*grad_accum*world)
-    max_iters: int = 400
+    max_iters: int = 600
     learning_rate: float = 2e-3
     min_lr_ratio: float = 0.1    # cosine decays to learning_rate * min_lr_ratio
     warmup_iters: int = 20

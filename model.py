@@ -129,7 +129,7 @@ class GPT(nn.Module):
         renames = {'attn.c_attn': 'attn.qkv', 'attn.c_proj': 'attn.proj', 'mlp.c_fc': 'mlp.fc', 'mlp.c_proj': 'mlp.proj'}
         ours = {}
         for key, value in sd.items():
-            if not key.startswith('transformer.') or key.endswith(('attn.bias', 'attn.masked_bias')):
+            if not key.startswith('transformer.') or key.endswith(('.attn.bias', '.attn.masked_bias')):
                 continue                          # lm_head is tied; attn.bias is HF's causal mask buffer
             name = key[len('transformer.'):]
             for hf, mine in renames.items():

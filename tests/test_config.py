@@ -1,0 +1,47 @@
+import os
+
+import pytest
+
+from config import Config, load_config, parse_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_flags_are_typed():
+    cfg = load_config(['--max_iters=7', '--alpha=0', '--freeze_lm=True', '--arch=vit', '--compile=false'])
+    assert cfg.max_iters == 7 and cfg.alpha == 0.0 and isinstance(cfg.alpha, float)
+    assert cfg.freeze_lm is True and cfg.compile is False and cfg.arch == 'vit'
+
+
+def test_false_is_false():                         # nanoVLM's type=bool bug: bool('False') is True
+    assert load_config(['--freeze_lm=False']).freeze_lm is False
+
+
+@pytest.mark.parametrize('arg, error', [('--max_iters=3.5', TypeError), ('--max_iters=many', ValueError),
+                                        ('--freeze_lm=maybe', ValueError), ('--no_such_key=1', KeyError),
+                                        ('--arch=cnn', ValueError), ('--loss', ValueError)])
+def test_bad_flags_fail_loudly(arg, error):
+    with pytest.raises(error):
+        load_config([arg])
+
+
+def test_config_file_then_flags(tmp_path):
+    f = tmp_path / 'c.py'
+    f.write_text("arch = 'vit'\nmax_iters = 9\n")
+    cfg = load_config([str(f), '--max_iters=11'])
+    assert cfg.arch == 'vit' and cfg.max_iters == 11 and cfg.loss == Config().loss
+    f.write_text("max_iter = 9\n")
+    with pytest.raises(KeyError, match='max_iter'):
+        load_config([str(f)])
+
+
+def test_presets_load():
+    assert load_config([os.path.join(ROOT, 'configs', 'shapes_h.py')]).freeze_lm is True
+    u = load_config([os.path.join(ROOT, 'configs', 'shapes_u.py')])
+    assert u.arch == 'patch' and u.freeze_lm is False
+
+
+def test_parse_flags():
+    assert parse_flags(['--n=3'], {'n': 1, 's': 'a'}) == {'n': 3, 's': 'a'}
+    with pytest.raises(KeyError):
+        parse_flags(['--m=3'], {'n': 1})
