@@ -26,8 +26,9 @@ class Config:
     n_val: int = 500
     n_test: int = 500
     noise_rate: float = 0.5      # share of captions ending in ", taken by NAME in CITY"
+    filler: str = 'default'      # caption templates: 'low', 'default' or 'high' share of filler words
     pixel_noise: float = 0.08    # std of Gaussian pixel noise, in [0,1] units
-    block_size: int = 48         # text positions (BOS + caption + EOT, padded)
+    block_size: int = 64         # text positions (BOS + caption + EOT, padded)
     # ---- model ----
     arch: str = 'patch'          # 'vit' (H-LVLM, LLaVA-style) or 'patch' (U-LVLM, encoder-free)
     n_layer: int = 4             # the GPT; the reference has the same shape
@@ -44,8 +45,10 @@ class Config:
     ref_learning_rate: float = 3e-3
     ref_batch_size: int = 64
     # ---- objective ----
-    loss: str = 'prior'          # 'ntp' or 'prior'
+    loss: str = 'prior'          # 'ntp', 'prior', or 'oracle' (PRIOR weights from the true token
+                                 # classes: 1 on image-relevant tokens, 0 elsewhere; a ceiling)
     alpha: float = 1.0           # w = (1 - P_r)^alpha; alpha=0 is NTP
+    weight_floor: float = 0.0    # w = floor + (1 - floor) * (1 - P_r)^alpha; 0 is the paper's PRIOR
     # ---- initialisation and freezing ----
     init_lm: str = 'ref'         # 'scratch', 'ref' (the trained reference), or 'gpt2' (HF weights)
     freeze_lm: bool = False
@@ -139,7 +142,8 @@ def load_config(argv):
 
 
 def check(cfg):
-    choices = {'arch': ('vit', 'patch'), 'loss': ('ntp', 'prior'), 'init_lm': ('scratch', 'ref', 'gpt2')}
+    choices = {'arch': ('vit', 'patch'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
+               'filler': ('low', 'default', 'high')}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
@@ -149,6 +153,8 @@ def check(cfg):
         raise ValueError("n_embd and vit_embd must be multiples of n_head")
     if cfg.alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {cfg.alpha}")
+    if not 0 <= cfg.weight_floor <= 1:
+        raise ValueError(f"weight_floor must be in [0, 1], got {cfg.weight_floor}")
 
 
 def as_dict(cfg):

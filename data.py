@@ -163,6 +163,7 @@ OPENERS = ('a photo of', 'in this picture we can see', 'this image shows', 'here
            'the picture contains', 'we can see')
 PREPOSITIONS = ('in the', 'at the', 'on the')
 JOINERS = (' and', ', and', ', plus', ', as well as')
+ASIDES = (', which is easy to see', ', clearly visible', ', drawn in a simple style')
 NAMES = ('Ana', 'Ben', 'Chloe', 'David', 'Elena', 'Farid', 'Grace', 'Hiro', 'Ines', 'Jonas', 'Kemi',
          'Liam', 'Maya', 'Nikolai', 'Olga', 'Pablo', 'Quinn', 'Rosa', 'Sven', 'Tariq', 'Uma', 'Victor',
          'Wen', 'Ximena', 'Yusuf', 'Zoe', 'Arjun', 'Bianca', 'Carlos', 'Dana')
@@ -187,21 +188,30 @@ def sample_scene(rng):
     return objects
 
 
-def caption_segments(objects, rng, noise_rate):
-    """The caption as (text, class, attribute) segments; each segment owns its leading space."""
-    n = len(objects)
-    segs = [(OPENERS[rng.integers(len(OPENERS))], FILLER, None),
+def caption_segments(objects, rng, noise_rate, filler='default'):
+    """The caption as (text, class, attribute) segments; each segment owns its leading space.
+
+    filler: 'default' (varied templates), 'low' ("we see two shapes: red circle north and
+    ..."; about half as many filler tokens) or 'high' (default plus a filler clause per object)."""
+    pick = lambda options: options[rng.integers(len(options))]
+    n, low = len(objects), filler == 'low'
+    segs = [('we see' if low else pick(OPENERS), FILLER, None),
             (' ' + COUNTS[n - 1], RELEVANT, 'count'),
             (' shape:' if n == 1 else ' shapes:', FILLER, None)]
     for i, (colour, shape, position) in enumerate(objects):
         if i > 0:
-            segs.append((JOINERS[rng.integers(len(JOINERS))], FILLER, None))
-        segs += [(' a', FILLER, None), (' ' + colour, RELEVANT, 'colour'), (' ' + shape, RELEVANT, 'shape'),
-                 (' ' + PREPOSITIONS[rng.integers(len(PREPOSITIONS))], FILLER, None),
-                 (' ' + position, RELEVANT, 'position')]
+            segs.append((' and' if low else pick(JOINERS), FILLER, None))
+        if not low:
+            segs.append((' a', FILLER, None))
+        segs += [(' ' + colour, RELEVANT, 'colour'), (' ' + shape, RELEVANT, 'shape')]
+        if not low:
+            segs.append((' ' + pick(PREPOSITIONS), FILLER, None))
+        segs.append((' ' + position, RELEVANT, 'position'))
+        if filler == 'high':
+            segs.append((pick(ASIDES), FILLER, None))
     if rng.random() < noise_rate:
-        segs += [(', taken by', FILLER, None), (' ' + NAMES[rng.integers(len(NAMES))], NOISE, None),
-                 (' in', FILLER, None), (' ' + CITIES[rng.integers(len(CITIES))], NOISE, None)]
+        segs += [(', taken by', FILLER, None), (' ' + pick(NAMES), NOISE, None),
+                 (' in', FILLER, None), (' ' + pick(CITIES), NOISE, None)]
     segs.append(('.', FILLER, None))
     return segs
 
@@ -297,13 +307,13 @@ class CaptionData:
                 self.classes[indices].to(device))
 
 
-def make_shapes(n, seed, image_size, noise_rate, pixel_noise, block_size):
+def make_shapes(n, seed, image_size, noise_rate, pixel_noise, block_size, filler='default'):
     rng = np.random.default_rng(seed)
     images = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
     texts, tokens, classes, attrs, scenes = [], [], [], [], []
     for i in range(n):
         objects = sample_scene(rng)
-        text, toks, cls, att = label_tokens(caption_segments(objects, rng, noise_rate))
+        text, toks, cls, att = label_tokens(caption_segments(objects, rng, noise_rate, filler))
         images[i] = render(objects, rng, image_size, pixel_noise)
         texts.append(text), tokens.append(toks), classes.append(cls), attrs.append(att), scenes.append(objects)
     return CaptionData(torch.from_numpy(images), texts, tokens, classes, attrs, scenes, block_size)
@@ -316,7 +326,7 @@ def load_splits(cfg, names=('train', 'val', 'test')):
     # Disjoint, reproducible splits: each split draws from its own seed stream.
     sizes = {'train': cfg.n_train, 'val': cfg.n_val, 'test': cfg.n_test}
     return {name: make_shapes(n, [cfg.data_seed, k], cfg.image_size, cfg.noise_rate, cfg.pixel_noise,
-                              cfg.block_size)
+                              cfg.block_size, cfg.filler)
             for k, (name, n) in enumerate(sizes.items()) if name in names}
 
 

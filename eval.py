@@ -27,7 +27,7 @@ import torch
 from data import ATTR_NAMES, ATTRIBUTES, CLASS_NAMES, IGNORE, POSITIONS, SHAPES, COLOURS, get_tokenizer
 from prior_loss import token_nll
 
-OBJECT_RE = re.compile(r"\b({})\s+({})\s+(?:in|at|on)\s+the\s+({})\b".format(
+OBJECT_RE = re.compile(r"\b({})\s+({})\s+(?:(?:in|at|on)\s+the\s+)?({})\b".format(
     '|'.join(COLOURS), '|'.join(SHAPES), '|'.join(POSITIONS)))
 
 

@@ -43,10 +43,13 @@ def ntp_loss(logits, targets):
 
 
 @torch.no_grad()
-def token_weights(ref_probs, targets, alpha=1.0):
-    """PRIOR weights [B,T]: (1 - p)^alpha scaled to mean 1 over each row's caption tokens, 0 elsewhere."""
+def token_weights(ref_probs, targets, alpha=1.0, floor=0.0):
+    """PRIOR weights [B,T]: (1 - p)^alpha scaled to mean 1 over each row's caption tokens, 0 elsewhere.
+
+    floor > 0 (not in the paper) mixes in NTP before normalising, w = floor + (1 - floor) * (1 - p)^alpha,
+    so no caption token is ever abandoned; floor = 1 is NTP."""
     mask = targets != IGNORE
-    w = (1.0 - ref_probs.float().clamp(0.0, 1.0)).pow(alpha) * mask
+    w = (floor + (1.0 - floor) * (1.0 - ref_probs.float().clamp(0.0, 1.0)).pow(alpha)) * mask
     k = mask.sum(dim=1, keepdim=True)
     total = w.sum(dim=1, keepdim=True)
     degenerate = total < FALLBACK_EPS
@@ -55,8 +58,8 @@ def token_weights(ref_probs, targets, alpha=1.0):
     return w * k / total.clamp(min=FALLBACK_EPS)
 
 
-def prior_loss(logits, targets, ref_probs, alpha=1.0):
+def prior_loss(logits, targets, ref_probs, alpha=1.0, floor=0.0):
     """sum(w * nll) / (number of non-ignored positions). logits [B,T,V], targets/ref_probs [B,T] -> 0-dim."""
-    weights = token_weights(ref_probs, targets, alpha)
+    weights = token_weights(ref_probs, targets, alpha, floor)
     mask = targets != IGNORE
     return (weights * token_nll(logits, targets)).sum() / mask.sum().clamp(min=1)

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config as config_mod
 import eval as evaluation
-from data import IGNORE, batch_indices, load_splits
+from data import IGNORE, RELEVANT, batch_indices, load_splits
 from model import LVLM, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from prior_loss import ntp_loss, prior_loss
 from reference import ensure_reference, gpt_config, load_reference, make_vocab
@@ -42,8 +42,9 @@ def device_peak_flops(device):
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b                                        # warm up the BLAS threads first
     best = float('inf')
-    for _ in range(5):
+    for _ in range(10):
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
@@ -215,18 +216,21 @@ def train(cfg, log=print):
             # batch whatever the split between processes and accumulation steps
             part = micro * world + rank
             rows = rows_all[part * cfg.batch_size:(part + 1) * cfg.batch_size]
-            images, idx, targets, _ = train_data.batch(rows, device)
+            images, idx, targets, classes = train_data.batch(rows, device)
             T = int((targets != IGNORE).sum(1).max())      # drop all-padding columns
-            idx, targets = idx[:, :T], targets[:, :T]
+            idx, targets, classes = idx[:, :T], targets[:, :T], classes[:, :T]
             if ddp:                              # all-reduce gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == cfg.grad_accum - 1
             with ctx:
                 logits = model(images, idx)
-            if cfg.loss == 'prior':
-                p = torch.from_numpy(ref_probs[rows.numpy(), :T]).to(device)
-                loss = prior_loss(logits, targets, p, cfg.alpha)
-            else:
+            if cfg.loss == 'ntp':
                 loss = ntp_loss(logits, targets)
+            else:
+                if cfg.loss == 'prior':
+                    p = torch.from_numpy(ref_probs[rows.numpy(), :T]).to(device)
+                else:                            # oracle: as if the reference knew every non-visual token
+                    p = (classes != RELEVANT).float()
+                loss = prior_loss(logits, targets, p, cfg.alpha, cfg.weight_floor)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             flops_since += raw_model.flops_per_sample(T) * len(rows)

@@ -70,6 +70,15 @@ def test_token_labels_match_the_words_they_cover(small):
     assert 0.35 < noisy < 0.65                                  # default noise_rate 0.5
 
 
+@pytest.mark.parametrize('filler', ['low', 'high'])
+def test_filler_level_changes_the_filler_share(filler):
+    share = {}
+    for level in ('default', filler):
+        d = make_shapes(300, [5, 0], 32, 0.5, 0.08, 64, level)
+        share[level] = float(np.mean(np.concatenate(d.token_classes) == FILLER))
+    assert (share[filler] < share['default'] - 0.1) if filler == 'low' else (share[filler] > share['default'] + 0.05)
+
+
 def test_colour_has_a_skewed_text_prior():
     d = make_shapes(2000, [7, 0], 32, 0.5, 0.08, 48)
     pairs = [(c, s) for objs in d.objects for c, s, _ in objs]
@@ -96,11 +105,11 @@ def test_batch_indices_visit_every_item_once_per_epoch():
 
 
 def test_images_are_scaled_to_minus_one_one(small):
-    _, splits, _ = small
+    cfg, splits, _ = small
     images, idx, targets, classes = splits['val'].batch(torch.arange(4), 'cpu')
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1
-    assert idx.shape == targets.shape == classes.shape == (4, 48)
+    assert idx.shape == targets.shape == classes.shape == (4, cfg.block_size)
 
 
 def test_caption_too_long_for_block_is_an_error():

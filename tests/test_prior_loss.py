@@ -83,3 +83,12 @@ def test_bf16_logits_give_float32_loss():
     logits, targets, ref_probs = make_batch()
     loss = prior_loss(logits.bfloat16(), targets, ref_probs)
     assert loss.dtype == torch.float32
+
+
+def test_weight_floor_mixes_in_ntp():
+    logits, targets, ref_probs = make_batch()
+    assert torch.equal(prior_loss(logits, targets, ref_probs, floor=1.0), ntp_loss(logits, targets))
+    assert torch.equal(prior_loss(logits, targets, ref_probs, floor=0.0), prior_loss(logits, targets, ref_probs))
+    w = token_weights(torch.ones_like(ref_probs) * 0.999, targets, 1.0, floor=0.2)
+    m = targets != IGNORE
+    torch.testing.assert_close(w[m], torch.ones(int(m.sum())))      # equal p -> equal weights

@@ -39,8 +39,8 @@ def train_losses(out_dir):
     return [(r['step'], r['train_loss']) for r in rows if 'train_loss' in r]
 
 
-@pytest.mark.parametrize('arch', ['vit', 'patch'])
-@pytest.mark.parametrize('loss', ['ntp', 'prior'])
+@pytest.mark.parametrize('arch, loss', [('vit', 'ntp'), ('vit', 'prior'), ('patch', 'ntp'), ('patch', 'prior'),
+                                        ('patch', 'oracle')])
 def test_short_train_and_eval(tiny_cfg, arch, loss):
     cfg = dataclasses.replace(tiny_cfg, arch=arch, loss=loss, freeze_lm=arch == 'vit')
     results = train(cfg, log=lambda *a: None)
