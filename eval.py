@@ -169,7 +169,7 @@ def weights_figure(model, data, vocab, ref_path, alpha, device, path, n_examples
     images, idx, targets, _ = data.batch(rows, device)
     with torch.no_grad():
         nll = token_nll(model(images, idx), targets).cpu()
-    fig, axes = plt.subplots(n_examples, 2, figsize=(13, 2.0 * n_examples),
+    fig, axes = plt.subplots(n_examples, 2, figsize=(13, 2.6 * n_examples),
                              gridspec_kw={'width_ratios': [1, 9]})
     for r in range(n_examples):
         img = data.images[r].permute(1, 2, 0).numpy()
@@ -180,12 +180,12 @@ def weights_figure(model, data, vocab, ref_path, alpha, device, path, n_examples
         tokens = [vocab.decode([t]) for t in targets[r, :k].tolist()]
         for line, (name, values, vmax, cmap) in enumerate((('PRIOR weight', weights[r, :k], 3.0, 'Reds'),
                                                           ('LVLM loss', nll[r, :k], 4.0, 'Blues'))):
-            x, y = 0.0, 0.8 - 0.45 * line
-            ax.text(x, y + 0.17, name, fontsize=8, color='gray')
+            x, y = 0.0, 0.86 - 0.5 * line
+            ax.text(x, y + 0.1, name, fontsize=8, color='gray')
             for tok, v in zip(tokens, values.tolist()):
-                width = 0.0105 * max(len(tok), 1)
+                width = 0.0086 * max(len(tok), 1)
                 if x + width > 1:
-                    x, y = 0.0, y - 0.16
+                    x, y = 0.0, y - 0.13
                 ax.text(x, y, tok.replace('<|endoftext|>', '⏎'), fontsize=8, family='monospace',
                         bbox=dict(facecolor=plt.get_cmap(cmap)(min(v / vmax, 1.0)), edgecolor='none', pad=1))
                 x += width
