@@ -19,7 +19,13 @@ from dataclasses import dataclass
 @dataclass
 class Config:
     # ---- data ----
-    dataset: str = 'shapes'      # built-in procedural dataset (no files)
+    dataset: str = 'shapes'      # built-in procedural dataset, or a path (see captions.py): a folder
+                                 # with captions.csv/.jsonl, a COCO captions .json, a LLaVA .json
+    image_root: str = ''         # image folder of a dataset on disk ('' = next to its captions)
+    val_frac: float = 0.05       # on-disk data: share of images in val / test (split by image)
+    test_frac: float = 0.05
+    skip_bad: bool = False       # on-disk data: skip (and count) bad entries instead of stopping
+    vocab: str = 'compact'       # 'compact' (GPT-2 ids seen in training captions) or 'gpt2' (all 50257)
     data_seed: int = 1234        # the dataset is a pure function of this seed
     image_size: int = 32
     n_train: int = 10000         # images (one caption each) per split
@@ -76,6 +82,7 @@ class Config:
     seed: int = 1337             # init and data order; same seed => same init and order for any loss
     device: str = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     compile: bool = False
+    num_workers: int = 0         # DataLoader worker processes decoding images (data on disk)
 
 
 def _parse_bool(text):
@@ -143,7 +150,7 @@ def load_config(argv):
 
 def check(cfg):
     choices = {'arch': ('vit', 'patch'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
-               'filler': ('low', 'default', 'high')}
+               'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2')}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 IGNORE = -1                                     # the one ignore index, used everywhere
-FILLER, RELEVANT, NOISE = 0, 1, 2
+FILLER, RELEVANT, NOISE = 0, 1, 2               # true token classes of the shapes captions
+UNLABELLED = 3                                  # real captions: class unknown
 CLASS_NAMES = ('filler', 'relevant', 'noise')
 
 # -----------------------------------------------------------------------------
@@ -113,6 +114,7 @@ class Vocab:
 
     @staticmethod
     def from_captions(token_lists):
+        """Compact vocabulary of the GPT-2 ids in token_lists (plus EOT)."""
         seen = {EOT}
         for tokens in token_lists:
             seen.update(tokens)
@@ -262,10 +264,14 @@ def render(objects, rng, size, pixel_noise):
 
 
 class CaptionData:
-    """One split, held as tensors: images uint8 [N,3,H,W] and aligned text rows [N,T]."""
+    """One split: an image store and aligned text rows [N,T] (one row per caption).
 
-    def __init__(self, images, texts, gpt2_tokens, token_classes, token_attrs, objects, block_size):
-        self.images, self.texts, self.objects = images, texts, objects
+    `images[image_index[row]]` is the uint8 [3,H,W] image of a row: a tensor for shapes,
+    captions.ImageFiles (decoded on demand) for data on disk."""
+
+    def __init__(self, images, image_index, texts, gpt2_tokens, token_classes, token_attrs, block_size,
+                 objects=None):
+        self.images, self.image_index, self.texts, self.objects = images, image_index, texts, objects
         self.gpt2_tokens, self.block_size = gpt2_tokens, block_size
         self.token_classes, self.token_attrs = token_classes, token_attrs
         self.idx = self.targets = self.classes = self.attrs = None
@@ -287,7 +293,7 @@ class CaptionData:
             ids = vocab.encode(list(tokens) + [EOT])
             idx[i, 1:k] = ids[:-1]               # idx[0] stays BOS
             targets[i, :k] = ids
-            classes[i, :k - 1], classes[i, k - 1] = self.token_classes[i], FILLER
+            classes[i, :k] = self.token_classes[i]       # includes the closing EOT's class
             attrs[i, :k - 1] = self.token_attrs[i]
         self.idx, self.targets = torch.from_numpy(idx), torch.from_numpy(targets)
         self.classes, self.attrs = torch.from_numpy(classes), torch.from_numpy(attrs)
@@ -300,11 +306,23 @@ class CaptionData:
         h.update(self.targets.numpy().tobytes())
         return h.hexdigest()
 
-    def batch(self, indices, device):
-        """Images as float in [-1, 1] plus text rows, all on `device`."""
-        images = self.images[indices].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-        return (images, self.idx[indices].to(device), self.targets[indices].to(device),
-                self.classes[indices].to(device))
+    def __getitem__(self, row):                  # for a DataLoader: (uint8 image, row)
+        return self.images[int(self.image_index[row])], row
+
+    def image_batch(self, rows):
+        if isinstance(self.images, torch.Tensor):
+            return self.images[self.image_index[rows]]
+        return torch.stack([self.images[i] for i in self.image_index[rows].tolist()])
+
+    def text_batch(self, rows, device):
+        return self.idx[rows].to(device), self.targets[rows].to(device), self.classes[rows].to(device)
+
+    def batch(self, rows, device, images=None):
+        """(images as float in [-1, 1], idx, targets, classes) on `device`; `images` (uint8)
+        when a DataLoader already fetched them."""
+        images = self.image_batch(rows) if images is None else images
+        images = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        return (images, *self.text_batch(rows, device))
 
 
 def make_shapes(n, seed, image_size, noise_rate, pixel_noise, block_size, filler='default'):
@@ -315,19 +333,78 @@ def make_shapes(n, seed, image_size, noise_rate, pixel_noise, block_size, filler
         objects = sample_scene(rng)
         text, toks, cls, att = label_tokens(caption_segments(objects, rng, noise_rate, filler))
         images[i] = render(objects, rng, image_size, pixel_noise)
+        cls = np.append(cls, FILLER)             # the closing EOT: predictable filler
         texts.append(text), tokens.append(toks), classes.append(cls), attrs.append(att), scenes.append(objects)
-    return CaptionData(torch.from_numpy(images), texts, tokens, classes, attrs, scenes, block_size)
+    return CaptionData(torch.from_numpy(images), torch.arange(n), texts, tokens, classes, attrs, block_size, scenes)
 
 
-def load_splits(cfg, names=('train', 'val', 'test')):
-    """The named splits of cfg.dataset, unencoded (call .encode(vocab) next)."""
+def make_caption_splits(cfg, names, log=print):
+    """Splits of real image-caption data (see captions.py). Real captions carry no token
+    classes; over-long captions are cut to block_size (with EOT) and counted."""
+    from captions import ImageFiles, read_records, split_of
+    records = read_records(cfg.dataset, cfg.image_root, cfg.skip_bad, log)
+    enc, limit = get_tokenizer(), cfg.block_size - 1
+    by_split = {name: [] for name in names}
+    for image_path, caption in records:
+        split = 'all' if names == ('all',) else split_of(image_path, cfg.val_frac, cfg.test_frac)
+        if split in by_split:
+            by_split[split].append((image_path, caption))
+    out, cut = {}, 0
+    for name, recs in by_split.items():
+        if not recs:
+            raise ValueError(f"split {name!r} of {cfg.dataset} is empty (val_frac={cfg.val_frac}, "
+                             f"test_frac={cfg.test_frac})")
+        paths = sorted({p for p, _ in recs})
+        where = {p: i for i, p in enumerate(paths)}
+        tokens = enc.encode_ordinary_batch([c for _, c in recs])
+        cut += sum(len(t) > limit for t in tokens)
+        tokens = [t[:limit] for t in tokens]
+        unlabelled = [np.full(len(t) + 1, UNLABELLED, dtype=np.int8) for t in tokens]   # + closing EOT
+        out[name] = CaptionData(ImageFiles(paths, cfg.image_size), torch.tensor([where[p] for p, _ in recs]),
+                                [c for _, c in recs], tokens, unlabelled,
+                                [np.full(len(t), -1, dtype=np.int8) for t in tokens], cfg.block_size)
+    if cut:
+        log(f"data: {cut} captions longer than block_size {cfg.block_size} were truncated to {limit} tokens + EOT")
+    return out
+
+
+def load_splits(cfg, names=('train', 'val', 'test'), log=print):
+    """The named splits of cfg.dataset ('shapes', or a path to data on disk; 'all' = every
+    caption of a dataset on disk as one split), unencoded (call .encode(vocab) next)."""
     if cfg.dataset != 'shapes':
-        raise ValueError(f"unknown dataset {cfg.dataset!r} (built in: 'shapes')")
+        return make_caption_splits(cfg, tuple(names), log)
     # Disjoint, reproducible splits: each split draws from its own seed stream.
     sizes = {'train': cfg.n_train, 'val': cfg.n_val, 'test': cfg.n_test}
+    unknown = set(names) - set(sizes)
+    if unknown:
+        raise ValueError(f"shapes has no split {sorted(unknown)} (it has {list(sizes)})")
     return {name: make_shapes(n, [cfg.data_seed, k], cfg.image_size, cfg.noise_rate, cfg.pixel_noise,
                               cfg.block_size, cfg.filler)
             for k, (name, n) in enumerate(sizes.items()) if name in names}
+
+
+def micro_batches(n_items, batch_size, grad_accum, world, rank, seed, start_step, end_step):
+    """Row lists of one process's micro-batches, step after step. Micro-step m of rank r
+    takes slice m*world + r of the step's global batch: the same partition of the global
+    batch whatever the split between processes and accumulation steps (so DDP == 1 process)."""
+    global_batch = batch_size * grad_accum * world
+    for step in range(start_step, end_step):
+        rows = batch_indices(n_items, global_batch, step * global_batch, seed)
+        for micro in range(grad_accum):
+            part = micro * world + rank
+            yield rows[part * batch_size:(part + 1) * batch_size].tolist()
+
+
+def _collate(items):
+    return torch.stack([image for image, _ in items]), torch.tensor([row for _, row in items])
+
+
+def make_loader(data, row_batches, num_workers=0, pin_memory=False):
+    """A DataLoader yielding (uint8 images, rows) for each row list of `row_batches`, with
+    worker processes decoding images ahead of the training step."""
+    return torch.utils.data.DataLoader(data, batch_sampler=row_batches, collate_fn=_collate,
+                                       num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=False)
 
 
 def batch_indices(n_items, batch_size, position, seed):

@@ -1,7 +1,11 @@
 """
-Evaluate a trained LVLM on the shapes data.
+Evaluate a trained LVLM.
 
-    python eval.py --ckpt=out/shapes_u/ckpt.pt [--split=test] [--figure=weights.png]
+    python eval.py --ckpt=out/shapes_u/ckpt.pt [--split=test|val|all] [--figure=weights.png]
+
+On data on disk (captions.py): loss (caption NLL), loss_top_weight (NLL on the quarter of
+tokens with the highest PRIOR weight), retrieval_r1/r5 (see retrieval_metrics), and a few
+greedy captions. On the built-in shapes data:
 
 Teacher-forced metrics (one forward pass over every caption):
   loss, loss_relevant, loss_filler, loss_noise   mean NLL per true token class
@@ -42,20 +46,27 @@ def attribute_value_ids(vocab):
     return out
 
 
-@torch.no_grad()
-def teacher_forced_metrics(model, data, vocab, rows, device, batch_size=128, ctx=None):
+def forward_batches(model, data, rows, device, ctx=None, batch_size=128):
+    """Teacher-forced passes over data[rows]: yields (row batch, logits, targets, classes)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            sel = rows[start:start + batch_size]
+            images, idx, targets, classes = data.batch(sel, device)
+            with ctx or contextlib.nullcontext():
+                logits = model(images, idx)
+            yield sel, logits, targets, classes
+    model.train(was_training)
+
+
+def teacher_forced_metrics(model, data, vocab, rows, device, ctx=None):
     """Per-class NLL and attribute accuracies over data[rows], in one pass."""
     value_ids = [v.to(device) for v in attribute_value_ids(vocab)]
     nll_sum, nll_n = torch.zeros(len(CLASS_NAMES) + 1), torch.zeros(len(CLASS_NAMES) + 1)
     hits, seen = torch.zeros(len(ATTR_NAMES)), torch.zeros(len(ATTR_NAMES))
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(rows), batch_size):
-        sel = rows[start:start + batch_size]
-        images, idx, targets, classes = data.batch(sel, device)
+    for sel, logits, targets, classes in forward_batches(model, data, rows, device, ctx):
         attrs = data.attrs[sel].to(device)
-        with ctx or contextlib.nullcontext():
-            logits = model(images, idx)
         nll = token_nll(logits, targets)
         mask = targets != IGNORE
         nll_sum[-1] += nll[mask].sum().item()
@@ -71,16 +82,62 @@ def teacher_forced_metrics(model, data, vocab, rows, device, batch_size=128, ctx
                 truth = (targets[m][:, None] == ids[None]).float().argmax(-1)
                 hits[a] += (scores.argmax(-1) == truth).sum().item()
                 seen[a] += m.sum().item()
-    model.train(was_training)
     out = {'loss': (nll_sum[-1] / nll_n[-1].clamp(min=1)).item()}
     for c, name in enumerate(CLASS_NAMES):
         out[f'loss_{name}'] = (nll_sum[c] / nll_n[c]).item() if nll_n[c] else float('nan')
-    accs = []
     for a, name in enumerate(ATTR_NAMES):
         out[f'acc_{name}'] = (hits[a] / seen[a]).item() if seen[a] else float('nan')
-        accs.append(out[f'acc_{name}'])
-    out['attr_acc'] = float(np.nanmean(accs))
+    accs = [out[f'acc_{name}'] for name in ATTR_NAMES]
+    out['attr_acc'] = float(np.mean(accs)) if seen.all() else float('nan')
     return out
+
+
+def caption_nlls(model, data, rows, device, ctx=None):
+    """Per-token NLL [len(rows), T] (0 where ignored)."""
+    return torch.cat([token_nll(logits, targets).cpu()
+                      for _, logits, targets, _ in forward_batches(model, data, rows, device, ctx)])
+
+
+def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0, ctx=None):
+    """For each of n_images images, rank its caption among n_candidates (the true one and
+    captions of other images) by the LVLM's mean per-token NLL given the image (length-
+    normalised, so short captions are not favoured). Chance R@1 is 1/n_candidates."""
+    first_row = {}
+    for row, img in enumerate(data.image_index.tolist()):
+        first_row.setdefault(img, row)
+    chosen = list(first_row)[:n_images]
+    if len(first_row) < n_candidates:
+        return {'retrieval_r1': float('nan'), 'retrieval_r5': float('nan')}
+    g = torch.Generator().manual_seed(seed)
+    ranks = []
+    was_training = model.training
+    model.eval()
+    for img in chosen:
+        others = [r for i, r in first_row.items() if i != img]
+        pick = torch.randperm(len(others), generator=g)[:n_candidates - 1].tolist()
+        rows = torch.tensor([first_row[img]] + [others[p] for p in pick])
+        same_image = data.image_batch(rows[:1]).expand(len(rows), -1, -1, -1)
+        images, idx, targets, _ = data.batch(rows, device, same_image)
+        with torch.no_grad(), ctx or contextlib.nullcontext():
+            nll = token_nll(model(images, idx), targets)
+        mean = nll.sum(1) / (targets != IGNORE).sum(1)
+        ranks.append(1 + int((mean[1:] < mean[0]).sum()))
+    model.train(was_training)
+    ranks = torch.tensor(ranks, dtype=torch.float)
+    return {'retrieval_r1': (ranks == 1).float().mean().item(), 'retrieval_r5': (ranks <= 5).float().mean().item(),
+            'retrieval_images': len(chosen), 'retrieval_candidates': n_candidates}
+
+
+def top_weight_loss(nll, data, ref_path, alpha, device):
+    """Mean NLL on the quarter of caption tokens with the highest PRIOR weight."""
+    from prior_loss import token_weights
+    from reference import load_reference, score
+    ref, _, _ = load_reference(ref_path, device)
+    weights = token_weights(torch.from_numpy(score(ref, data, device)), data.targets, alpha)
+    mask = data.targets != IGNORE
+    threshold = torch.quantile(weights[mask].float(), 0.75)
+    top = mask & (weights >= threshold)
+    return nll[top].mean().item()
 
 
 def parse_objects(text):
@@ -114,26 +171,38 @@ def generate_captions(model, data, vocab, rows, device, batch_size=256):
     return out
 
 
-def evaluate(model, data, vocab, device, n_generate=200, ctx=None):
-    """All metrics on a split: teacher-forced on every caption, greedy on the first n_generate."""
+def evaluate(model, data, vocab, device, n_generate=200, ctx=None, ref_path=None, alpha=1.0):
+    """All metrics of a split. Shapes: teacher-forced on every caption, greedy on the first
+    n_generate. Data on disk: caption loss, loss on the top-weighted quarter (needs the
+    reference), retrieval, and a few greedy captions."""
     rows = torch.arange(len(data))
-    metrics = teacher_forced_metrics(model, data, vocab, rows, device, ctx=ctx)
-    gen_rows = rows[:n_generate]
-    captions = generate_captions(model, data, vocab, gen_rows, device)
-    metrics.update(caption_metrics(captions, [data.objects[i] for i in gen_rows.tolist()]))
+    if data.objects is None:
+        nll = caption_nlls(model, data, rows, device, ctx)
+        metrics = {'loss': (nll.sum() / (data.targets != IGNORE).sum()).item()}
+        metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_path, alpha, device) if ref_path else float('nan')
+        metrics.update(retrieval_metrics(model, data, device, ctx=ctx))
+        gen_rows = rows[:min(n_generate, 8)]
+        captions = generate_captions(model, data, vocab, gen_rows, device)
+    else:
+        metrics = teacher_forced_metrics(model, data, vocab, rows, device, ctx=ctx)
+        gen_rows = rows[:n_generate]
+        captions = generate_captions(model, data, vocab, gen_rows, device)
+        metrics.update(caption_metrics(captions, [data.objects[i] for i in gen_rows.tolist()]))
     metrics['n_captions'], metrics['n_generated'] = len(rows), len(gen_rows)
     return metrics, captions
 
 
 TABLE_KEYS = ('loss', 'loss_relevant', 'loss_filler', 'loss_noise', 'attr_acc', 'acc_count', 'acc_colour',
               'acc_shape', 'acc_position', 'hallucination', 'recall', 'exact')
+CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5')
 
 
 def format_table(results):
     """results: {run name: metrics} -> a markdown table, one column per run."""
     names = list(results)
+    keys = TABLE_KEYS if 'attr_acc' in results[names[0]] else CAPTION_TABLE_KEYS
     lines = ['| metric | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
-    for key in TABLE_KEYS:
+    for key in keys:
         lines.append(f'| {key} | ' + ' | '.join(f"{results[n][key]:.3f}" for n in names) + ' |')
     return '\n'.join(lines)
 
@@ -172,7 +241,7 @@ def weights_figure(model, data, vocab, ref_path, alpha, device, path, n_examples
     fig, axes = plt.subplots(n_examples, 2, figsize=(13, 2.6 * n_examples),
                              gridspec_kw={'width_ratios': [1, 9]})
     for r in range(n_examples):
-        img = data.images[r].permute(1, 2, 0).numpy()
+        img = data.image_batch(torch.tensor([r]))[0].permute(1, 2, 0).numpy()
         axes[r, 0].imshow(img, interpolation='nearest'), axes[r, 0].axis('off')
         ax = axes[r, 1]
         ax.axis('off'), ax.set_xlim(0, 1), ax.set_ylim(0, 1)
@@ -194,18 +263,29 @@ def weights_figure(model, data, vocab, ref_path, alpha, device, path, n_examples
     plt.close(fig)
 
 
+def sample_report(captions, data, n=3):
+    """A few greedy captions next to the truth, as text."""
+    lines = []
+    for row, text in enumerate(captions[:n]):
+        truth = data.objects[row] if data.objects is not None else repr(data.texts[row])
+        lines.append(f"  {text!r}\n    true: {truth}")
+    return '\n'.join(lines)
+
+
 def main(argv):
     from config import parse_flags, resolve_device
     from data import load_splits
-    args = parse_flags(argv, {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 200,
-                              'figure': '', 'device': 'auto'})
+    args = parse_flags(argv, {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 200, 'figure': '',
+                              'device': 'auto', 'dataset': '', 'image_root': '', 'skip_bad': False})
     device = resolve_device(args['device'])
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
+    if args['dataset']:                           # evaluate on other data than the run's own
+        cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
     data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)
-    metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'])
-    print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}, step {ckpt['step']}) on {args['split']}:")
-    for text, objects in list(zip(captions, data.objects))[:3]:
-        print(f"  {text!r}\n    true objects: {objects}")
+    metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'],
+                                 ref_path=ckpt.get('ref_path'), alpha=cfg.alpha)
+    print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}, step {ckpt['step']}) on {cfg.dataset} {args['split']}:")
+    print(sample_report(captions, data))
     print(format_table({cfg.loss: metrics}))
     out = os.path.join(os.path.dirname(args['ckpt']), f"eval_{args['split']}.json")
     with open(out, 'w') as f:

@@ -23,14 +23,14 @@ import torch
 import config as config_mod
 from data import IGNORE, Vocab, batch_indices, load_splits
 from model import GPT, GPTConfig, load_checkpoint, load_hf_gpt2_into, save_checkpoint
-from prior_loss import ntp_loss
+from prior_loss import ntp_loss, token_nll
 
 SCORED_SPLITS = ('train', 'val')
 
 
 def make_vocab(cfg, train):
-    """Compact vocabulary of the training captions, or all of GPT-2's for --init_lm=gpt2."""
-    return Vocab(None) if cfg.init_lm == 'gpt2' else Vocab.from_captions(train.gpt2_tokens)
+    """Compact vocabulary of the training captions, or all of GPT-2's (needed by --init_lm=gpt2)."""
+    return Vocab(None) if cfg.init_lm == 'gpt2' or cfg.vocab == 'gpt2' else Vocab.from_captions(train.gpt2_tokens)
 
 
 def gpt_config(cfg, vocab):
@@ -71,7 +71,7 @@ def train_reference(cfg, train, vocab, device, log=print):
         for group in opt.param_groups:
             group['lr'] = cfg.ref_learning_rate * lr_scale
         rows = batch_indices(len(train), cfg.ref_batch_size, it * cfg.ref_batch_size, cfg.seed)
-        _, idx, targets, _ = train.batch(rows, device)
+        idx, targets, _ = train.text_batch(rows, device)
         T = int((targets != IGNORE).sum(1).max())          # drop all-padding columns
         loss = ntp_loss(model(idx[:, :T]), targets[:, :T])
         opt.zero_grad(set_to_none=True)
@@ -90,10 +90,10 @@ def score(model, data, device, batch_size=256):
     model.eval()
     for start in range(0, len(data), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(data)))
-        _, idx, targets, _ = data.batch(rows, device)
-        logp = torch.log_softmax(model(idx).float(), dim=-1)
-        p = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).exp()
-        out[start:start + len(rows)] = torch.where(targets == IGNORE, 0.0, p).cpu().numpy()
+        idx, targets, _ = data.text_batch(rows, device)
+        T = int((targets != IGNORE).sum(1).max())          # drop all-padding columns
+        p = torch.exp(-token_nll(model(idx[:, :T]), targets[:, :T]))
+        out[start:start + len(rows), :T] = torch.where(targets[:, :T] == IGNORE, 0.0, p).cpu().numpy()
     return out
 
 

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config as config_mod
 import eval as evaluation
-from data import IGNORE, RELEVANT, batch_indices, load_splits
+from data import CLASS_NAMES, IGNORE, RELEVANT, load_splits, make_loader, micro_batches
 from model import LVLM, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from prior_loss import ntp_loss, prior_loss
 from reference import ensure_reference, gpt_config, load_reference, make_vocab
@@ -184,8 +184,9 @@ def train(cfg, log=print):
         rows = torch.arange(min(len(val_data), cfg.eval_batches * cfg.batch_size))
         m = evaluation.teacher_forced_metrics(raw_model, val_data, vocab, rows, device, ctx=ctx)
         write_log({'step': step, **{f'val_{k}': v for k, v in m.items()}})
-        log(f"step {step}: val loss {m['loss']:.4f} (relevant {m['loss_relevant']:.3f}, filler "
-            f"{m['loss_filler']:.3f}, noise {m['loss_noise']:.3f}), attr_acc {m['attr_acc']:.3f}")
+        classes = ', '.join(f"{c} {m[f'loss_{c}']:.3f}" for c in CLASS_NAMES if m[f'loss_{c}'] == m[f'loss_{c}'])
+        attr = f", attr_acc {m['attr_acc']:.3f}" if m['attr_acc'] == m['attr_acc'] else ''   # NaN: no attributes
+        log(f"step {step}: val loss {m['loss']:.4f}" + (f" ({classes})" if classes else '') + attr)
 
     def save():
         if master:
@@ -205,18 +206,16 @@ def train(cfg, log=print):
         validate()
     model.train()
     t_last, flops_since, tokens_since = time.time(), 0.0, 0
+    loader = iter(make_loader(train_data, micro_batches(len(train_data), cfg.batch_size, cfg.grad_accum, world, rank,
+                                                        cfg.seed, step, cfg.max_iters), cfg.num_workers, cuda))
     while step < cfg.max_iters:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        rows_all = batch_indices(len(train_data), global_batch, step * global_batch, cfg.seed)
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            # micro-step m of rank r takes slice m*world + r: the same partition of the global
-            # batch whatever the split between processes and accumulation steps
-            part = micro * world + rank
-            rows = rows_all[part * cfg.batch_size:(part + 1) * cfg.batch_size]
-            images, idx, targets, classes = train_data.batch(rows, device)
+            images, rows = next(loader)
+            images, idx, targets, classes = train_data.batch(rows, device, images)
             T = int((targets != IGNORE).sum(1).max())      # drop all-padding columns
             idx, targets, classes = idx[:, :T], targets[:, :T], classes[:, :T]
             if ddp:                              # all-reduce gradients on the last micro-step only
@@ -263,12 +262,11 @@ def train(cfg, log=print):
     if master:
         plot_curves(log_path, os.path.join(cfg.out_dir, 'loss.png'))
         if cfg.final_eval:
-            results, captions = evaluation.evaluate(raw_model, splits['test'], vocab, device, ctx=ctx)
+            results, captions = evaluation.evaluate(raw_model, splits['test'], vocab, device, ctx=ctx,
+                                                    ref_path=ref_path, alpha=cfg.alpha)
             with open(os.path.join(cfg.out_dir, 'eval_test.json'), 'w') as f:
                 json.dump(results, f, indent=1)
-            log('\nsample captions (greedy, test):')
-            for text, objects in list(zip(captions, splits['test'].objects))[:3]:
-                log(f"  {text!r}\n    true objects: {objects}")
+            log('\nsample captions (greedy, test):\n' + evaluation.sample_report(captions, splits['test']))
             log(f"\ntest metrics ({cfg.arch}, {cfg.loss}):\n" + evaluation.format_table({cfg.loss: results}))
         log(f"outputs in {cfg.out_dir}: ckpt.pt, log.jsonl, loss.png" + (', eval_test.json' if cfg.final_eval else ''))
     if ddp:
