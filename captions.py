@@ -37,25 +37,23 @@ class BadData(ValueError):
 
 # ---- reading the four formats: each yields (image path relative to the root, caption, where) ----
 
-def _lines(path):
-    """(line number, text) of a file, refusing invalid UTF-8 with its line number."""
+def _lines(path, problems):
+    """(where, text) of each non-blank line; invalid UTF-8 becomes a problem with its line number."""
     with open(path, 'rb') as f:
         for n, raw in enumerate(f, start=1):
+            where = f"{path} line {n}"
             try:
-                yield n, raw.decode('utf-8')
+                line = raw.decode('utf-8')
             except UnicodeDecodeError as e:
-                yield n, e
+                problems.append(('invalid_utf8', where, f"not UTF-8 ({e.reason} at byte {e.start})"))
+                continue
+            if line.strip():
+                yield where, line
 
 
 def read_csv(path, problems):
     header = None
-    for n, line in _lines(path):
-        where = f"{path} line {n}"
-        if isinstance(line, Exception):
-            problems.append(('invalid_utf8', where, f"not UTF-8 ({line.reason})"))
-            continue
-        if not line.strip():
-            continue
+    for where, line in _lines(path, problems):
         try:
             row = next(csv.reader(io.StringIO(line)))
         except csv.Error as e:
@@ -73,13 +71,7 @@ def read_csv(path, problems):
 
 
 def read_jsonl(path, problems):
-    for n, line in _lines(path):
-        where = f"{path} line {n}"
-        if isinstance(line, Exception):
-            problems.append(('invalid_utf8', where, f"not UTF-8 ({line.reason})"))
-            continue
-        if not line.strip():
-            continue
+    for where, line in _lines(path, problems):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as e:

@@ -124,6 +124,10 @@ def parse_flags(argv, defaults):
 
 def load_config(argv):
     """Build a Config from `[config_file.py] [--key=value ...]` (argv without the program name)."""
+    if '--help' in argv or '-h' in argv:
+        import inspect
+        print(__doc__ + '\n' + inspect.getsource(Config))
+        raise SystemExit(0)
     cfg = Config()
     defaults = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)}
     for arg in argv:

@@ -181,6 +181,8 @@ def train(cfg, log=print):
                 f.write(json.dumps(record) + '\n')
 
     def validate():
+        if not master:
+            return
         rows = torch.arange(min(len(val_data), cfg.eval_batches * cfg.batch_size))
         m = evaluation.teacher_forced_metrics(raw_model, val_data, vocab, rows, device, ctx=ctx)
         write_log({'step': step, **{f'val_{k}': v for k, v in m.items()}})
