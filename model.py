@@ -231,11 +231,17 @@ class LVLM(nn.Module):
         return [[t for t in row[1:].tolist()] for row in idx.cpu()]
 
     def flops_per_sample(self, n_text):
-        """Training FLOPs (forward + backward) of one image with n_text caption positions."""
+        """Training FLOPs (forward + backward) of one image with n_text caption positions.
+        A frozen part skips its weight gradients (4 FLOPs per weight and token instead of 6),
+        and also its input gradients (2 instead of 6) when nothing before it trains."""
         P = self.n_prefix
-        flops = self.lm.flops_per_sequence(n_text, n_prefix=P) + 6 * linear_params(self.vision, self.projector) * P
+        trains = lambda m: any(p.requires_grad for p in m.parameters())
+        vision_factor = 6 if trains(self.vision) else 2
+        lm_factor = 6 if trains(self.lm) else 4
+        flops = self.lm.flops_per_sequence(n_text, n_prefix=P) * lm_factor / 6
+        flops += (vision_factor * linear_params(self.vision) + 6 * linear_params(self.projector)) * P
         if isinstance(self.vision, ViT):
-            flops += 12 * len(self.vision.blocks) * self.vision.ln.normalized_shape[0] * P * P
+            flops += 2 * vision_factor * len(self.vision.blocks) * self.vision.ln.normalized_shape[0] * P * P
         return flops
 
 

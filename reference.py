@@ -83,6 +83,12 @@ def train_reference(cfg, train, vocab, device, log=print):
     return model.eval()
 
 
+def target_probs(model, idx, targets):
+    """P_r(target | prefix) [B,T] from a text-only GPT; 0 where ignored."""
+    p = torch.exp(-token_nll(model(idx), targets))
+    return torch.where(targets == IGNORE, 0.0, p)
+
+
 @torch.inference_mode()
 def score(model, data, device, batch_size=256):
     """P_r(target | prefix) at every position of every row, [N, T] float32; 0 where ignored."""
@@ -92,8 +98,7 @@ def score(model, data, device, batch_size=256):
         rows = torch.arange(start, min(start + batch_size, len(data)))
         idx, targets, _ = data.text_batch(rows, device)
         T = int((targets != IGNORE).sum(1).max())          # drop all-padding columns
-        p = torch.exp(-token_nll(model(idx[:, :T]), targets[:, :T]))
-        out[start:start + len(rows), :T] = torch.where(targets[:, :T] == IGNORE, 0.0, p).cpu().numpy()
+        out[start:start + len(rows), :T] = target_probs(model, idx[:, :T], targets[:, :T]).cpu().numpy()
     return out
 
 

@@ -59,6 +59,13 @@ def lr_at(it, cfg):
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def objective(cfg, logits, targets, ref_probs=None):
+    """The training loss: NTP without reference probabilities, else PRIOR with cfg's alpha and floor."""
+    if ref_probs is None:
+        return ntp_loss(logits, targets)
+    return prior_loss(logits, targets, ref_probs, cfg.alpha, cfg.weight_floor)
+
+
 def build_model(cfg, vocab, device, ref_path=None):
     """The LVLM with its LM initialised as cfg.init_lm says and parts frozen as asked."""
     torch.manual_seed(cfg.seed)                  # same seed -> same init for every loss
@@ -76,12 +83,11 @@ def build_model(cfg, vocab, device, ref_path=None):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW; weight decay on matrices only (not on biases, norms)."""
+    """AdamW (the fused kernel, on CPU too); weight decay on matrices only (not on biases, norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=str(device).startswith('cuda'))
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def plot_curves(log_path, png_path):
@@ -224,14 +230,12 @@ def train(cfg, log=print):
                 model.require_backward_grad_sync = micro == cfg.grad_accum - 1
             with ctx:
                 logits = model(images, idx)
-            if cfg.loss == 'ntp':
-                loss = ntp_loss(logits, targets)
-            else:
-                if cfg.loss == 'prior':
-                    p = torch.from_numpy(ref_probs[rows.numpy(), :T]).to(device)
-                else:                            # oracle: as if the reference knew every non-visual token
-                    p = (classes != RELEVANT).float()
-                loss = prior_loss(logits, targets, p, cfg.alpha, cfg.weight_floor)
+            p = None
+            if cfg.loss == 'prior':
+                p = torch.from_numpy(ref_probs[rows.numpy(), :T]).to(device)
+            elif cfg.loss == 'oracle':           # as if the reference knew every non-visual token
+                p = (classes != RELEVANT).float()
+            loss = objective(cfg, logits, targets, p)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             flops_since += raw_model.flops_per_sample(T) * len(rows)

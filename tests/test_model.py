@@ -77,3 +77,13 @@ def test_gpt2_logits_match_transformers():
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_frozen_parts_cost_fewer_flops():
+    model = lvlm('vit')
+    full = model.flops_per_sample(20)
+    model.lm.requires_grad_(False)              # no weight gradients in the LM: 4N instead of 6N
+    frozen_lm = model.flops_per_sample(20)
+    assert frozen_lm < full
+    model.vision.requires_grad_(False)          # nothing before the projector trains: 2N there
+    assert model.flops_per_sample(20) < frozen_lm

@@ -1,0 +1,199 @@
+"""
+Speed and memory of one training step: NTP and PRIOR side by side, in one process.
+
+    python bench.py                                    # the default config on this machine
+    python bench.py configs/shapes_h.py --bench_iters=50
+    python bench.py --device=cuda --compile=True ...   # see scripts/gpu_bench.sh
+
+Three variants of train.py's step, on one model and optimiser, fed the same batches:
+  ntp     plain next-token prediction
+  cached  PRIOR reading P_r from a memory-mapped [N, T] array, as train.py reads its cache
+  online  PRIOR running the text-only reference GPT inside the step (no grad) for P_r
+The variants take turns every iteration, so a machine that gets busier or quieter mid-run
+shifts all three alike, and each figure is the median over the timed iterations.
+
+It prints figures and asserts nothing. Speed does not depend on weight values, so the LM
+starts from scratch, the reference is a fresh GPT and the cached P_r are random: nothing
+is trained, downloaded or loaded (--init_lm=gpt2 still gets GPT-2's shape and vocabulary).
+Bench-only flags: --bench_iters (timed iterations), --bench_warmup (untimed ones first).
+n_train defaults to 2048 here (quick data); a config file or flag overrides it.
+"""
+
+import contextlib
+import dataclasses
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import config as config_mod
+from data import IGNORE, load_splits, make_loader, micro_batches
+from model import GPT
+from reference import gpt_config, make_vocab, score, target_probs
+from train import build_model, device_peak_flops, lr_at, make_optimizer, objective
+
+BENCH_FLAGS = {'bench_iters': 20, 'bench_warmup': 3}
+VARIANTS = ('ntp', 'cached', 'online')
+
+
+def parse_args(argv):
+    """(bench flags, Config): bench-only flags apart, the rest exactly as train.py reads them."""
+    ours = [a for a in argv if a.startswith('--') and a[2:].partition('=')[0] in BENCH_FLAGS]
+    rest = [a for a in argv if a not in ours]
+    return config_mod.parse_flags(ours, BENCH_FLAGS), config_mod.load_config(['--n_train=2048'] + rest)
+
+
+def reset_peak_memory(cuda):
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    elif os.access('/proc/self/clear_refs', os.W_OK):      # Linux: restarts ru_maxrss, so
+        with open('/proc/self/clear_refs', 'w') as f:      # each variant gets its own peak
+            f.write('5')
+
+
+def peak_memory(cuda):
+    """Bytes: allocated tensors on CUDA; the process's peak resident set on CPU (Linux KiB)."""
+    return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv):
+    bench, cfg = parse_args(argv)
+    device = config_mod.resolve_device(cfg.device)
+    cuda = str(device).startswith('cuda')
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data, models, optimiser: train.py's pieces, with a scratch LM of the same shape ----
+    splits = load_splits(cfg, names=('train', 'val'))
+    vocab = make_vocab(cfg, splits['train'])
+    for data in splits.values():
+        data.encode(vocab)
+    train = splits['train']
+    lm = gpt_config(cfg, vocab)
+    build_cfg = dataclasses.replace(cfg, init_lm='scratch', n_layer=lm.n_layer, n_head=lm.n_head, n_embd=lm.n_embd)
+    raw_model = build_model(build_cfg, vocab, device)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    torch.manual_seed(cfg.seed + 1)
+    ref = GPT(lm).to(device).eval().requires_grad_(False)
+    model, ref_fwd = (torch.compile(raw_model), torch.compile(ref)) if cfg.compile else (raw_model, ref)
+    model.train()
+    # cached P_r: random values, memory-mapped from disk like train.py's np.load(mmap_mode='r')
+    tmp = tempfile.TemporaryDirectory()
+    cache = os.path.join(tmp.name, 'ref_probs_train.npy')
+    np.save(cache, np.random.default_rng(0).random(train.targets.shape, dtype=np.float32))
+    ref_probs = np.load(cache, mmap_mode='r')
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    peak = device_peak_flops(device)
+    precision = 'bf16 autocast' if cuda else f'fp32, {torch.get_num_threads()} threads'
+    print(f"bench: {cfg.arch} LVLM, {n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
+          f"reference GPT {sum(p.numel() for p in ref.parameters()) / 1e6:.2f}M, vocab {vocab.size}; "
+          f"{raw_model.n_prefix} image + <= {cfg.block_size} text tokens; batch {cfg.batch_size} x "
+          f"{cfg.grad_accum} accum")
+    print(f"device: {torch.cuda.get_device_name(device) if cuda else 'cpu'}, {precision}, compile "
+          f"{cfg.compile}; peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s"
+          f"{'' if cuda else ' (measured fp32 matmul)'}; load average {os.getloadavg()[0]:.2f}")
+
+    # one loader per variant over the same stream of rows, as train.py builds its own
+    n_iters = bench['bench_warmup'] + bench['bench_iters']
+    loaders = {v: iter(make_loader(train, micro_batches(len(train), cfg.batch_size, cfg.grad_accum, 1, 0, cfg.seed,
+                                                        0, n_iters), cfg.num_workers, cuda)) for v in VARIANTS}
+
+    def step(variant, it):
+        """One train.py iteration. Returns seconds (total, data, P_r lookup) and the work done.
+        Syncs at its end and after the batch, so the data share is an upper bound: train.py
+        never syncs mid-run and may prepare a batch while the device still works."""
+        sync()
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group['lr'] = lr_at(it, cfg)
+        data_s = lookup_s = flops = ref_flops = tokens = 0
+        for _ in range(cfg.grad_accum):
+            t = time.perf_counter()
+            images, rows = next(loaders[variant])
+            images, idx, targets, _ = train.batch(rows, device, images)
+            T = int((targets != IGNORE).sum(1).max())       # drop all-padding columns
+            idx, targets = idx[:, :T], targets[:, :T]
+            sync()
+            t1 = time.perf_counter()
+            if variant == 'cached':
+                p = torch.from_numpy(ref_probs[rows.numpy(), :T]).to(device)
+                sync()
+            t2 = time.perf_counter()
+            data_s, lookup_s = data_s + t1 - t, lookup_s + t2 - t1
+            if variant == 'online':
+                with torch.no_grad(), ctx:
+                    p = target_probs(ref_fwd, idx, targets)
+                ref_flops += ref.flops_per_sequence(T) / 3 * len(rows)   # forward only: 2N of 6N
+            with ctx:
+                logits = model(images, idx)
+            loss = objective(cfg, logits, targets, None if variant == 'ntp' else p)
+            (loss / cfg.grad_accum).backward()
+            flops += raw_model.flops_per_sample(T) * len(rows)
+            tokens += (raw_model.n_prefix + T) * len(rows)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        return dict(s=time.perf_counter() - t0, data=data_s + lookup_s, lookup=lookup_s, flops=flops,
+                    ref_flops=ref_flops, tokens=tokens, images=cfg.batch_size * cfg.grad_accum)
+
+    # ---- the variants take turns, iteration by iteration ----
+    runs = {v: [] for v in VARIANTS}
+    mem = dict.fromkeys(VARIANTS, 0)
+    for it in range(n_iters):
+        for v in VARIANTS:
+            reset_peak_memory(cuda)
+            r = step(v, it)
+            mem[v] = max(mem[v], peak_memory(cuda))
+            if it >= bench['bench_warmup']:
+                runs[v].append(r)
+
+    def med(v, key='s'):
+        return statistics.median(r[key] for r in runs[v])
+
+    def mean(v, key):
+        return statistics.fmean(r[key] for r in runs[v])
+
+    print(f"\n{bench['bench_iters']} timed iterations after {bench['bench_warmup']} warmup (medians):")
+    print(f"{'variant':8} {'ms/iter':>9} {'tokens/s':>11} {'images/s':>10} {'MFU':>7} {'data':>7} "
+          f"{'lookup':>7} {'peak mem':>10}")
+    for v in VARIANTS:
+        s = med(v)
+        mfu = (mean(v, 'flops') + mean(v, 'ref_flops')) / s / peak if peak else float('nan')  # all FLOPs done
+        print(f"{v:8} {1000 * s:9.2f} {mean(v, 'tokens') / s:11,.0f} {mean(v, 'images') / s:10,.1f} "
+              f"{100 * mfu:6.1f}% {100 * med(v, 'data') / s:6.2f}% {100 * med(v, 'lookup') / s:6.2f}% "
+              f"{mem[v] / 2 ** 20:7.1f} MiB")
+    # Ratios pair each PRIOR step with the NTP step just before it on the same batch, so a
+    # burst of load from other processes moves both sides of a pair (medians of the pairs).
+    cached, online = (statistics.median(b['s'] / a['s'] for a, b in zip(runs['ntp'], runs[v]))
+                      for v in VARIANTS[1:])
+    predicted = 1 + mean('online', 'ref_flops') / mean('online', 'flops')
+    print(f"PRIOR/NTP step time: cached {cached:.3f}, online {online:.3f} (FLOPs predict {predicted:.3f}, "
+          f"so online costs {100 * (online / predicted - 1):+.1f}% over its FLOPs)")
+    print(f"data = loader + data.batch (+ P_r lookup for cached) share of step time; lookup = P_r lookup alone; "
+          f"peak mem = {'max_memory_allocated' if cuda else 'peak RSS (ru_maxrss)'} per variant")
+
+    # ---- offline scoring, what PRIOR pays once per dataset instead of once per step ----
+    val = splits['val']
+    score(ref, val, device)                                 # warm up (allocator, kernels)
+    sync()
+    t0 = time.perf_counter()
+    score(ref, val, device)
+    sync()
+    print(f"reference scoring (reference.score, val split): {len(val) / (time.perf_counter() - t0):,.0f} "
+          f"captions/s ({len(val)} captions, fp32)")
+    tmp.cleanup()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

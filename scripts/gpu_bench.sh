@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One prepared GPU check for an H100 (at most 9 minutes: the two runs are capped at 3 and 6
+# by timeout): bench.py on a ~100M-parameter H-LVLM, ViT 2x768 -> MLP projector -> GPT 12x768
+# (100.7M parameters, all trained; bench.py prints the count), 64 image tokens plus up to
+# block_size caption tokens, batch 128, bf16 autocast. It prints NTP vs PRIOR (cached P_r and
+# online reference) step time, tokens/s, images/s, MFU, data share and peak memory; eager
+# first (quick, always gives figures), then torch.compile.
+#
+#   bash scripts/gpu_bench.sh [extra bench.py flags]
+#
+# Needs no network: the LM starts from scratch (bench.py never loads GPT-2 or a reference)
+# and the data are generated. Only the GPT-2 tokenizer ranks must already be on disk; on a
+# bare machine, copy tiktoken's cache into the (git-ignored) out/ folder and ship it along:
+#   mkdir -p out/tiktoken && cp ~/.cache/tiktoken/* out/tiktoken/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d out/tiktoken ]; then
+    export TIKTOKEN_CACHE_DIR="$PWD/out/tiktoken"
+fi
+# fail fast instead of letting data.py try PyPI from a machine without network
+python -c "import os, sys, data; p = data._cache_path(); os.path.exists(p) or sys.exit(f'no GPT-2 ranks at {p}; see the header of scripts/gpu_bench.sh')"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+MODEL="--arch=vit --n_layer=12 --n_head=12 --n_embd=768 --vit_layer=2 --vit_embd=768 --image_size=32 --patch_size=4"
+RUN="--device=cuda --loss=prior --freeze_lm=False --freeze_vision=False --batch_size=128 --n_train=4096"
+
+echo "=== eager ==="
+timeout 180 python bench.py $MODEL $RUN --compile=False --bench_warmup=5 --bench_iters=30 "$@"
+echo "=== torch.compile ==="   # warmup covers the compiles (one static T, then dynamic T)
+timeout 360 python bench.py $MODEL $RUN --compile=True --bench_warmup=10 --bench_iters=30 "$@"
