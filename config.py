@@ -57,6 +57,8 @@ class Config:
     weight_floor: float = 0.0    # w = floor + (1 - floor) * (1 - P_r)^alpha; 0 is the paper's PRIOR
     # ---- initialisation and freezing ----
     init_lm: str = 'ref'         # 'scratch', 'ref' (the trained reference), or 'gpt2' (HF weights)
+    gpt2_model: str = 'gpt2'     # init_lm=gpt2: a Hugging Face GPT-2-family name ('gpt2', 'gpt2-medium',
+                                 # 'distilgpt2') or a local save_pretrained() folder; sets the LM's shape
     freeze_lm: bool = False
     freeze_vision: bool = False
     # ---- optimisation ----

@@ -250,14 +250,26 @@ def linear_params(*modules):
     return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def load_hf_gpt2_into(gpt, name='gpt2'):
-    """Initialise `gpt` (GPT-2 small shape, any block_size <= 1024) from Hugging Face weights.
-    Needs `transformers` and network access (or a local HF cache)."""
+def _transformers():
     try:
-        from transformers import GPT2LMHeadModel
+        import transformers
     except ImportError as e:
         raise ImportError("--init_lm=gpt2 needs the transformers package: pip install transformers") from e
-    state = GPT.from_hf_gpt2(GPT2LMHeadModel.from_pretrained(name)).state_dict()
+    return transformers
+
+
+def hf_gpt2_shape(name):
+    """(n_layer, n_head, n_embd) of a GPT-2-family checkpoint, read from its config alone."""
+    c = _transformers().GPT2Config.from_pretrained(name)
+    return c.n_layer, c.n_head, c.n_embd
+
+
+def load_hf_gpt2_into(gpt, name):
+    """Initialise `gpt` (same shape, any block_size up to the checkpoint's) from Hugging Face
+    weights: a hub name (needs network or a local HF cache) or a save_pretrained() folder."""
+    state = GPT.from_hf_gpt2(_transformers().GPT2LMHeadModel.from_pretrained(name)).state_dict()
+    if len(state['wpe.weight']) < gpt.config.block_size:
+        raise ValueError(f"block_size {gpt.config.block_size} exceeds the {len(state['wpe.weight'])} positions of {name}")
     state['wpe.weight'] = state['wpe.weight'][:gpt.config.block_size]
     gpt.load_state_dict(state)
 

@@ -22,7 +22,7 @@ import torch
 
 import config as config_mod
 from data import IGNORE, Vocab, batch_indices, load_splits
-from model import GPT, GPTConfig, load_checkpoint, load_hf_gpt2_into, save_checkpoint
+from model import GPT, GPTConfig, hf_gpt2_shape, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from prior_loss import ntp_loss, token_nll
 
 SCORED_SPLITS = ('train', 'val')
@@ -34,14 +34,14 @@ def make_vocab(cfg, train):
 
 
 def gpt_config(cfg, vocab):
-    if cfg.init_lm == 'gpt2':                    # the LM must have GPT-2 small's shape
-        return GPTConfig(vocab.size, cfg.block_size, 12, 12, 768, cfg.dropout)
+    if cfg.init_lm == 'gpt2':                    # the checkpoint fixes the shape; n_layer etc. are unused
+        return GPTConfig(vocab.size, cfg.block_size, *hf_gpt2_shape(cfg.gpt2_model), cfg.dropout)
     return GPTConfig(vocab.size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
 
 
 def default_ref_path(cfg, train):
     """Where the reference for this data and reference recipe lives unless --ref_ckpt says otherwise."""
-    recipe = [train.fingerprint(), cfg.init_lm == 'gpt2', cfg.n_layer, cfg.n_head, cfg.n_embd,
+    recipe = [train.fingerprint(), cfg.init_lm == 'gpt2' and cfg.gpt2_model, cfg.n_layer, cfg.n_head, cfg.n_embd,
               cfg.ref_max_iters, cfg.ref_learning_rate, cfg.ref_batch_size, cfg.seed]
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
     return os.path.join('out', 'ref', key, 'ref.pt')
@@ -60,7 +60,7 @@ def train_reference(cfg, train, vocab, device, log=print):
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_config(cfg, vocab)).to(device)
     if cfg.init_lm == 'gpt2':
-        load_hf_gpt2_into(model)
+        load_hf_gpt2_into(model, cfg.gpt2_model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.ref_learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, cfg.ref_max_iters // 20)
     t0 = time.time()

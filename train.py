@@ -76,7 +76,7 @@ def build_model(cfg, vocab, device, ref_path=None):
             raise ValueError(f"reference {ref_path} was trained with another vocabulary")
         model.lm.load_state_dict(ref.state_dict())
     elif cfg.init_lm == 'gpt2':
-        load_hf_gpt2_into(model.lm)
+        load_hf_gpt2_into(model.lm, cfg.gpt2_model)
     for part, frozen in ((model.lm, cfg.freeze_lm), (model.vision, cfg.freeze_vision)):
         part.requires_grad_(not frozen)
     return model.to(device)

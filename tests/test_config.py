@@ -39,6 +39,10 @@ def test_presets_load():
     assert load_config([os.path.join(ROOT, 'configs', 'shapes_h.py')]).freeze_lm is True
     u = load_config([os.path.join(ROOT, 'configs', 'shapes_u.py')])
     assert u.arch == 'patch' and u.freeze_lm is False
+    for name in ('flickr_cpu.py', 'flickr_gpu.py'):
+        cfg = load_config([os.path.join(ROOT, 'configs', name)])
+        assert cfg.dataset.endswith('flickr8k') and cfg.image_size % cfg.patch_size == 0
+    assert load_config([os.path.join(ROOT, 'configs', 'flickr_gpu.py')]).init_lm == 'gpt2'
 
 
 def test_parse_flags():

@@ -101,3 +101,28 @@ def test_ddp_two_processes_match_one_process(tiny_cfg, tmp_path):
     for (_, la), (_, lb) in zip(a, b):
         assert la == pytest.approx(lb, rel=1e-4)
     assert sorted(os.listdir(two)) == ['ckpt.pt', 'log.jsonl', 'loss.png']   # rank 0 wrote, once
+
+
+def test_init_lm_gpt2_from_a_local_folder(tiny_cfg, tmp_path):
+    """--init_lm=gpt2 --gpt2_model=FOLDER (how offline nodes use it): the LM and the reference
+    take the checkpoint's shape and start from its weights; the full GPT-2 vocabulary is used."""
+    transformers = pytest.importorskip('transformers')
+    from model import GPT
+    from reference import load_reference
+    from train import build_model
+    hf_cfg = transformers.GPT2Config(n_positions=64, n_embd=24, n_layer=1, n_head=2)   # vocab 50257
+    torch.manual_seed(0)
+    folder = str(tmp_path / 'tiny-gpt2')
+    transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(folder)
+    cfg = dataclasses.replace(tiny_cfg, init_lm='gpt2', gpt2_model=folder, block_size=48, ref_max_iters=2,
+                              max_iters=2, eval_interval=2, ckpt_interval=0, final_eval=False,
+                              n_train=64, n_val=16, n_test=16)   # a 50257-way softmax is slow on a CPU
+    train(cfg, log=lambda *a: None)
+    expected = GPT.from_hf_gpt2(transformers.GPT2LMHeadModel.from_pretrained(folder)).state_dict()
+    expected['wpe.weight'] = expected['wpe.weight'][:48]
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
+    assert ckpt['model_args']['n_embd'] == 24 and ckpt['model_args']['vocab_size'] == 50257
+    ref, vocab, _ = load_reference(cfg.ref_ckpt, 'cpu')
+    assert ref.config.n_layer == 1 and vocab.size == 50257
+    model = build_model(cfg, vocab, 'cpu')
+    assert all(torch.equal(model.lm.state_dict()[k], v) for k, v in expected.items())
