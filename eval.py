@@ -219,9 +219,9 @@ def load_trained(ckpt_path, device):
     return model.to(device).eval(), Vocab(ckpt['vocab']['gpt2_ids']), cfg, ckpt
 
 
-def weights_figure(model, data, vocab, ref_path, alpha, device, path, n_examples=4):
+def weights_figure(model, data, vocab, ref_path, alpha, weight_floor, device, path, n_examples=4):
     """The paper's Figure 1 idea: each caption token shaded by its PRIOR weight (from the
-    text-only reference) and by the LVLM's loss given the image."""
+    text-only reference, with the run's alpha and floor) and by the LVLM's loss given the image."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -234,7 +234,7 @@ def weights_figure(model, data, vocab, ref_path, alpha, device, path, n_examples
     sub.idx, sub.targets, sub.texts = data.idx[rows], data.targets[rows], data.texts[:n_examples]
     ref, _, _ = load_reference(ref_path, device)
     p = torch.from_numpy(score(ref, sub, device))
-    weights = token_weights(p, sub.targets, alpha)
+    weights = token_weights(p, sub.targets, alpha, weight_floor)
     images, idx, targets, _ = data.batch(rows, device)
     with torch.no_grad():
         nll = token_nll(model(images, idx), targets).cpu()
@@ -294,7 +294,8 @@ def main(argv):
     if args['figure']:
         if not ckpt.get('ref_path'):
             raise ValueError("--figure needs the reference LM; this run had none (loss=ntp, init_lm!=ref)")
-        weights_figure(model, data, vocab, ckpt['ref_path'], cfg.alpha, device, args['figure'])
+        weights_figure(model, data, vocab, ckpt['ref_path'], cfg.alpha, cfg.weight_floor, device,
+                       args['figure'])
         print(f"wrote {args['figure']}")
 
 
