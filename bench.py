@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import config as config_mod
-from data import IGNORE, load_splits, make_loader, micro_batches
+from data import load_splits, make_loader, micro_batches, step_token_count, text_width
 from model import GPT
 from reference import gpt_config, make_vocab, score, target_probs
 from train import build_model, device_peak_flops, lr_at, make_optimizer, objective
@@ -116,11 +116,12 @@ def main(argv):
         for group in optimizer.param_groups:
             group['lr'] = lr_at(it, cfg)
         data_s = lookup_s = flops = ref_flops = tokens = 0
+        n_tokens = step_token_count(train, cfg.batch_size * cfg.grad_accum, it, cfg.seed)
         for _ in range(cfg.grad_accum):
             t = time.perf_counter()
             images, rows = next(loaders[variant])
             images, idx, targets, _ = train.batch(rows, device, images)
-            T = int((targets != IGNORE).sum(1).max())       # drop all-padding columns
+            T = text_width(targets)
             idx, targets = idx[:, :T], targets[:, :T]
             sync()
             t1 = time.perf_counter()
@@ -135,8 +136,7 @@ def main(argv):
                 ref_flops += ref.flops_per_sequence(T) / 3 * len(rows)   # forward only: 2N of 6N
             with ctx:
                 logits = model(images, idx)
-            loss = objective(cfg, logits, targets, None if variant == 'ntp' else p)
-            (loss / cfg.grad_accum).backward()
+            objective(cfg, logits, targets, None if variant == 'ntp' else p, n_tokens).backward()
             flops += raw_model.flops_per_sample(T) * len(rows)
             tokens += (raw_model.n_prefix + T) * len(rows)
         if cfg.grad_clip > 0:

@@ -14,7 +14,6 @@ image-relevant (colour, shape, position, count), filler that the text alone pred
 """
 
 import hashlib
-import io
 import os
 import subprocess
 import sys
@@ -389,10 +388,25 @@ def micro_batches(n_items, batch_size, grad_accum, world, rank, seed, start_step
     batch whatever the split between processes and accumulation steps (so DDP == 1 process)."""
     global_batch = batch_size * grad_accum * world
     for step in range(start_step, end_step):
-        rows = batch_indices(n_items, global_batch, step * global_batch, seed)
+        rows = step_rows(n_items, global_batch, step, seed)
         for micro in range(grad_accum):
             part = micro * world + rank
             yield rows[part * batch_size:(part + 1) * batch_size].tolist()
+
+
+def step_rows(n_items, global_batch, step, seed):
+    """The rows of training step `step`'s global batch."""
+    return batch_indices(n_items, global_batch, step * global_batch, seed)
+
+
+def step_token_count(data, global_batch, step, seed):
+    """Caption tokens in training step `step`'s global batch: the denominator of its loss."""
+    return int((data.targets[step_rows(len(data), global_batch, step, seed)] != IGNORE).sum())
+
+
+def text_width(targets):
+    """Columns up to the last caption token of the longest row; the ones after are all padding."""
+    return int((targets != IGNORE).sum(1).max())
 
 
 def _collate(items):

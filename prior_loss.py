@@ -18,7 +18,9 @@ flows into them (the reference is frozen and its probabilities are usually cache
 
 Here `targets` already hold the next token of each position (the label shift is done once,
 in data.py) and IGNORE (-1) marks positions that are not caption tokens (image prefix,
-padding). The batch loss divides by the total number of caption tokens in the batch.
+padding). The batch loss divides by the total number of caption tokens in the batch, or by
+`n_tokens` when the batch is one micro-batch of a larger step (gradient accumulation, DDP):
+dividing every part by the whole step's count makes the step's loss the same however it is cut.
 """
 
 import torch
@@ -36,10 +38,14 @@ def token_nll(logits, targets):
     return nll.view_as(targets)
 
 
-def ntp_loss(logits, targets):
-    """Mean NLL over positions where targets != IGNORE. logits [B,T,V], targets [B,T] -> 0-dim."""
-    mask = targets != IGNORE
-    return token_nll(logits, targets).sum() / mask.sum().clamp(min=1)
+def _count(targets, n_tokens):
+    return (targets != IGNORE).sum().clamp(min=1) if n_tokens is None else n_tokens
+
+
+def ntp_loss(logits, targets, n_tokens=None):
+    """Summed NLL over positions where targets != IGNORE, divided by their count (or n_tokens).
+    logits [B,T,V], targets [B,T] -> 0-dim."""
+    return token_nll(logits, targets).sum() / _count(targets, n_tokens)
 
 
 @torch.no_grad()
@@ -58,8 +64,8 @@ def token_weights(ref_probs, targets, alpha=1.0, floor=0.0):
     return w * k / total.clamp(min=FALLBACK_EPS)
 
 
-def prior_loss(logits, targets, ref_probs, alpha=1.0, floor=0.0):
-    """sum(w * nll) / (number of non-ignored positions). logits [B,T,V], targets/ref_probs [B,T] -> 0-dim."""
+def prior_loss(logits, targets, ref_probs, alpha=1.0, floor=0.0, n_tokens=None):
+    """sum(w * nll) / (number of non-ignored positions, or n_tokens).
+    logits [B,T,V], targets/ref_probs [B,T] -> 0-dim."""
     weights = token_weights(ref_probs, targets, alpha, floor)
-    mask = targets != IGNORE
-    return (weights * token_nll(logits, targets)).sum() / mask.sum().clamp(min=1)
+    return (weights * token_nll(logits, targets)).sum() / _count(targets, n_tokens)

@@ -1,6 +1,6 @@
 """
 The text-only reference LM P_r of PRIOR: train it on the training captions (no images),
-then score every caption token once and cache P_r(t_i | t_<i) on disk.
+then score every training caption token once and cache P_r(t_i | t_<i) on disk.
 
     python reference.py [config.py] [--key=value ...]
 
@@ -21,11 +21,9 @@ import numpy as np
 import torch
 
 import config as config_mod
-from data import IGNORE, Vocab, batch_indices, load_splits
+from data import IGNORE, Vocab, batch_indices, load_splits, text_width
 from model import GPT, GPTConfig, hf_gpt2_shape, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from prior_loss import ntp_loss, token_nll
-
-SCORED_SPLITS = ('train', 'val')
 
 
 def make_vocab(cfg, train):
@@ -42,7 +40,7 @@ def gpt_config(cfg, vocab):
 def default_ref_path(cfg, train):
     """Where the reference for this data and reference recipe lives unless --ref_ckpt says otherwise."""
     recipe = [train.fingerprint(), cfg.init_lm == 'gpt2' and cfg.gpt2_model, cfg.n_layer, cfg.n_head, cfg.n_embd,
-              cfg.ref_max_iters, cfg.ref_learning_rate, cfg.ref_batch_size, cfg.seed]
+              cfg.dropout, cfg.ref_max_iters, cfg.ref_learning_rate, cfg.ref_batch_size, cfg.seed]
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
     return os.path.join('out', 'ref', key, 'ref.pt')
 
@@ -72,7 +70,7 @@ def train_reference(cfg, train, vocab, device, log=print):
             group['lr'] = cfg.ref_learning_rate * lr_scale
         rows = batch_indices(len(train), cfg.ref_batch_size, it * cfg.ref_batch_size, cfg.seed)
         idx, targets, _ = train.text_batch(rows, device)
-        T = int((targets != IGNORE).sum(1).max())          # drop all-padding columns
+        T = text_width(targets)
         loss = ntp_loss(model(idx[:, :T]), targets[:, :T])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,7 +95,7 @@ def score(model, data, device, batch_size=256):
     for start in range(0, len(data), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(data)))
         idx, targets, _ = data.text_batch(rows, device)
-        T = int((targets != IGNORE).sum(1).max())          # drop all-padding columns
+        T = text_width(targets)
         out[start:start + len(rows), :T] = target_probs(model, idx[:, :T], targets[:, :T]).cpu().numpy()
     return out
 
@@ -114,13 +112,14 @@ def load_reference(path, device):
     return model.to(device).eval(), Vocab(ckpt['vocab']['gpt2_ids']), ckpt
 
 
-def cache_paths(ref_path, split):
-    base = os.path.join(os.path.dirname(ref_path), f"ref_probs_{split}")
+def cache_paths(ref_path):
+    """The score cache of the training captions, beside the reference checkpoint."""
+    base = os.path.join(os.path.dirname(ref_path), "ref_probs_train")
     return base + '.npy', base + '.json'
 
 
-def write_cache(probs, manifest, ref_path, split):
-    npy, meta = cache_paths(ref_path, split)
+def write_cache(probs, manifest, ref_path):
+    npy, meta = cache_paths(ref_path)
     tmp = npy + '.tmp.npy'
     arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=probs.shape)
     arr[:] = probs
@@ -138,67 +137,62 @@ def expected_manifest(data, vocab, ref_path):
             'ref_sha256': file_sha256(ref_path), 'shape': list(data.targets.shape)}
 
 
-def load_cache(ref_path, split, data, vocab):
-    """The cached P_r of `split` as a read-only memory map, after checking it belongs to
-    this data, vocabulary and reference. Raises ValueError naming the mismatch."""
-    npy, meta = cache_paths(ref_path, split)
+def load_cache(ref_path, data, vocab):
+    """The cached P_r of the training captions `data` as a read-only memory map, after checking
+    it belongs to this data, vocabulary and reference. Raises ValueError naming the mismatch."""
+    npy, meta = cache_paths(ref_path)
     if not (os.path.isfile(npy) and os.path.isfile(meta)):
-        raise FileNotFoundError(f"no reference score cache for split {split!r} at {npy}")
+        raise FileNotFoundError(f"no reference score cache at {npy}")
     with open(meta) as f:
         found = json.load(f)
     expected = expected_manifest(data, vocab, ref_path)
     wrong = [k for k in expected if found.get(k) != expected[k]]
     if wrong:
         raise ValueError(f"reference cache {npy} does not match: {', '.join(wrong)} differ "
-                         f"(it was made for other data or another reference). Delete it, or run "
-                         f"`python reference.py` with the same config, to rebuild it.")
+                         f"(it was made for other data or another reference). Delete it and {meta} "
+                         f"to have it rebuilt, or pass another --ref_ckpt.")
     probs = np.load(npy, mmap_mode='r')
     if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
         raise ValueError(f"reference cache {npy} holds values outside [0, 1] or NaN/inf")
     return probs
 
 
-def ensure_reference(cfg, splits, vocab, device, log=print, is_master=True):
-    """Return (reference path, {split: cached P_r}) for cfg, training and scoring on first use.
+def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, scored=True):
+    """Return (reference path, cached P_r of the training captions, or None unless `scored`),
+    training and scoring on first use.
 
     Under DDP only the master process builds; the others wait at a barrier and then load."""
-    train = splits['train']
     path = cfg.ref_ckpt or default_ref_path(cfg, train)
     if is_master:
         if not os.path.isfile(path):
             log(f"reference: no checkpoint at {path}; training the text-only reference LM first")
             save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, path)
-        model = None
-        for split in SCORED_SPLITS:
+        if scored:
             try:
-                load_cache(path, split, splits[split], vocab)
+                load_cache(path, train, vocab)
             except FileNotFoundError:
-                if model is None:
-                    model, ref_vocab, _ = load_reference(path, device)
-                    if ref_vocab.gpt2_ids != vocab.gpt2_ids:
-                        raise ValueError(f"reference {path} uses another vocabulary than this data")
+                model, ref_vocab, _ = load_reference(path, device)
+                if ref_vocab.gpt2_ids != vocab.gpt2_ids:
+                    raise ValueError(f"reference {path} uses another vocabulary than this data")
                 t0 = time.time()
-                probs = score(model, splits[split], device)
-                write_cache(probs, expected_manifest(splits[split], vocab, path), path, split)
-                log(f"reference: scored {len(probs)} {split} captions in {time.time() - t0:.1f}s -> "
-                    f"{cache_paths(path, split)[0]}")
+                probs = score(model, train, device)
+                write_cache(probs, expected_manifest(train, vocab, path), path)
+                log(f"reference: scored {len(probs)} training captions in {time.time() - t0:.1f}s -> "
+                    f"{cache_paths(path)[0]}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return path, {split: load_cache(path, split, splits[split], vocab) for split in SCORED_SPLITS}
+    return path, load_cache(path, train, vocab) if scored else None
 
 
 def main(argv):
     cfg = config_mod.load_config(argv)
     device = config_mod.resolve_device(cfg.device)
-    splits = load_splits(cfg)
-    vocab = make_vocab(cfg, splits['train'])
-    for data in splits.values():
-        data.encode(vocab)
-    path, probs = ensure_reference(cfg, splits, vocab, device)
-    for split, p in probs.items():
-        mask = splits[split].targets != IGNORE
-        print(f"{split}: mean P_r over caption tokens {float(p[mask.numpy()].mean()):.4f}")
-    print(f"reference: {path}")
+    train = load_splits(cfg, names=('train',))['train']
+    vocab = make_vocab(cfg, train)
+    train.encode(vocab)
+    path, probs = ensure_reference(cfg, train, vocab, device)
+    mask = (train.targets != IGNORE).numpy()
+    print(f"reference: {path}; mean P_r over the training caption tokens {float(probs[mask].mean()):.4f}")
 
 
 if __name__ == '__main__':

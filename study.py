@@ -132,7 +132,6 @@ def make_config(s, preset, out_root):
 
 def mean_max_len(data, batch_size, n_draws=200, seed=0):
     """Expected padded text length T of a training batch (train.py drops all-padding columns)."""
-    import torch
     from data import IGNORE
     lengths = (data.targets != IGNORE).sum(1).numpy()
     rng = np.random.default_rng(seed)
@@ -730,7 +729,7 @@ def main(argv):
     args = dict(a[2:].split('=', 1) if '=' in a else (a[2:], '1') for a in argv)
     unknown = set(args) - {'quick', 'tiny', 'full', 'report', 'results', 'out', 'threads'}
     if unknown or any(not a.startswith('--') for a in argv):
-        sys.exit(f"usage: python study.py [--quick|--tiny] [--report] [--results=DIR] [--out=DIR] [--threads=N]")
+        sys.exit("usage: python study.py [--quick|--tiny] [--report] [--results=DIR] [--out=DIR] [--threads=N]")
     preset_name = 'tiny' if 'tiny' in args else 'quick' if 'quick' in args else 'full'
     preset = PRESETS[preset_name]
     default_results = os.path.join(ROOT, 'results', *(() if preset_name == 'full' else (preset_name,)))

@@ -17,21 +17,20 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config as config_mod
 import eval as evaluation
-from data import CLASS_NAMES, IGNORE, RELEVANT, load_splits, make_loader, micro_batches
+from data import CLASS_NAMES, RELEVANT, load_splits, make_loader, micro_batches, step_token_count, text_width
 from model import LVLM, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from prior_loss import ntp_loss, prior_loss
 from reference import ensure_reference, gpt_config, load_reference, make_vocab
 
 # Dense bf16 peak FLOP/s by CUDA device name (MFU's denominator). On CPU we measure instead.
 GPU_PEAK_FLOPS = {'H200': 989e12, 'H100 NVL': 835e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12,
-                  'L40S': 362e12, 'L4': 121e12, 'A10G': 70e12, 'A10': 125e12, 'RTX 4090': 165e12,
+                  'L40S': 362e12, 'L40': 181e12, 'L4': 121e12, 'A10G': 70e12, 'A10': 125e12, 'RTX 4090': 165e12,
                   'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
 
 
@@ -40,7 +39,8 @@ def device_peak_flops(device):
     matmul rate on CPU (the best this machine does, so CPU MFU is honest)."""
     if str(device).startswith('cuda'):
         name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+        known = [k for k in GPU_PEAK_FLOPS if k in name]
+        return GPU_PEAK_FLOPS[max(known, key=len)] if known else None      # 'L40S' over 'L4
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b                                        # warm up the BLAS threads first
     best = float('inf')
@@ -59,11 +59,12 @@ def lr_at(it, cfg):
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def objective(cfg, logits, targets, ref_probs=None):
-    """The training loss: NTP without reference probabilities, else PRIOR with cfg's alpha and floor."""
+def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
+    """The training loss: NTP without reference probabilities, else PRIOR with cfg's alpha and floor.
+    n_tokens: caption tokens of the whole step, when this is one micro-batch of it."""
     if ref_probs is None:
-        return ntp_loss(logits, targets)
-    return prior_loss(logits, targets, ref_probs, cfg.alpha, cfg.weight_floor)
+        return ntp_loss(logits, targets, n_tokens)
+    return prior_loss(logits, targets, ref_probs, cfg.alpha, cfg.weight_floor, n_tokens)
 
 
 def build_model(cfg, vocab, device, ref_path=None):
@@ -140,9 +141,8 @@ def train(cfg, log=print):
     log(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} captions, vocab {vocab.size}, "
         f"{time.time() - t0:.1f}s")
     ref_path = ref_probs = None
-    if cfg.loss == 'prior' or cfg.init_lm == 'ref':
-        ref_path, probs = ensure_reference(cfg, splits, vocab, device, log, master)
-        ref_probs = probs['train']
+    if cfg.loss == 'prior' or cfg.init_lm == 'ref':      # scores needed by PRIOR only
+        ref_path, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, master, cfg.loss == 'prior')
 
     # ---- model and optimiser ----
     model = build_model(cfg, vocab, device, ref_path)
@@ -165,9 +165,6 @@ def train(cfg, log=print):
         optimizer.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']
         assert ckpt['data_position'] == step * global_batch, "global batch changed since the checkpoint"
-        torch.set_rng_state(ckpt['rng']['cpu'])
-        if cuda and ckpt['rng']['cuda'] is not None:
-            torch.cuda.set_rng_state(ckpt['rng']['cuda'])
         log(f"resumed from {ckpt_path} at step {step}")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -216,15 +213,22 @@ def train(cfg, log=print):
     t_last, flops_since, tokens_since = time.time(), 0.0, 0
     loader = iter(make_loader(train_data, micro_batches(len(train_data), cfg.batch_size, cfg.grad_accum, world, rank,
                                                         cfg.seed, step, cfg.max_iters), cfg.num_workers, cuda))
+    if cfg.resume:                               # last, as the peak measurement and loader drew from the RNG
+        torch.set_rng_state(ckpt['rng']['cpu'])  # (dropout masks continue as if never interrupted)
+        if cuda and ckpt['rng']['cuda'] is not None:
+            torch.cuda.set_rng_state(ckpt['rng']['cuda'])
     while step < cfg.max_iters:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr
+        # Every micro-batch divides by the caption tokens of the whole step, so the step's loss
+        # (and gradient) is the global token mean however the batch is cut into micro-batches.
+        n_tokens = step_token_count(train_data, global_batch, step, cfg.seed)
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             images, rows = next(loader)
             images, idx, targets, classes = train_data.batch(rows, device, images)
-            T = int((targets != IGNORE).sum(1).max())      # drop all-padding columns
+            T = text_width(targets)
             idx, targets, classes = idx[:, :T], targets[:, :T], classes[:, :T]
             if ddp:                              # all-reduce gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == cfg.grad_accum - 1
@@ -235,8 +239,8 @@ def train(cfg, log=print):
                 p = torch.from_numpy(ref_probs[rows.numpy(), :T]).to(device)
             elif cfg.loss == 'oracle':           # as if the reference knew every non-visual token
                 p = (classes != RELEVANT).float()
-            loss = objective(cfg, logits, targets, p)
-            (loss / cfg.grad_accum).backward()
+            loss = objective(cfg, logits, targets, p, n_tokens)
+            (loss * world).backward()            # DDP averages gradients over processes: undo it
             loss_sum += loss.detach()
             flops_since += raw_model.flops_per_sample(T) * len(rows)
             tokens_since += (raw_model.n_prefix + T) * len(rows)
@@ -247,21 +251,22 @@ def train(cfg, log=print):
         step += 1
 
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            loss_val = loss_sum / cfg.grad_accum
             if ddp:
-                dist.all_reduce(loss_val, op=dist.ReduceOp.AVG)
-            loss_val = loss_val.item()                     # syncs the device, so timing is real
+                dist.all_reduce(loss_sum)                  # the processes' parts of the step's loss
+            loss_val = loss_sum.item()                     # syncs the device, so timing is real
             dt = time.time() - t_last
             iters = step % cfg.log_interval or cfg.log_interval
-            mfu = flops_since * world / dt / peak if peak else float('nan')
+            mfu = flops_since / dt / peak if peak else float('nan')        # this process on its device
             log(f"iter {step}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt / iters:.0f} ms/iter, "
                 f"{tokens_since * world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%")
             write_log({'step': step, 'train_loss': loss_val, 'lr': lr, 'ms_per_iter': 1000 * dt / iters, 'mfu': mfu})
             t_last, flops_since, tokens_since = time.time(), 0.0, 0
+        t_pause = time.time()
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             validate()
         if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters:
             save()
+        t_last += time.time() - t_pause          # evaluation and checkpoints are not training time
 
     # ---- the end: curves, test metrics ----
     results = None

@@ -169,7 +169,6 @@ def test_long_captions_are_truncated_and_counted(tmp_path):
 
 
 def test_reference_cache_out_of_range_is_refused(tmp_path):
-    import shutil
     from reference import cache_paths, ensure_reference, load_cache, make_vocab
     cfg = Config(n_train=64, n_val=16, n_test=8, n_layer=1, n_head=2, n_embd=16, ref_max_iters=2,
                  ref_ckpt=str(tmp_path / 'ref.pt'), device='cpu')
@@ -177,13 +176,13 @@ def test_reference_cache_out_of_range_is_refused(tmp_path):
     vocab = make_vocab(cfg, splits['train'])
     for d in splits.values():
         d.encode(vocab)
-    ensure_reference(cfg, splits, vocab, 'cpu', log=lambda *a: None)
-    npy = cache_paths(cfg.ref_ckpt, 'val')[0]
+    ensure_reference(cfg, splits['train'], vocab, 'cpu', log=lambda *a: None)
+    npy = cache_paths(cfg.ref_ckpt)[0]
     bad = np.load(npy)
     bad[1, 1] = 1.5
     np.save(npy, bad)
     with pytest.raises(ValueError, match='outside'):
-        load_cache(cfg.ref_ckpt, 'val', splits['val'], vocab)
+        load_cache(cfg.ref_ckpt, splits['train'], vocab)
 
 
 # ---- end to end on data on disk ----

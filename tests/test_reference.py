@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -5,8 +7,7 @@ import torch
 from config import Config
 from data import IGNORE, load_splits
 from prior_loss import token_nll
-from reference import (cache_paths, ensure_reference, load_cache, load_reference, make_vocab, score,
-                       train_reference)
+from reference import cache_paths, ensure_reference, load_cache, load_reference, make_vocab, train_reference
 
 
 @pytest.fixture(scope='module')
@@ -18,19 +19,19 @@ def built(tmp_path_factory):
     vocab = make_vocab(cfg, splits['train'])
     for d in splits.values():
         d.encode(vocab)
-    path, probs = ensure_reference(cfg, splits, vocab, 'cpu', log=lambda *a: None)
+    path, probs = ensure_reference(cfg, splits['train'], vocab, 'cpu', log=lambda *a: None)
     return cfg, splits, vocab, path, probs
 
 
 def test_scores_are_exp_of_minus_reference_nll(built):
     _, splits, _, path, probs = built
     model, _, _ = load_reference(path, 'cpu')
-    d = splits['val']
+    d = splits['train']
     with torch.no_grad():
         nll = token_nll(model(d.idx), d.targets)
     mask = (d.targets != IGNORE).numpy()
-    np.testing.assert_allclose(probs['val'][mask], torch.exp(-nll).numpy()[mask], rtol=1e-5, atol=1e-6)
-    assert (probs['val'][~mask] == 0).all()
+    np.testing.assert_allclose(probs[mask], torch.exp(-nll).numpy()[mask], rtol=1e-5, atol=1e-6)
+    assert (probs[~mask] == 0).all()
 
 
 def test_training_lowers_the_reference_loss(built):
@@ -46,10 +47,10 @@ def test_training_lowers_the_reference_loss(built):
 
 def test_cache_is_memory_mapped_and_reused(built):
     cfg, splits, vocab, path, probs = built
-    assert isinstance(probs['train'], np.memmap)
-    mtime = __import__('os').path.getmtime(cache_paths(path, 'train')[0])
-    ensure_reference(cfg, splits, vocab, 'cpu', log=lambda *a: None)
-    assert __import__('os').path.getmtime(cache_paths(path, 'train')[0]) == mtime   # not rescored
+    assert isinstance(probs, np.memmap)
+    mtime = os.path.getmtime(cache_paths(path)[0])
+    ensure_reference(cfg, splits['train'], vocab, 'cpu', log=lambda *a: None)
+    assert os.path.getmtime(cache_paths(path)[0]) == mtime   # not rescored
 
 
 def test_cache_for_other_data_is_refused(built):
@@ -57,7 +58,7 @@ def test_cache_for_other_data_is_refused(built):
     other = load_splits(Config(**{**cfg.__dict__, 'data_seed': cfg.data_seed + 1}), names=('train',))['train']
     other.encode(vocab)
     with pytest.raises(ValueError, match='data_fingerprint'):
-        load_cache(path, 'train', other, vocab)
+        load_cache(path, other, vocab)
 
 
 def test_cache_for_another_reference_is_refused(built, tmp_path):
@@ -65,14 +66,13 @@ def test_cache_for_another_reference_is_refused(built, tmp_path):
     cfg, splits, vocab, path, _ = built
     moved = tmp_path / 'ref.pt'
     shutil.copy(path, moved)
-    for split in ('train',):
-        for src in cache_paths(path, split):
-            shutil.copy(src, tmp_path / __import__('os').path.basename(src))
-    load_cache(str(moved), 'train', splits['train'], vocab)           # same bytes: accepted
+    for src in cache_paths(path):
+        shutil.copy(src, tmp_path / os.path.basename(src))
+    load_cache(str(moved), splits['train'], vocab)                    # same bytes: accepted
     with open(moved, 'ab') as f:
         f.write(b'\0')                                                 # another checkpoint
     with pytest.raises(ValueError, match='ref_sha256'):
-        load_cache(str(moved), 'train', splits['train'], vocab)
+        load_cache(str(moved), splits['train'], vocab)
 
 
 def test_cache_with_nan_is_refused(built, tmp_path):
@@ -80,10 +80,18 @@ def test_cache_with_nan_is_refused(built, tmp_path):
     _, splits, vocab, path, _ = built
     moved = tmp_path / 'ref.pt'
     shutil.copy(path, moved)
-    npy, meta = cache_paths(path, 'val')
-    shutil.copy(meta, cache_paths(str(moved), 'val')[1])
+    npy, meta = cache_paths(path)
+    shutil.copy(meta, cache_paths(str(moved))[1])
     bad = np.load(npy)
     bad[0, 0] = np.nan
-    np.save(cache_paths(str(moved), 'val')[0], bad)
+    np.save(cache_paths(str(moved))[0], bad)
     with pytest.raises(ValueError, match='NaN'):
-        load_cache(str(moved), 'val', splits['val'], vocab)
+        load_cache(str(moved), splits['train'], vocab)
+
+
+def test_ntp_run_does_not_score(built, tmp_path):
+    """NTP starting from the reference needs its checkpoint, not its scores."""
+    cfg, splits, vocab, path, _ = built
+    path2, probs = ensure_reference(Config(**{**cfg.__dict__, 'ref_ckpt': str(tmp_path / 'r.pt'), 'ref_max_iters': 1}),
+                                    splits['train'], vocab, 'cpu', log=lambda *a: None, scored=False)
+    assert probs is None and os.path.isfile(path2) and not os.path.exists(cache_paths(path2)[0])

@@ -29,7 +29,7 @@ def test_study_tiny_end_to_end_and_resume(tmp_path):
     sys.path.insert(0, ROOT)
     from study import OBJECTIVES, PRESETS, REL_METRICS, run_name, spec
     preset = PRESETS['tiny']
-    log = run_study(tmp_path)
+    run_study(tmp_path)
     res = tmp_path / 'results'
     for name in ('results.md', 'summary.md', 'study.json', 'curves.png', 'scaling.png', 'ablations.png'):
         assert (res / name).stat().st_size > 0, name
