@@ -133,7 +133,7 @@ def main(argv):
             if variant == 'online':
                 with torch.no_grad(), ctx:
                     p = target_probs(ref_fwd, idx, targets)
-                ref_flops += ref.flops_per_sequence(T) / 3 * len(rows)   # forward only: 2N of 6N
+                ref_flops += ref.flops_per_sequence(T, mode='forward') * len(rows)
             with ctx:
                 logits = model(images, idx)
             objective(cfg, logits, targets, None if variant == 'ntp' else p, n_tokens).backward()

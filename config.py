@@ -164,6 +164,8 @@ def check(cfg):
         raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     if cfg.n_embd % cfg.n_head or cfg.vit_embd % cfg.n_head:
         raise ValueError("n_embd and vit_embd must be multiples of n_head")
+    if cfg.loss == 'oracle' and cfg.dataset != 'shapes':
+        raise ValueError("loss 'oracle' needs the true token classes, which only the built-in shapes data has")
     if cfg.alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {cfg.alpha}")
     if not 0 <= cfg.weight_floor <= 1:

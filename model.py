@@ -141,12 +141,13 @@ class GPT(nn.Module):
             raise RuntimeError(f"GPT-2 weights do not fit: missing {missing}, unexpected {unexpected}")
         return model
 
-    def flops_per_sequence(self, n_text, n_prefix=0):
-        """Training FLOPs (forward + backward, the 6N rule plus attention) of one sequence:
+    def flops_per_sequence(self, n_text, n_prefix=0, mode='train'):
+        """FLOPs of one sequence (the 6N rule plus attention; see FLOP_FACTORS for `mode`):
         the blocks see prefix + text, the LM head only the text positions."""
         c, S = self.config, n_prefix + n_text
-        return (6 * linear_params(self.h) * S + 6 * c.vocab_size * c.n_embd * n_text
-                + 12 * c.n_layer * c.n_embd * S * S)
+        per_weight, per_score = FLOP_FACTORS[mode]
+        return (per_weight * (linear_params(self.h) * S + c.vocab_size * c.n_embd * n_text)
+                + per_score * c.n_layer * c.n_embd * S * S)
 
 
 class ViT(nn.Module):
@@ -236,13 +237,19 @@ class LVLM(nn.Module):
         and also its input gradients (2 instead of 6) when nothing before it trains."""
         P = self.n_prefix
         trains = lambda m: any(p.requires_grad for p in m.parameters())
-        vision_factor = 6 if trains(self.vision) else 2
-        lm_factor = 6 if trains(self.lm) else 4
-        flops = self.lm.flops_per_sequence(n_text, n_prefix=P) * lm_factor / 6
-        flops += (vision_factor * linear_params(self.vision) + 6 * linear_params(self.projector)) * P
+        flops = self.lm.flops_per_sequence(n_text, n_prefix=P, mode='train' if trains(self.lm) else 'frozen')
+        vision_weight, vision_score = FLOP_FACTORS['train' if trains(self.vision) else 'forward']
+        flops += (vision_weight * linear_params(self.vision) + 6 * linear_params(self.projector)) * P
         if isinstance(self.vision, ViT):
-            flops += 2 * vision_factor * len(self.vision.blocks) * self.vision.ln.normalized_shape[0] * P * P
+            flops += vision_score * len(self.vision.blocks) * self.vision.ln.normalized_shape[0] * P * P
         return flops
+
+
+# FLOPs per (weight x token) and per (attention score x channel) of a part, by what it does:
+# 'train' forward 2 + input gradients 2 + weight gradients 2 (and attention 4 + 8, no weights);
+# 'frozen' no weight gradients, but gradients still pass through to a trained part before it;
+# 'forward' nothing before it trains, so no backward at all.
+FLOP_FACTORS = {'train': (6, 12), 'frozen': (4, 12), 'forward': (2, 4)}
 
 
 def linear_params(*modules):

@@ -49,13 +49,17 @@ def ntp_loss(logits, targets, n_tokens=None):
 
 
 @torch.no_grad()
-def token_weights(ref_probs, targets, alpha=1.0, floor=0.0):
+def token_weights(ref_probs, targets, alpha=1.0, floor=0.0, gain=None):
     """PRIOR weights [B,T]: (1 - p)^alpha scaled to mean 1 over each row's caption tokens, 0 elsewhere.
 
     floor > 0 (not in the paper) mixes in NTP before normalising, w = floor + (1 - floor) * (1 - p)^alpha,
-    so no caption token is ever abandoned; floor = 1 is NTP."""
+    so no caption token is ever abandoned; floor = 1 is NTP. gain [B,T] (not in the paper; study.py's
+    PMI variant) multiplies the (1 - p)^alpha term token by token."""
     mask = targets != IGNORE
-    w = (floor + (1.0 - floor) * (1.0 - ref_probs.float().clamp(0.0, 1.0)).pow(alpha)) * mask
+    surprise = (1.0 - ref_probs.float().clamp(0.0, 1.0)).pow(alpha)
+    if gain is not None:
+        surprise = surprise * gain
+    w = (floor + (1.0 - floor) * surprise) * mask
     k = mask.sum(dim=1, keepdim=True)
     total = w.sum(dim=1, keepdim=True)
     degenerate = total < FALLBACK_EPS

@@ -1,8 +1,8 @@
 """
 Replication study: does PRIOR beat NTP on the shapes data, where, and why.
 
-    python study.py            # the full study (about an hour on 2 CPU cores)
-    python study.py --quick    # the same protocol, shrunk (about 10 minutes), into results/quick/
+    python study.py            # the full study (about 50 minutes on 2 CPU cores)
+    python study.py --quick    # the same protocol, shrunk (about 9 minutes), into results/quick/
     python study.py --report   # only rebuild results/ tables and plots from the run JSONs there
 
 Options: --tiny (about a minute; for tests), --results=DIR (default results/, or results/quick/
@@ -18,7 +18,7 @@ LM frozen at the text-only reference):
   3. scaling (U): 3 model sizes x 3 compute budgets, NTP and PRIOR, power law of test
      loss_relevant against training FLOPs;
   4. data ablations (U): no noise, much noise, low/high filler, multi-epoch (small n_train),
-     and the label oracle (weights from the true token classes) as a ceiling.
+     and the label oracle (weights from the true token classes: a teacher-forced ceiling).
 Every run writes results/runs/<name>.json (config, test metrics, val learning curve, FLOPs);
 a run whose JSON exists is skipped, so an interrupted study resumes where it stopped. The
 report (results.md, summary.md, study.json, PNGs) is rebuilt from those JSONs only.
@@ -40,9 +40,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # Presets. `base` are Config fields shared by every run; the rest shapes the protocol.
 
 SETTINGS = {'u': 'configs/shapes_u.py', 'h': 'configs/shapes_h.py'}
-OBJECTIVES = ('ntp', 'prior', 'prior_floor')          # the protocol's objectives; 'oracle' is a ceiling
+OBJECTIVES = ('ntp', 'prior', 'prior_floor')          # the protocol's objectives; 'oracle' is an ablation
 # Beyond the paper and beyond the weight floor: PRIOR + floor with the PRIOR term scaled by the image's
-# estimated information gain on each token (see pmi_prior_loss); run after the main protocol, U only.
+# estimated information gain on each token (see pmi_objective); run after the main protocol, U only.
 EXTRA_OBJECTIVES = ('prior_floor_pmi',)
 PMI_BETA = 3.0
 PRESETS = {
@@ -139,29 +139,23 @@ def mean_max_len(data, batch_size, n_draws=200, seed=0):
                           for _ in range(n_draws)]))
 
 
-def pmi_prior_loss(logits, targets, ref_probs, alpha=1.0, floor=0.0):
-    """PRIOR (+ floor) whose PRIOR term is scaled by sigmoid(PMI_BETA * PMI), PMI = log p(t | image, t<)
-    - log P_r(t | t<): the model's current, detached estimate of what the image adds on the token.
+def pmi_objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
+    """train.objective with PRIOR's (1 - P_r)^alpha term scaled by sigmoid(PMI_BETA * PMI), PMI =
+    log p(t | image, t<) - log P_r(t | t<): the model's current, detached estimate of what the image
+    adds on the token (plus cfg's weight floor, normalised as in prior_loss.token_weights).
 
     Vanilla PRIOR gives (1 - P_r) ~ 1 both to image-relevant tokens and to noise that nothing
-    predicts ("taken by Ana in Lima"); only the former get PMI > 0 once the model sees, so noise loses
-    its up-weighting. Same normalisation as prior_loss.token_weights (mean 1 per caption). Stands in
-    for train.prior_loss in this process only (the proposed diff adds it to prior_loss.py)."""
+    predicts ("taken by Ana in Lima"); only the former get PMI > 0 once the model sees, so noise
+    loses its up-weighting."""
     import torch
     from data import IGNORE
-    from prior_loss import FALLBACK_EPS, token_nll
+    from prior_loss import ntp_loss, token_nll, token_weights
+    if ref_probs is None:
+        return ntp_loss(logits, targets, n_tokens)
     nll = token_nll(logits, targets)
-    mask = targets != IGNORE
-    with torch.no_grad():
-        p = ref_probs.float().clamp(0.0, 1.0)
-        gain = torch.sigmoid(PMI_BETA * (-nll.detach() - p.clamp(min=1e-6).log()))
-        w = (floor + (1.0 - floor) * (1.0 - p).pow(alpha) * gain) * mask
-        k, total = mask.sum(dim=1, keepdim=True), w.sum(dim=1, keepdim=True)
-        degenerate = total < FALLBACK_EPS
-        w = torch.where(degenerate, mask.float(), w)
-        total = torch.where(degenerate, k.float(), total)
-        w = w * k / total.clamp(min=FALLBACK_EPS)
-    return (w * nll).sum() / mask.sum().clamp(min=1)
+    gain = torch.sigmoid(PMI_BETA * (-nll.detach() - ref_probs.float().clamp(1e-6, 1.0).log()))
+    weights = token_weights(ref_probs, targets, cfg.alpha, cfg.weight_floor, gain)
+    return (weights * nll).sum() / (n_tokens or (targets != IGNORE).sum().clamp(min=1))
 
 
 def reference_seconds(train_log):
@@ -194,17 +188,13 @@ def execute(s, preset, out_root, runs_dir, log_main):
     cfg = make_config(s, preset, out_root)
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.time()
-    import train as train_mod
-    original = train_mod.prior_loss
-    if s['objective'].endswith('_pmi'):
-        train_mod.prior_loss = pmi_prior_loss
-    try:
-        with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as logf:
-            train(cfg, log=lambda *a, **k: print(*a, file=logf, flush=True))
-    finally:
-        train_mod.prior_loss = original
+    extra = {'objective': pmi_objective} if s['objective'].endswith('_pmi') else {}
+    with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as logf:
+        train(cfg, log=lambda *a, **k: print(*a, file=logf, flush=True), **extra)
     train_s = time.time() - t0
     model, vocab, _, _ = evaluation.load_trained(os.path.join(cfg.out_dir, 'ckpt.pt'), 'cpu')
+    model.lm.requires_grad_(not cfg.freeze_lm)           # as trained: FLOPs and n_trained depend on it
+    model.vision.requires_grad_(not cfg.freeze_vision)
     test = load_splits(cfg, names=('test',))['test'].encode(vocab)
     torch.manual_seed(0)
     metrics, captions = evaluation.evaluate(model, test, vocab, 'cpu', n_generate=preset['n_generate'])
@@ -218,8 +208,7 @@ def execute(s, preset, out_root, runs_dir, log_main):
                   samples=cfg.max_iters * cfg.batch_size, flops_per_sample=flops_per_sample,
                   flops=flops_per_sample * cfg.max_iters * cfg.batch_size, mean_text_len=T,
                   n_params=sum(p.numel() for p in model.parameters()),
-                  n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad) if not cfg.freeze_lm
-                  else sum(p.numel() for n, p in model.named_parameters() if not n.startswith('lm.')),
+                  n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad),
                   sample_captions=captions[:3], train_seconds=train_s, seconds=time.time() - t0,
                   ms_per_iter=float(np.median(ms)), reference_seconds=ref_s,
                   pmi_beta=PMI_BETA if s['objective'].endswith('_pmi') else None)
@@ -348,6 +337,18 @@ def relative_gain(new, base, metrics=REL_METRICS):
             continue
         per[key] = sign * (n - b) / abs(b)
     return (float(np.mean(list(per.values()))) if per else float('nan')), per
+
+
+T_CRIT_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}   # two-sided, by df
+
+
+def paired_t(diffs):
+    """(t statistic of the mean of paired differences, its two-sided 95% critical value)."""
+    n = len(diffs)
+    if n < 2:
+        return float('nan'), float('inf')
+    se = float(np.std(diffs, ddof=1)) / math.sqrt(n)
+    return (float(np.mean(diffs)) / se if se > 0 else float('inf')), T_CRIT_95.get(n - 1, 1.96)
 
 
 def fit_power_law(flops, values):
@@ -568,9 +569,15 @@ def summary_text(agg, preset, preset_name):
              f"{b['batch_size']}; learning rate picked per objective from {preset['lrs']} on val "
              f"{MAIN_METRIC}; {n_seeds} seeds at that rate (same data order and init per seed across "
              f"objectives). Mean ± std over seeds. Relative gain = mean over {', '.join(REL_METRICS)} of the "
-             f"relative change vs NTP, signed so + is better, paired by seed (a metric with NTP value 0 is left "
+             f"relative change vs NTP, signed so + is better, paired by seed (a metric with NTP value 0, or undefined, is left "
              f"out); 'teacher-forced' = the same over {', '.join(REL_METRICS_TF)} only. Numbers: "
              f"results/study.json, per run results/runs/*.json.")
+    lrs, best = preset['lrs'], agg.get('best_lr', {})
+    edges = [f"the {name} ({lr:g}) for {', '.join(sorted(k for k, v in best.items() if v == lr))}"
+             for name, lr in (('largest', max(lrs)), ('smallest', min(lrs))) if lr in best.values()]
+    if edges:
+        L.append(f"Limitation: the best rate is {' and '.join(edges)} of the {len(lrs)} tried, so the sweep "
+                 f"does not bracket those optima; a wider sweep could change the comparison.")
     L.append('')
     for st in ('u', 'h'):
         n, p, f = (agg['main'].get(f'{st}/{o}') for o in OBJECTIVES)
@@ -581,20 +588,23 @@ def summary_text(agg, preset, preset_name):
         nm, pm = n['metrics'], p['metrics']
         better = [k for k in REL_METRICS if k in g['per_metric'] and g['per_metric'][k][0] > 0]
         worse = [k for k in REL_METRICS if k in g['per_metric'] and g['per_metric'][k][0] < 0]
-        sig = abs(g['mean']) > 2 * g['std'] / max(1, math.sqrt(g['n_pairs'])) if g['n_pairs'] > 1 else False
-        verdict = ('PRIOR beats NTP' if g['mean'] > 0 else 'PRIOR does not beat NTP') + \
-                  (' (beyond 2 standard errors over seeds)' if sig else ' (within 2 standard errors over seeds: not a clear difference)')
+        t, t_crit = paired_t(g['per_seed'])
+        tf_t, _ = paired_t(g['teacher_forced']['per_seed'])
+        ahead = 'PRIOR ahead of NTP' if g['mean'] > 0 else 'PRIOR not ahead of NTP'
+        verdict = (f"{ahead}, significant at 95% (paired t {t:.2f} > {t_crit:.2f})" if abs(t) > t_crit else
+                   f"{ahead} on average, not significant at 95% with {g['n_pairs']} seeds (paired t {t:.2f}, "
+                   f"needs {t_crit:.2f})")
         L.append(f"- {SETTING_NAMES[st]}: {verdict}: relative gain {pct(g['mean'], g['std'])} "
                  f"(per seed {', '.join(pct(x) for x in g['per_seed'])}; teacher-forced metrics only: "
-                 f"{pct(g['teacher_forced']['mean'], g['teacher_forced']['std'])}). "
+                 f"{pct(g['teacher_forced']['mean'], g['teacher_forced']['std'])}, paired t {tf_t:.2f}). "
                  f"Better on: {', '.join(better) or 'none'}; "
                  f"worse on: {', '.join(worse) or 'none'}. loss_relevant {fmt(*nm['loss_relevant'])} (NTP) vs "
                  f"{fmt(*pm['loss_relevant'])} (PRIOR); attr_acc {fmt(*nm['attr_acc'])} vs {fmt(*pm['attr_acc'])}; "
                  f"hallucination {fmt(*nm['hallucination'])} vs {fmt(*pm['hallucination'])}.")
         L.append(f"  Cost: filler loss {fmt(*nm['loss_filler'])} (NTP) vs {fmt(*pm['loss_filler'])} (PRIOR), "
                  f"noise-token loss {fmt(*nm['loss_noise'])} vs {fmt(*pm['loss_noise'])}, total caption loss "
-                 f"{fmt(*nm['loss'])} vs {fmt(*pm['loss'])}. Step time {fmt(*n['ms_per_iter'], digits=0)} ms (NTP) "
-                 f"vs {fmt(*p['ms_per_iter'], digits=0)} ms (PRIOR; weights read from the cached reference scores).")
+                 f"{fmt(*nm['loss'])} vs {fmt(*pm['loss'])}. (Step times: see bench.py; the study's runs share a "
+                 f"busy machine, so their timings are not comparable.)")
         if f and gf:
             fm = f['metrics']
             L.append(f"  PRIOR + weight floor {preset['floor']}: relative gain over NTP {pct(gf['mean'], gf['std'])} "
@@ -605,7 +615,7 @@ def summary_text(agg, preset, preset_name):
         if x and gx:
             xm = x['metrics']
             L.append(f"  PRIOR + floor {preset['floor']} + PMI gain (beta {PMI_BETA:g}; not in the paper, see study.py "
-                     f"pmi_prior_loss): relative gain over NTP {pct(gx['mean'], gx['std'])} (teacher-forced only "
+                     f"pmi_objective): relative gain over NTP {pct(gx['mean'], gx['std'])} (teacher-forced only "
                      f"{pct(gx['teacher_forced']['mean'], gx['teacher_forced']['std'])}); loss_relevant "
                      f"{fmt(*xm['loss_relevant'])}, filler loss {fmt(*xm['loss_filler'])}, noise loss "
                      f"{fmt(*xm['loss_noise'])}, total {fmt(*xm['loss'])}.")
@@ -627,7 +637,9 @@ def summary_text(agg, preset, preset_name):
         L.append("- Data ablations (U, one seed, PRIOR's relative gain over NTP): " + '; '.join(parts) + '.')
         d = ab.get('default', {})
         if 'oracle' in d and 'ntp' in d:
-            L.append(f"- Label oracle (weights from the true token classes; a ceiling for the reweighting idea): "
+            L.append(f"- Label oracle (weight 1 on the image-relevant tokens, 0 on every other token, end-of-text "
+                     f"included): a ceiling for teacher-forced loss_relevant only; it never learns the filler words "
+                     f"or when to stop, so its greedy captions do not parse (hallucination undefined, recall 0): "
                      f"relative gain {pct(d['oracle']['relative_gain_vs_ntp'])}, teacher-forced "
                      f"{pct(d['oracle']['relative_gain_tf_vs_ntp'])}, loss_relevant "
                      f"{fmt(d['oracle']['loss_relevant'])}, filler loss {fmt(d['oracle']['loss_filler'])}.")
@@ -746,14 +758,6 @@ def main(argv):
     os.chdir(ROOT)
     import torch
     torch.set_num_threads(int(args.get('threads', 1)))
-    import train as train_mod
-    # Two per-run extras of train.py that the study never reads, skipped in this process only (about
-    # 1.5 s a run, most of a tiny run): the CPU matmul benchmark behind the logged MFU, and the
-    # per-run loss.png (the study draws its own curves from log.jsonl).
-    if hasattr(train_mod, 'device_peak_flops'):
-        train_mod.device_peak_flops = lambda device: None
-    if hasattr(train_mod, 'plot_curves'):
-        train_mod.plot_curves = lambda log_path, png_path: None
 
     def log_main(msg):
         print(msg, flush=True)

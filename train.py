@@ -11,6 +11,7 @@ Every setting and its default is in config.py.
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ GPU_PEAK_FLOPS = {'H200': 989e12, 'H100 NVL': 835e12, 'H100 PCIe': 756e12, 'H100
                   'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
 
 
+@functools.lru_cache       # measured once per process (study.py trains many runs in one)
 def device_peak_flops(device):
     """Peak FLOP/s of `device`: the table above on CUDA (None if unknown), a measured fp32
     matmul rate on CPU (the best this machine does, so CPU MFU is honest)."""
@@ -111,8 +113,9 @@ def plot_curves(log_path, png_path):
     plt.close(fig)
 
 
-def train(cfg, log=print):
-    """Run one training job as configured; returns the final test metrics (master) or None."""
+def train(cfg, log=print, objective=objective):
+    """Run one training job as configured; returns the final test metrics (master) or None.
+    `objective` has objective()'s signature; study.py passes a variant of PRIOR."""
     # ---- processes and devices ----
     ddp = int(os.environ.get('RANK', -1)) != -1
     if ddp:

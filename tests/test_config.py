@@ -25,6 +25,11 @@ def test_bad_flags_fail_loudly(arg, error):
         load_config([arg])
 
 
+def test_oracle_needs_token_classes():
+    with pytest.raises(ValueError, match='oracle'):
+        load_config(['--loss=oracle', '--dataset=/data/flickr8k'])
+
+
 def test_config_file_then_flags(tmp_path):
     f = tmp_path / 'c.py'
     f.write_text("arch = 'vit'\nmax_iters = 9\n")
