@@ -298,6 +298,17 @@ class CaptionData:
         self.classes, self.attrs = torch.from_numpy(classes), torch.from_numpy(attrs)
         return self
 
+    def subset(self, rows):
+        """These rows (a list of row numbers) as a CaptionData of their own, encoded like this one."""
+        rows = list(rows)
+        pick = lambda items: None if items is None else [items[r] for r in rows]
+        out = CaptionData(self.images, self.image_index[rows], pick(self.texts), pick(self.gpt2_tokens),
+                          pick(self.token_classes), pick(self.token_attrs), self.block_size, pick(self.objects))
+        for name in ('idx', 'targets', 'classes', 'attrs'):
+            encoded = getattr(self, name)
+            setattr(out, name, None if encoded is None else encoded[rows])
+        return out
+
     def fingerprint(self):
         """sha256 of what a reference cache depends on: the token rows."""
         h = hashlib.sha256()

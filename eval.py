@@ -128,12 +128,13 @@ def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0
             'retrieval_images': len(chosen), 'retrieval_candidates': n_candidates}
 
 
-def top_weight_loss(nll, data, ref_path, alpha, device):
-    """Mean NLL on the quarter of caption tokens with the highest PRIOR weight."""
+def top_weight_loss(nll, data, ref_path, device):
+    """Mean NLL on the quarter of caption tokens with the highest PRIOR weight, at the paper's
+    alpha = 1 and no floor whatever the run trained with, so every run is scored on the same tokens."""
     from prior_loss import token_weights
     from reference import load_reference, score
     ref, _, _ = load_reference(ref_path, device)
-    weights = token_weights(torch.from_numpy(score(ref, data, device)), data.targets, alpha)
+    weights = token_weights(torch.from_numpy(score(ref, data, device)), data.targets)
     mask = data.targets != IGNORE
     threshold = torch.quantile(weights[mask].float(), 0.75)
     top = mask & (weights >= threshold)
@@ -171,7 +172,7 @@ def generate_captions(model, data, vocab, rows, device, batch_size=256):
     return out
 
 
-def evaluate(model, data, vocab, device, n_generate=200, ctx=None, ref_path=None, alpha=1.0):
+def evaluate(model, data, vocab, device, n_generate=200, ctx=None, ref_path=None):
     """All metrics of a split. Shapes: teacher-forced on every caption, greedy on the first
     n_generate. Data on disk: caption loss, loss on the top-weighted quarter (needs the
     reference), retrieval, and a few greedy captions."""
@@ -179,7 +180,7 @@ def evaluate(model, data, vocab, device, n_generate=200, ctx=None, ref_path=None
     if data.objects is None:
         nll = caption_nlls(model, data, rows, device, ctx)
         metrics = {'loss': (nll.sum() / (data.targets != IGNORE).sum()).item()}
-        metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_path, alpha, device) if ref_path else float('nan')
+        metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_path, device) if ref_path else float('nan')
         metrics.update(retrieval_metrics(model, data, device, ctx=ctx))
         gen_rows = rows[:min(n_generate, 8)]
         captions = generate_captions(model, data, vocab, gen_rows, device)
@@ -229,9 +230,7 @@ def weights_figure(model, data, vocab, ref_path, alpha, weight_floor, device, pa
     from reference import load_reference, score
 
     rows = torch.arange(n_examples)
-    sub = type(data).__new__(type(data))          # a view of the first rows, same encoding
-    sub.__dict__.update(data.__dict__)
-    sub.idx, sub.targets, sub.texts = data.idx[rows], data.targets[rows], data.texts[:n_examples]
+    sub = data.subset(rows.tolist())
     ref, _, _ = load_reference(ref_path, device)
     p = torch.from_numpy(score(ref, sub, device))
     weights = token_weights(p, sub.targets, alpha, weight_floor)
@@ -283,11 +282,12 @@ def main(argv):
         cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
     data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)
     metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'],
-                                 ref_path=ckpt.get('ref_path'), alpha=cfg.alpha)
+                                 ref_path=ckpt.get('ref_path'))
     print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}, step {ckpt['step']}) on {cfg.dataset} {args['split']}:")
     print(sample_report(captions, data))
     print(format_table({cfg.loss: metrics}))
-    out = os.path.join(os.path.dirname(args['ckpt']), f"eval_{args['split']}.json")
+    other = f"{os.path.basename(os.path.normpath(args['dataset']))}_" if args['dataset'] else ''   # keep the run's own
+    out = os.path.join(os.path.dirname(args['ckpt']), f"eval_{other}{args['split']}.json")
     with open(out, 'w') as f:
         json.dump(metrics, f, indent=1)
     print(f"wrote {out}")

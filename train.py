@@ -277,7 +277,7 @@ def train(cfg, log=print, objective=objective):
         plot_curves(log_path, os.path.join(cfg.out_dir, 'loss.png'))
         if cfg.final_eval:
             results, captions = evaluation.evaluate(raw_model, splits['test'], vocab, device, ctx=ctx,
-                                                    ref_path=ref_path, alpha=cfg.alpha)
+                                                    ref_path=ref_path)
             with open(os.path.join(cfg.out_dir, 'eval_test.json'), 'w') as f:
                 json.dump(results, f, indent=1)
             log('\nsample captions (greedy, test):\n' + evaluation.sample_report(captions, splits['test']))

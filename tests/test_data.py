@@ -116,3 +116,13 @@ def test_caption_too_long_for_block_is_an_error():
     d = make_shapes(20, [1, 0], 32, 1.0, 0.08, block_size=20)
     with pytest.raises(ValueError, match='block_size'):
         d.encode(Vocab.from_captions(d.gpt2_tokens))
+
+
+def test_subset_is_those_rows(small):
+    _, splits, _ = small
+    d = splits['val']
+    sub = d.subset([7, 2, 30])
+    assert len(sub) == 3 and sub.texts == [d.texts[7], d.texts[2], d.texts[30]]
+    full, part = d.batch(torch.tensor([7, 2, 30]), 'cpu'), sub.batch(torch.arange(3), 'cpu')
+    assert all(torch.equal(a, b) for a, b in zip(full, part))
+    assert sub.objects == [d.objects[7], d.objects[2], d.objects[30]]
