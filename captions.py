@@ -12,9 +12,11 @@ Real image-caption data from disk, in four formats (detected from --dataset=PATH
 Everything is checked up front, before any training, cheaply (no full decode): each row's
 shape and text, each image file's existence, size, magic bytes and end marker. By default the
 first problems stop the run with the file, the row and what is wrong; with --skip_bad the bad
-entries are skipped and counted by kind. Nothing is dropped silently.
+entries are skipped and counted by kind. Nothing is dropped silently. (A file whose header
+and end marker are right but whose body is corrupt passes this check; decoding it later
+stops the run with its path.)
 
-Splits are by image (a hash of its path), so all captions of one image land in one split.
+Splits are by image (a hash of its file name), so all captions of one image land in one split.
 """
 
 import csv
@@ -38,31 +40,36 @@ class BadData(ValueError):
 # ---- reading the four formats: each yields (image path relative to the root, caption, where) ----
 
 def _lines(path, problems):
-    """(where, text) of each non-blank line; invalid UTF-8 becomes a problem with its line number."""
+    """(line number, text) of every line, a UTF-8 byte-order mark dropped; a line that is not
+    UTF-8 becomes a problem with its number (and an empty line, so later numbers stay right)."""
     with open(path, 'rb') as f:
         for n, raw in enumerate(f, start=1):
-            where = f"{path} line {n}"
             try:
-                line = raw.decode('utf-8')
+                yield n, raw.decode('utf-8-sig' if n == 1 else 'utf-8')
             except UnicodeDecodeError as e:
-                problems.append(('invalid_utf8', where, f"not UTF-8 ({e.reason} at byte {e.start})"))
-                continue
-            if line.strip():
-                yield where, line
+                problems.append(('invalid_utf8', f"{path} line {n}", f"not UTF-8 ({e.reason} at byte {e.start})"))
+                yield n, '\n'
 
 
 def read_csv(path, problems):
-    header = None
-    for where, line in _lines(path, problems):
+    """Rows of a CSV file parsed as a whole, so a quoted caption may span lines."""
+    reader = csv.reader(io.StringIO(''.join(text for _, text in _lines(path, problems)), newline=''), strict=True)
+    header, last_line = None, 0
+    while True:
         try:
-            row = next(csv.reader(io.StringIO(line)))
-        except csv.Error as e:
-            problems.append(('malformed_row', where, str(e)))
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:                   # broken quoting: the rows after it cannot be trusted
+            raise BadData(f"{path} line {last_line + 1}: malformed CSV ({e})") from e
+        first_line, last_line = last_line + 1, reader.line_num
+        where = f"{path} line {first_line}" + (f"-{last_line}" if last_line > first_line else '')
+        if not row or not ''.join(row).strip():
             continue
         if header is None:
             header = row
             if [h.strip() for h in header] != ['image', 'caption']:
-                raise BadData(f"{where}: the header must be 'image,caption', found {line.strip()!r}")
+                raise BadData(f"{where}: the header must be 'image,caption', found {','.join(row)!r}")
             continue
         if len(row) != 2:
             problems.append(('malformed_row', where, f"expected 2 fields (image,caption), found {len(row)}"))
@@ -71,7 +78,10 @@ def read_csv(path, problems):
 
 
 def read_jsonl(path, problems):
-    for where, line in _lines(path, problems):
+    for n, line in _lines(path, problems):
+        where = f"{path} line {n}"
+        if not line.strip():
+            continue
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
@@ -94,9 +104,14 @@ def _load_json(path):
 
 
 def read_coco(data, name, problems):
-    files = {img.get('id'): img.get('file_name') for img in data.get('images', [])}
+    if not isinstance(data['annotations'], list) or not isinstance(data.get('images', []), list):
+        raise BadData(f"{name}: 'annotations' and 'images' must be lists")
+    files = {img.get('id'): img.get('file_name') for img in data.get('images', []) if isinstance(img, dict)}
     for n, ann in enumerate(data['annotations']):
         where = f"{name} annotation {n}"
+        if not isinstance(ann, dict):
+            problems.append(('malformed_row', where, f"annotation is a {type(ann).__name__}, not an object"))
+            continue
         file_name = files.get(ann.get('image_id'))
         if not file_name:
             problems.append(('no_image', where, f"image_id {ann.get('image_id')!r} is not in 'images'"))
@@ -174,7 +189,13 @@ def read_records(path, image_root='', skip_bad=False, log=print):
         {'coco': read_coco, 'llava': read_llava}[fmt](source, path, problems)
     records, seen, checked = [], set(), {}
     for image, caption, where in rows:
-        caption = caption.strip() if isinstance(caption, str) else ''
+        if caption is None:
+            problems.append(('no_caption', where, "entry has no caption"))
+            continue
+        if not isinstance(caption, str):
+            problems.append(('bad_caption', where, f"caption is a {type(caption).__name__}, not text"))
+            continue
+        caption = caption.strip()
         if not caption:
             problems.append(('empty_caption', where, "caption is empty or whitespace"))
             continue

@@ -151,6 +151,37 @@ def test_bad_jsonl_lines(tmp_path):
     assert len(records(folder, skip_bad=True)) == 60
 
 
+def test_csv_is_parsed_as_a_whole(tmp_path):
+    """A quoted caption may span lines (the row keeps all of it, and a later row's number is
+    right); a byte-order mark is fine; an unclosed quote stops with the line it starts on."""
+    folder = make_folder(tmp_path, n_images=2, rows=['0.jpg,"a dog\non a mat"', '1.jpg,"a cat"'])
+    text = (folder / 'captions.csv').read_bytes()
+    (folder / 'captions.csv').write_bytes(b'\xef\xbb\xbf' + text)
+    got = records(folder)
+    assert got[-2][1] == 'a dog\non a mat' and got[-1][1] == 'a cat' and len(got) == 6
+    (folder / 'captions.csv').write_bytes(text + b'\n1.jpg,"extra",x')
+    with pytest.raises(BadData, match=r'captions.csv line 9: expected 2 fields'):
+        records(folder)
+    (folder / 'captions.csv').write_bytes(text + b'\n1.jpg,"never closed\n')
+    with pytest.raises(BadData, match=r'captions.csv line 9: malformed CSV'):
+        records(folder)
+
+
+def test_captions_that_are_not_text(tmp_path):
+    folder = make_folder(tmp_path, fmt='jsonl', rows=['{"image": "0.jpg", "caption": ["a", "b"]}',
+                                                      '{"image": "0.jpg"}'])
+    with pytest.raises(BadData) as e:
+        records(folder)
+    assert 'line 61: caption is a list, not text' in str(e.value) and 'line 62: entry has no caption' in str(e.value)
+    llava = [{'image': '0.jpg', 'conversations': [{'from': 'human', 'value': '<image>'}]}]
+    (folder / 'llava.json').write_text(json.dumps(llava))
+    with pytest.raises(BadData, match='entry 0: entry has no caption'):
+        records(folder / 'llava.json', image_root=str(folder / 'images'))
+    (folder / 'coco.json').write_text(json.dumps({'images': [], 'annotations': ['not an object']}))
+    with pytest.raises(BadData, match='annotation 0: annotation is a str'):
+        records(folder / 'coco.json', image_root=str(folder / 'images'))
+
+
 def test_missing_image_folder_and_dataset(tmp_path):
     folder = make_folder(tmp_path)
     with pytest.raises(BadData, match='image folder'):
