@@ -14,7 +14,8 @@ shifts all three alike, and each figure is the median over the timed iterations.
 
 It prints figures and asserts nothing. Speed does not depend on weight values, so the LM
 starts from scratch, the reference is a fresh GPT and the cached P_r are random: nothing
-is trained, downloaded or loaded (--init_lm=gpt2 still gets GPT-2's shape and vocabulary).
+is trained or loaded (--init_lm=gpt2 reads only the checkpoint's config, for its shape, and
+uses GPT-2's vocabulary).
 Bench-only flags: --bench_iters (timed iterations), --bench_warmup (untimed ones first).
 n_train defaults to 2048 here (quick data); a config file or flag overrides it.
 """

@@ -7,7 +7,7 @@ Every setting of the project lives in one dataclass, `Config`, with its default.
 
 A config file is plain Python whose top-level assignments must be Config fields.
 Values are type-checked against the default's type; an unknown key is an error;
-booleans accept True/False (also true/false/1/0), never "any non-empty string".
+booleans accept True/False (also true/false, 1/0, yes/no), never "any non-empty string".
 """
 
 import ast
@@ -28,7 +28,7 @@ class Config:
     vocab: str = 'compact'       # 'compact' (GPT-2 ids seen in training captions) or 'gpt2' (all 50257)
     data_seed: int = 1234        # the dataset is a pure function of this seed
     image_size: int = 32
-    n_train: int = 10000         # images (one caption each) per split
+    n_train: int = 10000         # shapes: training images (one caption each); n_val, n_test likewise
     n_val: int = 500
     n_test: int = 500
     noise_rate: float = 0.5      # share of captions ending in ", taken by NAME in CITY"

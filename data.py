@@ -5,7 +5,7 @@ A caption becomes one row of three aligned arrays of length block_size (nanoGPT'
 
     idx      BOS  a    red  circle ...  .    pad  pad        (BOS = GPT-2's <|endoftext|>)
     targets  a    red  circle ...  .    EOT  -1   -1         (the one label shift of the project)
-    classes  F    F    R    R      ...  F    F    -1   -1    (true token class of each target)
+    classes  F    R    R      ...  F    F    -1   -1         (true token class of each target)
 
 Everything the model must predict (every caption token and the closing EOT) has a target;
 the rest is IGNORE (-1). `classes` says, for evaluation only, whether a target token is

@@ -210,7 +210,8 @@ class LVLM(nn.Module):
     @torch.no_grad()
     def generate(self, images, bos, eot, max_new_tokens, temperature=0.0, top_k=None):
         """Caption each image. temperature=0 is greedy; otherwise sample (optionally top-k).
-        Returns one list of token ids per image, without BOS and EOT."""
+        Returns one list of token ids per image, without BOS; a caption that ended early ends
+        in EOT (repeated to the longest one's length), so callers cut at the first EOT."""
         prefix = self.image_prefix(images)
         idx = torch.full((images.size(0), 1), bos, dtype=torch.long, device=images.device)
         done = torch.zeros(images.size(0), dtype=torch.bool, device=images.device)
@@ -276,7 +277,8 @@ def load_hf_gpt2_into(gpt, name):
     weights: a hub name (needs network or a local HF cache) or a save_pretrained() folder."""
     state = GPT.from_hf_gpt2(_transformers().GPT2LMHeadModel.from_pretrained(name)).state_dict()
     if len(state['wpe.weight']) < gpt.config.block_size:
-        raise ValueError(f"block_size {gpt.config.block_size} exceeds the {len(state['wpe.weight'])} positions of {name}")
+        raise ValueError(f"block_size {gpt.config.block_size} exceeds the {len(state['wpe.weight'])} "
+                         f"positions of {name}")
     state['wpe.weight'] = state['wpe.weight'][:gpt.config.block_size]
     gpt.load_state_dict(state)
 

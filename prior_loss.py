@@ -12,7 +12,8 @@ needed to predict it:
     w_i     = (1 - P_r(t_i | t_<i)) ** alpha                      (alpha = 1 in the paper)
     L_PRIOR = - \sum_i  (k * w_i / \sum_j w_j) * log p(t_i | image, t_<i) / k
 
-The weights are normalised inside each caption to mean 1 over its k caption tokens, so
+The weights are normalised inside each caption to mean 1 over its k caption tokens (every
+position with a target: the caption's tokens and the closing end-of-text), so
 alpha = 0 gives w_i = 1 and L_PRIOR = L_NTP exactly. The weights are constants: no gradient
 flows into them (the reference is frozen and its probabilities are usually cached).
 
