@@ -21,7 +21,6 @@ Splits are by image (a hash of its file name), so all captions of one image land
 
 import csv
 import hashlib
-import io
 import json
 import os
 from collections import Counter
@@ -39,21 +38,22 @@ class BadData(ValueError):
 
 # ---- reading the four formats: each yields (image path relative to the root, caption, where) ----
 
-def _lines(path, problems):
-    """(line number, text) of every line, a UTF-8 byte-order mark dropped; a line that is not
-    UTF-8 becomes a problem with its number (and an empty line, so later numbers stay right)."""
+def _lines(path):
+    """(line number, text, problem) of every line, a UTF-8 byte-order mark dropped. A line that is
+    not UTF-8 is decoded with replacement characters (so the rows around it still parse) and
+    carries the problem; the row that contains it is then reported and skipped."""
     with open(path, 'rb') as f:
         for n, raw in enumerate(f, start=1):
             try:
-                yield n, raw.decode('utf-8-sig' if n == 1 else 'utf-8')
+                yield n, raw.decode('utf-8-sig' if n == 1 else 'utf-8'), None
             except UnicodeDecodeError as e:
-                problems.append(('invalid_utf8', f"{path} line {n}", f"not UTF-8 ({e.reason} at byte {e.start})"))
-                yield n, '\n'
+                yield n, raw.decode('utf-8', errors='replace'), f"not UTF-8 ({e.reason} at byte {e.start})"
 
 
 def read_csv(path, problems):
     """Rows of a CSV file parsed as a whole, so a quoted caption may span lines."""
-    reader = csv.reader(io.StringIO(''.join(text for _, text in _lines(path, problems)), newline=''), strict=True)
+    lines = list(_lines(path))
+    reader = csv.reader((text for _, text, _ in lines), strict=True)   # line_num counts these lines
     header, last_line = None, 0
     while True:
         try:
@@ -64,7 +64,11 @@ def read_csv(path, problems):
             raise BadData(f"{path} line {last_line + 1}: malformed CSV ({e})") from e
         first_line, last_line = last_line + 1, reader.line_num
         where = f"{path} line {first_line}" + (f"-{last_line}" if last_line > first_line else '')
-        if not row or not ''.join(row).strip():
+        if not row or (len(row) == 1 and not row[0].strip()):          # a blank line
+            continue
+        bad = next((p for _, _, p in lines[first_line - 1:last_line] if p), None)
+        if bad:
+            problems.append(('invalid_utf8', where, bad))
             continue
         if header is None:
             header = row
@@ -78,8 +82,11 @@ def read_csv(path, problems):
 
 
 def read_jsonl(path, problems):
-    for n, line in _lines(path, problems):
+    for n, line, bad in _lines(path):
         where = f"{path} line {n}"
+        if bad:
+            problems.append(('invalid_utf8', where, bad))
+            continue
         if not line.strip():
             continue
         try:

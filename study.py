@@ -339,7 +339,9 @@ def relative_gain(new, base, metrics=REL_METRICS):
     return (float(np.mean(list(per.values()))) if per else float('nan')), per
 
 
-T_CRIT_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}   # two-sided, by df
+# Student's t, two-sided 95%, by degrees of freedom; between listed dfs the smaller df's (larger) value
+T_CRIT_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+             15: 2.13, 20: 2.09, 30: 2.04}
 
 
 def paired_t(diffs):
@@ -347,8 +349,9 @@ def paired_t(diffs):
     n = len(diffs)
     if n < 2:
         return float('nan'), float('inf')
-    se = float(np.std(diffs, ddof=1)) / math.sqrt(n)
-    return (float(np.mean(diffs)) / se if se > 0 else float('inf')), T_CRIT_95.get(n - 1, 1.96)
+    mean, se = float(np.mean(diffs)), float(np.std(diffs, ddof=1)) / math.sqrt(n)
+    t = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(float('inf'), mean))
+    return t, T_CRIT_95[max(df for df in T_CRIT_95 if df <= n - 1)]
 
 
 def fit_power_law(flops, values):

@@ -264,12 +264,17 @@ def train(cfg, log=print, objective=objective):
                 f"{tokens_since * world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%")
             write_log({'step': step, 'train_loss': loss_val, 'lr': lr, 'ms_per_iter': 1000 * dt / iters, 'mfu': mfu})
             t_last, flops_since, tokens_since = time.time(), 0.0, 0
-        t_pause = time.time()
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            validate()
-        if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters:
-            save()
-        t_last += time.time() - t_pause          # evaluation and checkpoints are not training time
+        do_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
+        do_save = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters
+        if do_eval or do_save:
+            if cuda:
+                torch.cuda.synchronize()         # the step's queued GPU work is training time
+            t_pause = time.time()
+            if do_eval:
+                validate()
+            if do_save:
+                save()
+            t_last += time.time() - t_pause      # evaluation and checkpoints are not training time
 
     # ---- the end: curves, test metrics ----
     results = None

@@ -165,6 +165,14 @@ def test_csv_is_parsed_as_a_whole(tmp_path):
     (folder / 'captions.csv').write_bytes(text + b'\n1.jpg,"never closed\n')
     with pytest.raises(BadData, match=r'captions.csv line 9: malformed CSV'):
         records(folder)
+    # a bad line inside a quoted caption takes its whole row with it; a row of blanks is reported
+    (folder / 'captions.csv').write_bytes(text + b'\n1.jpg,"first\n\xff\xfe broken\nend"\n , \n0.jpg,"ok"\n')
+    logs = []
+    got = read_records(str(folder), skip_bad=True, log=logs.append)
+    assert got[-1][1] == 'ok' and len(got) == 7
+    assert "'invalid_utf8': 1" in logs[0] and "'empty_caption': 1" in logs[0]
+    with pytest.raises(BadData, match=r'line 9-11: not UTF-8'):
+        records(folder)
 
 
 def test_captions_that_are_not_text(tmp_path):
