@@ -1,8 +1,8 @@
 """
 Replication study: does PRIOR beat NTP on the shapes data, where, and why.
 
-    python study.py            # the full study (about 50 minutes on 2 CPU cores)
-    python study.py --quick    # the same protocol, shrunk (about 9 minutes), into results/quick/
+    python study.py            # the full study (about an hour on 2 CPU cores)
+    python study.py --quick    # the same protocol, shrunk (about 12 minutes), into results/quick/
     python study.py --report   # only rebuild results/ tables and plots from the run JSONs there
 
 Options: --tiny (about a minute; for tests), --results=DIR (default results/, or results/quick/
@@ -50,14 +50,14 @@ PRESETS = {
         base=dict(n_train=4000, n_val=500, n_test=500, n_layer=2, n_head=4, n_embd=64, vit_layer=2, vit_embd=64,
                   max_iters=640, warmup_iters=20, batch_size=32, eval_interval=80, eval_batches=8,
                   log_interval=80, ckpt_interval=0, ref_max_iters=150),
-        lrs=[2e-3, 5e-3], seeds=[1337, 1338, 1339], floor=0.2, n_generate=128,
+        lrs=[1e-3, 2e-3, 5e-3, 1e-2], seeds=[1337, 1338, 1339], floor=0.2, n_generate=128,
         noise_high=0.9, multi_epoch_n_train=300, ablation_objectives=OBJECTIVES,
         sizes=[(2, 32), (2, 64), (3, 96)], budgets=[160, 320, 640]),
     'quick': dict(
         base=dict(n_train=1500, n_val=200, n_test=200, n_layer=2, n_head=4, n_embd=48, vit_layer=1, vit_embd=48,
                   max_iters=120, warmup_iters=10, batch_size=32, eval_interval=15, eval_batches=4,
                   log_interval=15, ckpt_interval=0, ref_max_iters=60),
-        lrs=[2e-3, 5e-3], seeds=[1337, 1338, 1339], floor=0.2, n_generate=48,
+        lrs=[1e-3, 2e-3, 5e-3, 1e-2], seeds=[1337, 1338, 1339], floor=0.2, n_generate=48,
         noise_high=0.9, multi_epoch_n_train=150, ablation_objectives=('ntp', 'prior'),
         sizes=[(1, 32), (2, 48), (2, 64)], budgets=[30, 60, 120]),
     'tiny': dict(
