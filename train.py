@@ -213,7 +213,7 @@ def train(cfg, log=print, objective=objective):
     if step == 0:
         validate()
     model.train()
-    t_last, flops_since, tokens_since = time.time(), 0.0, 0
+    t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
     loader = iter(make_loader(train_data, micro_batches(len(train_data), cfg.batch_size, cfg.grad_accum, world, rank,
                                                         cfg.seed, step, cfg.max_iters), cfg.num_workers, cuda))
     if cfg.resume:                               # last, as the peak measurement and loader drew from the RNG
@@ -251,19 +251,18 @@ def train(cfg, log=print, objective=objective):
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
+        step, iters = step + 1, iters + 1
 
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             if ddp:
                 dist.all_reduce(loss_sum)                  # the processes' parts of the step's loss
             loss_val = loss_sum.item()                     # syncs the device, so timing is real
             dt = time.time() - t_last
-            iters = step % cfg.log_interval or cfg.log_interval
             mfu = flops_since / dt / peak if peak else float('nan')        # this process on its device
             log(f"iter {step}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt / iters:.0f} ms/iter, "
                 f"{tokens_since * world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%")
             write_log({'step': step, 'train_loss': loss_val, 'lr': lr, 'ms_per_iter': 1000 * dt / iters, 'mfu': mfu})
-            t_last, flops_since, tokens_since = time.time(), 0.0, 0
+            t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
         do_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
         do_save = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters
         if do_eval or do_save:
