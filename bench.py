@@ -20,7 +20,6 @@ Bench-only flags: --bench_iters (timed iterations), --bench_warmup (untimed ones
 n_train defaults to 2048 here (quick data); a config file or flag overrides it.
 """
 
-import contextlib
 import dataclasses
 import os
 import resource
@@ -36,7 +35,8 @@ import config as config_mod
 from data import load_splits, make_loader, micro_batches, step_token_count, text_width
 from model import GPT
 from reference import gpt_config, make_vocab, score, target_probs
-from train import build_model, device_peak_flops, lr_at, make_optimizer, objective
+from train import (build_model, device_peak_flops, lr_at, make_optimizer, objective, optimizer_step,
+                   precision_context)
 
 BENCH_FLAGS = {'bench_iters': 20, 'bench_warmup': 3}
 VARIANTS = ('ntp', 'cached', 'online')
@@ -67,9 +67,7 @@ def main(argv):
     device = config_mod.resolve_device(cfg.device)
     cuda = str(device).startswith('cuda')
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ctx = precision_context(device)
 
     # ---- data, models, optimiser: train.py's pieces, with a scratch LM of the same shape ----
     splits = load_splits(cfg, names=('train', 'val'))
@@ -140,10 +138,7 @@ def main(argv):
             objective(cfg, logits, targets, None if variant == 'ntp' else p, n_tokens).backward()
             flops += raw_model.flops_per_sample(T) * len(rows)
             tokens += (raw_model.n_prefix + T) * len(rows)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(raw_model, optimizer, cfg)
         sync()
         return dict(s=time.perf_counter() - t0, data=data_s + lookup_s, lookup=lookup_s, flops=flops,
                     ref_flops=ref_flops, tokens=tokens, images=cfg.batch_size * cfg.grad_accum)

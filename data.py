@@ -13,6 +13,7 @@ image-relevant (colour, shape, position, count), filler that the text alone pred
 ("a photo of"), or noise that neither text nor image predicts ("taken by Ana in Lima").
 """
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -440,7 +441,12 @@ def batch_indices(n_items, batch_size, position, seed):
     epochs, within = pos // n_items, pos % n_items
     out = torch.empty(batch_size, dtype=torch.long)
     for epoch in epochs.unique().tolist():
-        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         sel = epochs == epoch
-        out[sel] = perm[within[sel]]
+        out[sel] = epoch_order(n_items, seed, epoch)[within[sel]]
     return out
+
+
+@functools.lru_cache(maxsize=4)      # one shuffle per epoch, shared by every caller in that epoch
+def epoch_order(n_items, seed, epoch):
+    """The seeded permutation of the data for one epoch (read-only: callers index it)."""
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))

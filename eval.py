@@ -128,13 +128,18 @@ def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0
             'retrieval_images': len(chosen), 'retrieval_candidates': n_candidates}
 
 
-def top_weight_loss(nll, data, ref_path, device):
-    """Mean NLL on the quarter of caption tokens with the highest PRIOR weight, at the paper's
-    alpha = 1 and no floor whatever the run trained with, so every run is scored on the same tokens."""
+def reference_weights(ref_path, data, device, alpha=1.0, floor=0.0):
+    """PRIOR weights [N,T] of every caption of `data`, scored by the reference at ref_path."""
     from prior_loss import token_weights
     from reference import load_reference, score
     ref, _, _ = load_reference(ref_path, device)
-    weights = token_weights(torch.from_numpy(score(ref, data, device)), data.targets)
+    return token_weights(torch.from_numpy(score(ref, data, device)), data.targets, alpha, floor)
+
+
+def top_weight_loss(nll, data, ref_path, device):
+    """Mean NLL on the quarter of caption tokens with the highest PRIOR weight, at the paper's
+    alpha = 1 and no floor whatever the run trained with, so every run is scored on the same tokens."""
+    weights = reference_weights(ref_path, data, device)
     mask = data.targets != IGNORE
     threshold = torch.quantile(weights[mask].float(), 0.75)
     top = mask & (weights >= threshold)
@@ -226,17 +231,11 @@ def weights_figure(model, data, vocab, ref_path, alpha, weight_floor, device, pa
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from prior_loss import token_weights
-    from reference import load_reference, score
 
-    rows = torch.arange(n_examples)
-    sub = data.subset(rows.tolist())
-    ref, _, _ = load_reference(ref_path, device)
-    p = torch.from_numpy(score(ref, sub, device))
-    weights = token_weights(p, sub.targets, alpha, weight_floor)
-    images, idx, targets, _ = data.batch(rows, device)
-    with torch.no_grad():
-        nll = token_nll(model(images, idx), targets).cpu()
+    sub = data.subset(range(n_examples))
+    weights = reference_weights(ref_path, sub, device, alpha, weight_floor)
+    nll = caption_nlls(model, sub, torch.arange(n_examples), device)
+    targets = sub.targets
     fig, axes = plt.subplots(n_examples, 2, figsize=(13, 2.6 * n_examples),
                              gridspec_kw={'width_ratios': [1, 9]})
     for r in range(n_examples):

@@ -162,26 +162,28 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
     training and scoring on first use.
 
     Under DDP only the master process builds; the others wait at a barrier and then load."""
-    path = cfg.ref_ckpt or default_ref_path(cfg, train)
+    path, probs = cfg.ref_ckpt or default_ref_path(cfg, train), None
     if is_master:
         if not os.path.isfile(path):
             log(f"reference: no checkpoint at {path}; training the text-only reference LM first")
             save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, path)
         if scored:
             try:
-                load_cache(path, train, vocab)
+                probs = load_cache(path, train, vocab)
             except FileNotFoundError:
                 model, ref_vocab, _ = load_reference(path, device)
                 if ref_vocab.gpt2_ids != vocab.gpt2_ids:
                     raise ValueError(f"reference {path} uses another vocabulary than this data")
                 t0 = time.time()
-                probs = score(model, train, device)
-                write_cache(probs, expected_manifest(train, vocab, path), path)
-                log(f"reference: scored {len(probs)} training captions in {time.time() - t0:.1f}s -> "
+                scores = score(model, train, device)
+                write_cache(scores, expected_manifest(train, vocab, path), path)
+                log(f"reference: scored {len(scores)} training captions in {time.time() - t0:.1f}s -> "
                     f"{cache_paths(path)[0]}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return path, load_cache(path, train, vocab) if scored else None
+    if scored and probs is None:                 # just written (read back checked), or by the master
+        probs = load_cache(path, train, vocab)
+    return path, probs
 
 
 def main(argv):

@@ -42,7 +42,7 @@ def device_peak_flops(device):
     if str(device).startswith('cuda'):
         name = torch.cuda.get_device_name(device)
         known = [k for k in GPU_PEAK_FLOPS if k in name]
-        return GPU_PEAK_FLOPS[max(known, key=len)] if known else None      # 'L40S' over 'L4
+        return GPU_PEAK_FLOPS[max(known, key=len)] if known else None      # 'L40S' over 'L4'
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b                                        # warm up the BLAS threads first
     best = float('inf')
@@ -59,6 +59,22 @@ def lr_at(it, cfg):
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
     progress = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def precision_context(device):
+    """bf16 autocast (and TF32 matmuls) on CUDA; plain fp32 elsewhere, since bf16 is far slower on CPU."""
+    if not str(device).startswith('cuda'):
+        return contextlib.nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.autocast('cuda', dtype=torch.bfloat16)
+
+
+def optimizer_step(model, optimizer, cfg):
+    """Clip the gradient norm (if asked), update, and clear the gradients."""
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
@@ -129,9 +145,7 @@ def train(cfg, log=print, objective=objective):
     master = rank == 0
     log = log if master else (lambda *a, **k: None)
     cuda = str(device).startswith('cuda')
-    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ctx = precision_context(device)
     log(f"config: {json.dumps(config_mod.as_dict(cfg))}")
 
     # ---- data, vocabulary, reference ----
@@ -192,8 +206,8 @@ def train(cfg, log=print, objective=objective):
         rows = torch.arange(min(len(val_data), cfg.eval_batches * cfg.batch_size))
         m = evaluation.teacher_forced_metrics(raw_model, val_data, vocab, rows, device, ctx=ctx)
         write_log({'step': step, **{f'val_{k}': v for k, v in m.items()}})
-        classes = ', '.join(f"{c} {m[f'loss_{c}']:.3f}" for c in CLASS_NAMES if m[f'loss_{c}'] == m[f'loss_{c}'])
-        attr = f", attr_acc {m['attr_acc']:.3f}" if m['attr_acc'] == m['attr_acc'] else ''   # NaN: no attributes
+        classes = ', '.join(f"{c} {m[f'loss_{c}']:.3f}" for c in CLASS_NAMES if not math.isnan(m[f'loss_{c}']))
+        attr = '' if math.isnan(m['attr_acc']) else f", attr_acc {m['attr_acc']:.3f}"   # NaN: no attributes
         log(f"step {step}: val loss {m['loss']:.4f}" + (f" ({classes})" if classes else '') + attr)
 
     def save():
@@ -247,10 +261,7 @@ def train(cfg, log=print, objective=objective):
             loss_sum += loss.detach()
             flops_since += raw_model.flops_per_sample(T) * len(rows)
             tokens_since += (raw_model.n_prefix + T) * len(rows)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(raw_model, optimizer, cfg)
         step, iters = step + 1, iters + 1
 
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
