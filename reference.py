@@ -40,7 +40,8 @@ def gpt_config(cfg, vocab):
 def default_ref_path(cfg, train):
     """Where the reference for this data and reference recipe lives unless --ref_ckpt says otherwise."""
     recipe = [train.fingerprint(), cfg.init_lm == 'gpt2' and cfg.gpt2_model, cfg.n_layer, cfg.n_head, cfg.n_embd,
-              cfg.dropout, cfg.ref_max_iters, cfg.ref_learning_rate, cfg.ref_batch_size, cfg.seed]
+              cfg.dropout, cfg.ref_max_iters, cfg.ref_learning_rate, cfg.ref_batch_size, cfg.seed,
+              cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip]
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
     return os.path.join('out', 'ref', key, 'ref.pt')
 
@@ -59,22 +60,26 @@ def train_reference(cfg, train, vocab, device, log=print):
     model = GPT(gpt_config(cfg, vocab)).to(device)
     if cfg.init_lm == 'gpt2':
         load_hf_gpt2_into(model, cfg.gpt2_model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.ref_learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
+    params = list(model.parameters())           # the LVLM's optimiser: decay on matrices only, fused
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.ref_learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
     warmup = max(1, cfg.ref_max_iters // 20)
     t0 = time.time()
     model.train()
     for it in range(cfg.ref_max_iters):
-        lr_scale = (it + 1) / warmup if it < warmup else \
-            0.1 + 0.45 * (1 + math.cos(math.pi * (it - warmup) / max(1, cfg.ref_max_iters - warmup)))
+        lr = cfg.ref_learning_rate * (it + 1) / warmup if it < warmup else cfg.ref_learning_rate * \
+            (0.1 + 0.45 * (1 + math.cos(math.pi * (it - warmup) / max(1, cfg.ref_max_iters - warmup))))
         for group in opt.param_groups:
-            group['lr'] = cfg.ref_learning_rate * lr_scale
+            group['lr'] = lr       # the LVLM's schedule (train.lr_at), with its own warmup
         rows = batch_indices(len(train), cfg.ref_batch_size, it * cfg.ref_batch_size, cfg.seed)
         idx, targets, _ = train.text_batch(rows, device)
         T = text_width(targets)
         loss = ntp_loss(model(idx[:, :T]), targets[:, :T])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         if it % 100 == 0 or it == cfg.ref_max_iters - 1:
             log(f"reference iter {it}: loss {loss.item():.4f} ({time.time() - t0:.1f}s)")
