@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 import config as config_mod
-from data import load_splits, make_loader, micro_batches, step_token_count, text_width
-from model import GPT
-from reference import gpt_config, make_vocab, score, target_probs
-from train import (build_model, device_peak_flops, lr_at, make_optimizer, objective, optimizer_step,
-                   precision_context)
+from data import load_splits, make_loader, make_vocab, micro_batches
+from model import GPT, gpt_config
+from optim import make_optimizer
+from reference import score_captions, target_probs
+from train import build_model, device_peak_flops, precision_context, train_step
 
 BENCH_FLAGS = {'bench_iters': 20, 'bench_warmup': 3}
 VARIANTS = ('ntp', 'cached', 'online')
@@ -78,7 +78,7 @@ def main(argv):
     lm = gpt_config(cfg, vocab)
     build_cfg = dataclasses.replace(cfg, init_lm='scratch', n_layer=lm.n_layer, n_head=lm.n_head, n_embd=lm.n_embd)
     raw_model = build_model(build_cfg, vocab, device)
-    optimizer = make_optimizer(raw_model, cfg, device)
+    optimizer = make_optimizer(raw_model, cfg.learning_rate, cfg)
     torch.manual_seed(cfg.seed + 1)
     ref = GPT(lm).to(device).eval().requires_grad_(False)
     model, ref_fwd = (torch.compile(raw_model), torch.compile(ref)) if cfg.compile else (raw_model, ref)
@@ -106,42 +106,46 @@ def main(argv):
     loaders = {v: iter(make_loader(train, micro_batches(len(train), cfg.batch_size, cfg.grad_accum, 1, 0, cfg.seed,
                                                         0, n_iters), cfg.num_workers, cuda)) for v in VARIANTS}
 
+    def timed(variant):
+        """The variant's loader and P_r source for train.step, each adding its seconds to `spent`
+        (synced around the timed part, so the shares are upper bounds: train.py never syncs mid-run
+        and may prepare a batch while the device still works)."""
+        spent = dict(data=0.0, lookup=0.0, ref_flops=0.0)
+
+        def next_batch():
+            sync()
+            t = time.perf_counter()
+            batch = next(loaders[variant])
+            sync()
+            spent['data'] += time.perf_counter() - t
+            return batch
+
+        def ref_probs_of(rows, idx, targets, classes):
+            if variant == 'ntp':
+                return None
+            if variant == 'online':
+                spent['ref_flops'] += ref.flops_per_sequence(targets.size(1), mode='forward') * len(rows)
+                with torch.no_grad(), ctx:
+                    return target_probs(ref_fwd, idx, targets)
+            sync()
+            t = time.perf_counter()
+            p = torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]).to(device)
+            sync()
+            spent['lookup'] += time.perf_counter() - t
+            return p
+        return spent, iter(next_batch, None), ref_probs_of
+
     def step(variant, it):
-        """One train.py iteration. Returns seconds (total, data, P_r lookup) and the work done.
-        Syncs at its end and after the batch, so the data share is an upper bound: train.py
-        never syncs mid-run and may prepare a batch while the device still works."""
+        """One iteration of train.py's own train_step. Returns seconds (total, data, P_r lookup) and the work done."""
+        spent, batches, ref_probs_of = timed(variant)
         sync()
         t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group['lr'] = lr_at(it, cfg)
-        data_s = lookup_s = flops = ref_flops = tokens = 0
-        n_tokens = step_token_count(train, cfg.batch_size * cfg.grad_accum, it, cfg.seed)
-        for _ in range(cfg.grad_accum):
-            t = time.perf_counter()
-            images, rows = next(loaders[variant])
-            images, idx, targets, _ = train.batch(rows, device, images)
-            T = text_width(targets)
-            idx, targets = idx[:, :T], targets[:, :T]
-            sync()
-            t1 = time.perf_counter()
-            if variant == 'cached':
-                p = torch.from_numpy(ref_probs[rows.numpy(), :T]).to(device)
-                sync()
-            t2 = time.perf_counter()
-            data_s, lookup_s = data_s + t1 - t, lookup_s + t2 - t1
-            if variant == 'online':
-                with torch.no_grad(), ctx:
-                    p = target_probs(ref_fwd, idx, targets)
-                ref_flops += ref.flops_per_sequence(T, mode='forward') * len(rows)
-            with ctx:
-                logits = model(images, idx)
-            objective(cfg, logits, targets, None if variant == 'ntp' else p, n_tokens).backward()
-            flops += raw_model.flops_per_sample(T) * len(rows)
-            tokens += (raw_model.n_prefix + T) * len(rows)
-        optimizer_step(raw_model, optimizer, cfg)
+        _, _, flops, tokens = train_step(cfg, model, raw_model, optimizer, train, batches, it, ref_probs_of,
+                                         device=device, ctx=ctx)
         sync()
-        return dict(s=time.perf_counter() - t0, data=data_s + lookup_s, lookup=lookup_s, flops=flops,
-                    ref_flops=ref_flops, tokens=tokens, images=cfg.batch_size * cfg.grad_accum)
+        return dict(s=time.perf_counter() - t0, data=spent['data'] + spent['lookup'], lookup=spent['lookup'],
+                    flops=flops, ref_flops=spent['ref_flops'], tokens=tokens,
+                    images=cfg.batch_size * cfg.grad_accum)
 
     # ---- the variants take turns, iteration by iteration ----
     runs = {v: [] for v in VARIANTS}
@@ -176,17 +180,17 @@ def main(argv):
     predicted = 1 + mean('online', 'ref_flops') / mean('online', 'flops')
     print(f"PRIOR/NTP step time: cached {cached:.3f}, online {online:.3f} (FLOPs predict {predicted:.3f}, "
           f"so online costs {100 * (online / predicted - 1):+.1f}% over its FLOPs)")
-    print(f"data = loader + data.batch (+ P_r lookup for cached) share of step time; lookup = P_r lookup alone; "
+    print(f"data = loader (+ P_r lookup for cached) share of step time; lookup = P_r lookup alone; "
           f"peak mem = {'max_memory_allocated' if cuda else 'peak RSS (ru_maxrss)'} per variant")
 
     # ---- offline scoring, what PRIOR pays once per dataset instead of once per step ----
     val = splits['val']
-    score(ref, val, device)                                 # warm up (allocator, kernels)
+    score_captions(ref, val, device)                        # warm up (allocator, kernels)
     sync()
     t0 = time.perf_counter()
-    score(ref, val, device)
+    score_captions(ref, val, device)
     sync()
-    print(f"reference scoring (reference.score, val split): {len(val) / (time.perf_counter() - t0):,.0f} "
+    print(f"reference scoring (reference.score_captions, val split): {len(val) / (time.perf_counter() - t0):,.0f} "
           f"captions/s ({len(val)} captions, fp32)")
     tmp.cleanup()
 

@@ -36,13 +36,14 @@ class Config:
     pixel_noise: float = 0.08    # std of Gaussian pixel noise, in [0,1] units
     block_size: int = 64         # text positions (BOS + caption + EOT, padded)
     # ---- model ----
-    arch: str = 'patch'          # 'vit' (H-LVLM, LLaVA-style) or 'patch' (U-LVLM, encoder-free)
+    arch: str = 'u'              # 'h' (H-LVLM: ViT encoder + projector, LLaVA-style) or 'u' (U-LVLM:
+                                 # encoder-free, raw patches projected into the LM, Fuyu/SOLO-style)
     n_layer: int = 4             # the GPT; the reference has the same shape
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
     patch_size: int = 8
-    vit_layer: int = 2           # arch=vit only
+    vit_layer: int = 2           # arch=h only: the ViT encoder
     vit_embd: int = 128
     # ---- reference LM (text only) ----
     ref_ckpt: str = ''           # '' = out/ref/<hash of data + recipe>/ref.pt; trained on first use,
@@ -155,7 +156,7 @@ def load_config(argv):
 
 
 def check(cfg):
-    choices = {'arch': ('vit', 'patch'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
+    choices = {'arch': ('h', 'u'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
                'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2')}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:

@@ -1,5 +1,5 @@
 """
-Data: the GPT-2 tokenizer (offline), a compact vocabulary, and the built-in `shapes` dataset.
+Data: the compact vocabulary, the caption arrays, and the batches that feed training.
 
 A caption becomes one row of three aligned arrays of length block_size (nanoGPT's x, y):
 
@@ -10,88 +10,22 @@ A caption becomes one row of three aligned arrays of length block_size (nanoGPT'
 Everything the model must predict (every caption token and the closing EOT) has a target;
 the rest is IGNORE (-1). `classes` says, for evaluation only, whether a target token is
 image-relevant (colour, shape, position, count), filler that the text alone predicts
-("a photo of"), or noise that neither text nor image predicts ("taken by Ana in Lima").
+("a photo of"), or noise that neither text nor image predicts ("taken by Ana in Lima"); see
+shapes.py. Captions from disk (captions.py) are UNLABELLED.
 """
 
 import functools
 import hashlib
-import os
-import subprocess
-import sys
-import tarfile
-import tempfile
 
 import numpy as np
 import torch
 
-IGNORE = -1                                     # the one ignore index, used everywhere
-FILLER, RELEVANT, NOISE = 0, 1, 2               # true token classes of the shapes captions
-UNLABELLED = 3                                  # real captions: class unknown
-CLASS_NAMES = ('filler', 'relevant', 'noise')
+import shapes
+from captions import ImageFiles, read_records, split_of
+from prior_loss import IGNORE
+from tokenizer import EOT, get_tokenizer
 
-# -----------------------------------------------------------------------------
-# Tokenizer: tiktoken's r50k_base holds GPT-2's ranks. tiktoken downloads them on first
-# use, which fails offline. The openai-whisper sdist on PyPI ships the same file
-# (whisper/assets/gpt2.tiktoken), so a machine that reaches only PyPI can still get it.
-# tiktoken looks for a cached copy at $TIKTOKEN_CACHE_DIR/sha1(url).
-
-RANKS_URL = 'https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken'
-RANKS_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
-WHISPER_SDIST = 'openai-whisper==20250625'
-EOT = 50256                                     # GPT-2's <|endoftext|>, also our BOS
-
-
-def _cache_path():
-    cache_dir = os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.expanduser('~/.cache/tiktoken'))
-    return os.path.join(cache_dir, hashlib.sha1(RANKS_URL.encode()).hexdigest())
-
-
-def _sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def ensure_gpt2_ranks():
-    """Make sure tiktoken finds GPT-2's ranks offline; fetch them from PyPI if needed."""
-    path = _cache_path()
-    if os.path.exists(path):
-        with open(path, 'rb') as f:
-            if _sha256(f.read()) == RANKS_SHA256:
-                return path
-        os.remove(path)                         # a corrupt copy: replace it
-    print(f"tokenizer: fetching GPT-2 ranks from PyPI ({WHISPER_SDIST} sdist) into {path}", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '--no-binary=:all:',
-               '--dest', tmp, WHISPER_SDIST]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = [n for n in os.listdir(tmp) if n.endswith('.tar.gz')]
-        if result.returncode != 0 or not sdists:
-            raise RuntimeError(
-                f"cannot get the GPT-2 tokenizer ranks: tiktoken's cache {path} is empty and "
-                f"'{' '.join(cmd[1:])}' failed:\n{result.stderr.strip()}\n"
-                f"Fix: copy r50k_base.tiktoken (sha256 {RANKS_SHA256}) to {path}")
-        with tarfile.open(os.path.join(tmp, sdists[0])) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith('whisper/assets/gpt2.tiktoken'))
-            data = tar.extractfile(member).read()
-    if _sha256(data) != RANKS_SHA256:
-        raise RuntimeError(f"GPT-2 ranks from {WHISPER_SDIST} have sha256 {_sha256(data)}, expected {RANKS_SHA256}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp_path = f"{path}.{os.getpid()}.tmp"
-    with open(tmp_path, 'wb') as f:
-        f.write(data)
-    os.replace(tmp_path, path)
-    return path
-
-
-_ENCODING = None
-
-
-def get_tokenizer():
-    global _ENCODING
-    if _ENCODING is None:
-        import tiktoken
-        ensure_gpt2_ranks()
-        _ENCODING = tiktoken.get_encoding('r50k_base')
-    return _ENCODING
+UNLABELLED = 3                                  # real captions: token class unknown
 
 
 # -----------------------------------------------------------------------------
@@ -144,123 +78,9 @@ class Vocab:
         return {'gpt2_ids': self.gpt2_ids}
 
 
-# -----------------------------------------------------------------------------
-# The built-in `shapes` dataset: a pure function of (seed, sizes, rates). Each image has
-# 1-3 objects on a 3x3 grid; each object has a colour, a shape and a compass position.
-# Text prior trap: every shape has a favourite colour (p=0.6), and the colour comes before
-# the shape in the caption, so after "a red" the text alone says "circle" with high
-# confidence, right or wrong. The image decides.
-
-COLOURS = {'red': (220, 40, 40), 'green': (40, 190, 60), 'blue': (50, 90, 235),
-           'yellow': (235, 220, 40), 'purple': (150, 50, 200), 'pink': (245, 130, 190)}
-SHAPES = ('square', 'circle', 'triangle', 'cross')
-FAVOURITE = {'square': 'blue', 'circle': 'red', 'triangle': 'green', 'cross': 'yellow'}
-FAVOURITE_P = 0.6
-POSITIONS = ('northwest', 'north', 'northeast', 'west', 'center', 'east', 'southwest', 'south', 'southeast')
-COUNTS = ('one', 'two', 'three')
-ATTRIBUTES = {'count': COUNTS, 'colour': tuple(COLOURS), 'shape': SHAPES, 'position': POSITIONS}
-ATTR_NAMES = tuple(ATTRIBUTES)                  # attribute id = index here
-
-OPENERS = ('a photo of', 'in this picture we can see', 'this image shows', 'here we have',
-           'the picture contains', 'we can see')
-PREPOSITIONS = ('in the', 'at the', 'on the')
-JOINERS = (' and', ', and', ', plus', ', as well as')
-ASIDES = (', which is easy to see', ', clearly visible', ', drawn in a simple style')
-NAMES = ('Ana', 'Ben', 'Chloe', 'David', 'Elena', 'Farid', 'Grace', 'Hiro', 'Ines', 'Jonas', 'Kemi',
-         'Liam', 'Maya', 'Nikolai', 'Olga', 'Pablo', 'Quinn', 'Rosa', 'Sven', 'Tariq', 'Uma', 'Victor',
-         'Wen', 'Ximena', 'Yusuf', 'Zoe', 'Arjun', 'Bianca', 'Carlos', 'Dana')
-CITIES = ('Paris', 'Lima', 'Oslo', 'Cairo', 'Tokyo', 'Denver', 'Lagos', 'Quito', 'Hanoi', 'Porto',
-          'Dublin', 'Kyoto', 'Austin', 'Nairobi', 'Seoul', 'Bergen', 'Perth', 'Lyon', 'Milan', 'Tunis',
-          'Boston', 'Delhi', 'Riga', 'Sofia', 'Vienna', 'Zurich', 'Dakar', 'Havana', 'Osaka', 'Leeds')
-
-
-def sample_scene(rng):
-    """Objects of one image: a list of (colour, shape, position) with distinct positions."""
-    count = int(rng.integers(1, 4))
-    cells = rng.choice(len(POSITIONS), size=count, replace=False)
-    objects = []
-    for cell in cells:
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        if rng.random() < FAVOURITE_P:
-            colour = FAVOURITE[shape]
-        else:
-            others = [c for c in COLOURS if c != FAVOURITE[shape]]
-            colour = others[rng.integers(len(others))]
-        objects.append((colour, shape, POSITIONS[cell]))
-    return objects
-
-
-def caption_segments(objects, rng, noise_rate, filler='default'):
-    """The caption as (text, class, attribute) segments; each segment owns its leading space.
-
-    filler: 'default' (varied templates), 'low' ("we see two shapes: red circle north and
-    ..."; about half as many filler tokens) or 'high' (default plus a filler clause per object)."""
-    pick = lambda options: options[rng.integers(len(options))]
-    n, low = len(objects), filler == 'low'
-    segs = [('we see' if low else pick(OPENERS), FILLER, None),
-            (' ' + COUNTS[n - 1], RELEVANT, 'count'),
-            (' shape:' if n == 1 else ' shapes:', FILLER, None)]
-    for i, (colour, shape, position) in enumerate(objects):
-        if i > 0:
-            segs.append((' and' if low else pick(JOINERS), FILLER, None))
-        if not low:
-            segs.append((' a', FILLER, None))
-        segs += [(' ' + colour, RELEVANT, 'colour'), (' ' + shape, RELEVANT, 'shape')]
-        if not low:
-            segs.append((' ' + pick(PREPOSITIONS), FILLER, None))
-        segs.append((' ' + position, RELEVANT, 'position'))
-        if filler == 'high':
-            segs.append((pick(ASIDES), FILLER, None))
-    if rng.random() < noise_rate:
-        segs += [(', taken by', FILLER, None), (' ' + pick(NAMES), NOISE, None),
-                 (' in', FILLER, None), (' ' + pick(CITIES), NOISE, None)]
-    segs.append(('.', FILLER, None))
-    return segs
-
-
-def label_tokens(segments):
-    """Tokenize a caption and give each BPE token the class/attribute of the segment it starts in.
-
-    Labels come from character spans, so they stay right whatever BPE does at segment
-    boundaries. Returns (text, gpt2 tokens, classes, attribute ids (-1 = none))."""
-    text = ''.join(s[0] for s in segments)
-    char_class = np.empty(len(text), dtype=np.int8)
-    char_attr = np.empty(len(text), dtype=np.int8)
-    pos = 0
-    for seg_text, cls, attr in segments:
-        char_class[pos:pos + len(seg_text)] = cls
-        char_attr[pos:pos + len(seg_text)] = -1 if attr is None else ATTR_NAMES.index(attr)
-        pos += len(seg_text)
-    enc = get_tokenizer()
-    tokens = enc.encode(text)
-    _, offsets = enc.decode_with_offsets(tokens)
-    return text, tokens, char_class[offsets], char_attr[offsets]
-
-
-def render(objects, rng, size, pixel_noise):
-    """Draw the objects on a dark background with jitter and noise -> uint8 [3, size, size]."""
-    cell = size / 3
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    img = np.empty((size, size, 3), dtype=np.float32)
-    img[:] = rng.uniform(0, 60, size=3)          # background tint
-    for colour, shape, position in objects:
-        row, col = divmod(POSITIONS.index(position), 3)
-        cy = (row + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
-        cx = (col + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
-        r = cell * rng.uniform(0.30, 0.40)
-        dy, dx = yy - cy, xx - cx
-        if shape == 'square':
-            mask = (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
-        elif shape == 'circle':
-            mask = dx ** 2 + dy ** 2 <= r ** 2
-        elif shape == 'triangle':                # apex up
-            mask = (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
-        else:                                    # cross
-            arm = r / 3
-            mask = ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
-        img[mask] = np.asarray(COLOURS[colour]) + rng.uniform(-20, 20, size=3)
-    img += rng.normal(0, pixel_noise * 255, size=img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8).transpose(2, 0, 1)
+def make_vocab(cfg, train):
+    """Compact vocabulary of the training captions, or all of GPT-2's (needed by --init_lm=gpt2)."""
+    return Vocab(None) if cfg.init_lm == 'gpt2' or cfg.vocab == 'gpt2' else Vocab.from_captions(train.gpt2_tokens)
 
 
 class CaptionData:
@@ -336,23 +156,9 @@ class CaptionData:
         return (images, *self.text_batch(rows, device))
 
 
-def make_shapes(n, seed, image_size, noise_rate, pixel_noise, block_size, filler='default'):
-    rng = np.random.default_rng(seed)
-    images = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
-    texts, tokens, classes, attrs, scenes = [], [], [], [], []
-    for i in range(n):
-        objects = sample_scene(rng)
-        text, toks, cls, att = label_tokens(caption_segments(objects, rng, noise_rate, filler))
-        images[i] = render(objects, rng, image_size, pixel_noise)
-        cls = np.append(cls, FILLER)             # the closing EOT: predictable filler
-        texts.append(text), tokens.append(toks), classes.append(cls), attrs.append(att), scenes.append(objects)
-    return CaptionData(torch.from_numpy(images), torch.arange(n), texts, tokens, classes, attrs, block_size, scenes)
-
-
 def make_caption_splits(cfg, names, log=print):
     """Splits of real image-caption data (see captions.py). Real captions carry no token
     classes; over-long captions are cut to block_size (with EOT) and counted."""
-    from captions import ImageFiles, read_records, split_of
     records = read_records(cfg.dataset, cfg.image_root, cfg.skip_bad, log)
     enc, limit = get_tokenizer(), cfg.block_size - 1
     by_split = {name: [] for name in names}
@@ -389,9 +195,16 @@ def load_splits(cfg, names=('train', 'val', 'test'), log=print):
     unknown = set(names) - set(sizes)
     if unknown:
         raise ValueError(f"shapes has no split {sorted(unknown)} (it has {list(sizes)})")
-    return {name: make_shapes(n, [cfg.data_seed, k], cfg.image_size, cfg.noise_rate, cfg.pixel_noise,
-                              cfg.block_size, cfg.filler)
+    return {name: shapes_split(n, [cfg.data_seed, k], cfg.image_size, cfg.noise_rate, cfg.pixel_noise,
+                               cfg.block_size, cfg.filler)
             for k, (name, n) in enumerate(sizes.items()) if name in names}
+
+
+def shapes_split(n, seed, image_size, noise_rate, pixel_noise, block_size, filler='default'):
+    """n images of the built-in shapes data (shapes.py), one caption each, as a CaptionData."""
+    images, texts, tokens, classes, attrs, objects = shapes.make_shapes(n, seed, image_size, noise_rate,
+                                                                        pixel_noise, filler)
+    return CaptionData(torch.from_numpy(images), torch.arange(n), texts, tokens, classes, attrs, block_size, objects)
 
 
 def micro_batches(n_items, batch_size, grad_accum, world, rank, seed, start_step, end_step):

@@ -22,17 +22,22 @@ Free-running metrics (greedy captions, parsed back into (colour, shape, position
 import contextlib
 import json
 import os
-import re
 import sys
 
+import matplotlib
 import numpy as np
 import torch
 
-from data import ATTR_NAMES, ATTRIBUTES, CLASS_NAMES, IGNORE, POSITIONS, SHAPES, COLOURS, get_tokenizer
-from prior_loss import token_nll
+from config import from_dict, parse_flags, resolve_device
+from data import Vocab, load_splits
+from model import LVLM, GPTConfig, load_checkpoint
+from prior_loss import IGNORE, token_nll, token_weights
+from reference import load_reference, score_captions
+from shapes import ATTR_NAMES, ATTRIBUTES, CLASS_NAMES, parse_objects
+from tokenizer import get_tokenizer
 
-OBJECT_RE = re.compile(r"\b({})\s+({})\s+(?:(?:in|at|on)\s+the\s+)?({})\b".format(
-    '|'.join(COLOURS), '|'.join(SHAPES), '|'.join(POSITIONS)))
+matplotlib.use('Agg')                           # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 
 def attribute_value_ids(vocab):
@@ -128,26 +133,20 @@ def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0
             'retrieval_images': len(chosen), 'retrieval_candidates': n_candidates}
 
 
-def reference_weights(ref_path, data, device, alpha=1.0, floor=0.0):
-    """PRIOR weights [N,T] of every caption of `data`, scored by the reference at ref_path."""
-    from prior_loss import token_weights
-    from reference import load_reference, score
-    ref, _, _ = load_reference(ref_path, device)
-    return token_weights(torch.from_numpy(score(ref, data, device)), data.targets, alpha, floor)
+def reference_weights(ref_ckpt, data, device, alpha=1.0, weight_floor=0.0):
+    """PRIOR weights [N,T] of every caption of `data`, scored by the reference at ref_ckpt."""
+    ref, _, _ = load_reference(ref_ckpt, device)
+    return token_weights(torch.from_numpy(score_captions(ref, data, device)), data.targets, alpha, weight_floor)
 
 
-def top_weight_loss(nll, data, ref_path, device):
+def top_weight_loss(nll, data, ref_ckpt, device):
     """Mean NLL on the quarter of caption tokens with the highest PRIOR weight, at the paper's
     alpha = 1 and no floor whatever the run trained with, so every run is scored on the same tokens."""
-    weights = reference_weights(ref_path, data, device)
+    weights = reference_weights(ref_ckpt, data, device)
     mask = data.targets != IGNORE
     threshold = torch.quantile(weights[mask].float(), 0.75)
     top = mask & (weights >= threshold)
     return nll[top].mean().item()
-
-
-def parse_objects(text):
-    return [m.groups() for m in OBJECT_RE.finditer(text)]
 
 
 def caption_metrics(captions, true_objects):
@@ -177,7 +176,7 @@ def generate_captions(model, data, vocab, rows, device, batch_size=256):
     return out
 
 
-def evaluate(model, data, vocab, device, n_generate=200, ctx=None, ref_path=None):
+def evaluate(model, data, vocab, device, n_generate=200, ctx=None, ref_ckpt=None):
     """All metrics of a split. Shapes: teacher-forced on every caption, greedy on the first
     n_generate. Data on disk: caption loss, loss on the top-weighted quarter (needs the
     reference), retrieval, and a few greedy captions."""
@@ -185,7 +184,7 @@ def evaluate(model, data, vocab, device, n_generate=200, ctx=None, ref_path=None
     if data.objects is None:
         nll = caption_nlls(model, data, rows, device, ctx)
         metrics = {'loss': (nll.sum() / (data.targets != IGNORE).sum()).item()}
-        metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_path, device) if ref_path else float('nan')
+        metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_ckpt, device) if ref_ckpt else float('nan')
         metrics.update(retrieval_metrics(model, data, device, ctx=ctx))
         gen_rows = rows[:min(n_generate, 8)]
         captions = generate_captions(model, data, vocab, gen_rows, device)
@@ -215,9 +214,6 @@ def format_table(results):
 
 def load_trained(ckpt_path, device):
     """(model, vocab, cfg, checkpoint) of a train.py checkpoint."""
-    from config import from_dict
-    from data import Vocab
-    from model import LVLM, GPTConfig, load_checkpoint
     ckpt = load_checkpoint(ckpt_path, map_location=device)
     cfg = from_dict(ckpt['config'])
     model = LVLM(cfg, GPTConfig(**ckpt['model_args']))
@@ -225,15 +221,11 @@ def load_trained(ckpt_path, device):
     return model.to(device).eval(), Vocab(ckpt['vocab']['gpt2_ids']), cfg, ckpt
 
 
-def weights_figure(model, data, vocab, ref_path, alpha, weight_floor, device, path, n_examples=4):
+def weights_figure(model, data, vocab, ref_ckpt, alpha, weight_floor, device, path, n_examples=4):
     """The paper's Figure 1 idea: each caption token shaded by its PRIOR weight (from the
-    text-only reference, with the run's alpha and floor) and by the LVLM's loss given the image."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
+    text-only reference, with the run's alpha and weight floor) and by the LVLM's loss given the image."""
     sub = data.subset(range(n_examples))
-    weights = reference_weights(ref_path, sub, device, alpha, weight_floor)
+    weights = reference_weights(ref_ckpt, sub, device, alpha, weight_floor)
     nll = caption_nlls(model, sub, torch.arange(n_examples), device)
     targets = sub.targets
     fig, axes = plt.subplots(n_examples, 2, figsize=(13, 2.6 * n_examples),
@@ -271,8 +263,6 @@ def sample_report(captions, data, n=3):
 
 
 def main(argv):
-    from config import parse_flags, resolve_device
-    from data import load_splits
     args = parse_flags(argv, {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 200, 'figure': '',
                               'device': 'auto', 'dataset': '', 'image_root': '', 'skip_bad': False})
     device = resolve_device(args['device'])
@@ -281,7 +271,7 @@ def main(argv):
         cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
     data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)
     metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'],
-                                 ref_path=ckpt.get('ref_path'))
+                                 ref_ckpt=ckpt.get('ref_ckpt'))
     print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}, step {ckpt['step']}) on {cfg.dataset} {args['split']}:")
     print(sample_report(captions, data))
     print(format_table({cfg.loss: metrics}))
@@ -291,9 +281,9 @@ def main(argv):
         json.dump(metrics, f, indent=1)
     print(f"wrote {out}")
     if args['figure']:
-        if not ckpt.get('ref_path'):
+        if not ckpt.get('ref_ckpt'):
             raise ValueError("--figure needs the reference LM; this run had none (loss=ntp, init_lm!=ref)")
-        weights_figure(model, data, vocab, ckpt['ref_path'], cfg.alpha, cfg.weight_floor, device,
+        weights_figure(model, data, vocab, ckpt['ref_ckpt'], cfg.alpha, cfg.weight_floor, device,
                        args['figure'])
         print(f"wrote {args['figure']}")
 

@@ -6,8 +6,8 @@ The models, smallest first:
              the language model that reads the image prefix and writes the caption.
   ViT        a small vision transformer (patches, learned positions, non-causal attention).
   LVLM       image prefix + GPT. Two ways to make the prefix:
-               arch='vit'   H-LVLM (LLaVA-style): ViT -> 2-layer GELU MLP projector
-               arch='patch' U-LVLM (Fuyu/SOLO-style): raw patches -> one linear layer,
+               arch='h'  H-LVLM (LLaVA-style): ViT encoder -> 2-layer GELU MLP projector
+               arch='u'  U-LVLM (Fuyu/SOLO-style, encoder-free): raw patches -> one linear layer,
                             plus learned row and column embeddings; no vision encoder
 
 The image prefix carries its own position embeddings and the caption keeps GPT positions
@@ -27,11 +27,18 @@ import torch.nn.functional as F
 @dataclass
 class GPTConfig:
     vocab_size: int
-    block_size: int = 48
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    block_size: int             # text positions
+    n_layer: int
+    n_head: int
+    n_embd: int
     dropout: float = 0.0
+
+
+def gpt_config(cfg, vocab):
+    """The GPT shape of a run (the reference and the LVLM's LM share it); a GPT-2 checkpoint fixes its own."""
+    if cfg.init_lm == 'gpt2':
+        return GPTConfig(vocab.size, cfg.block_size, *hf_gpt2_shape(cfg.gpt2_model), cfg.dropout)
+    return GPTConfig(vocab.size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
 
 
 class SelfAttention(nn.Module):
@@ -190,7 +197,7 @@ class LVLM(nn.Module):
     def __init__(self, cfg, lm_config):
         super().__init__()
         self.lm = GPT(lm_config)
-        if cfg.arch == 'vit':
+        if cfg.arch == 'h':
             self.vision = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
             width = lm_config.n_embd
             self.projector = nn.Sequential(nn.Linear(cfg.vit_embd, width), nn.GELU(), nn.Linear(width, width))

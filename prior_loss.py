@@ -1,5 +1,5 @@
 r"""
-The PRIOR objective, in one place.
+The PRIOR objective, in one place. It needs nothing but torch.
 
 Next-token prediction (NTP) gives every caption token the same weight:
 
@@ -13,22 +13,21 @@ needed to predict it:
     L_PRIOR = - \sum_i  (k * w_i / \sum_j w_j) * log p(t_i | image, t_<i) / k
 
 The weights are normalised inside each caption to mean 1 over its k caption tokens (every
-position with a target: the caption's tokens and the closing end-of-text), so
-alpha = 0 gives w_i = 1 and L_PRIOR = L_NTP exactly. The weights are constants: no gradient
-flows into them (the reference is frozen and its probabilities are usually cached).
+position with a target: the caption's tokens and the closing end-of-text), so alpha = 0
+gives w_i = 1 and L_PRIOR = L_NTP exactly. They are constants: no gradient flows into them
+(the reference is frozen and its probabilities are cached).
 
-Here `targets` already hold the next token of each position (the label shift is done once,
-in data.py) and IGNORE (-1) marks positions that are not caption tokens (image prefix,
-padding). The batch loss divides by the total number of caption tokens in the batch, or by
-`n_tokens` when the batch is one micro-batch of a larger step (gradient accumulation, DDP):
-dividing every part by the whole step's count makes the step's loss the same however it is cut.
+`targets` already hold the next token of each position (the label shift is done once, in
+data.py) and IGNORE marks positions that are not caption tokens (image prefix, padding).
+The loss divides by the number of caption tokens in the batch, or by `n_tokens` when the
+batch is one micro-batch of a larger step (gradient accumulation, DDP): dividing every part
+by the whole step's count makes the step's loss the same however it is cut.
 """
 
 import torch
 import torch.nn.functional as F
 
-from data import IGNORE
-
+IGNORE = -1           # the one ignore index of the project: targets that are not caption tokens
 FALLBACK_EPS = 1e-6   # a caption whose weights sum below this (the reference is sure of
                       # every token) falls back to NTP weights instead of dividing by ~0
 
@@ -44,33 +43,28 @@ def _count(targets, n_tokens):
 
 
 def ntp_loss(logits, targets, n_tokens=None):
-    """Summed NLL over positions where targets != IGNORE, divided by their count (or n_tokens).
-    logits [B,T,V], targets [B,T] -> 0-dim."""
+    """Summed NLL over caption tokens, divided by their count (or n_tokens). logits [B,T,V], targets [B,T] -> 0-dim."""
     return token_nll(logits, targets).sum() / _count(targets, n_tokens)
 
 
 @torch.no_grad()
-def token_weights(ref_probs, targets, alpha=1.0, floor=0.0, gain=None):
-    """PRIOR weights [B,T]: (1 - p)^alpha scaled to mean 1 over each row's caption tokens, 0 elsewhere.
+def token_weights(ref_probs, targets, alpha=1.0, weight_floor=0.0):
+    """PRIOR weights [B,T]: (1 - P_r)^alpha scaled to mean 1 over each caption's tokens, 0 elsewhere.
 
-    floor > 0 (not in the paper) mixes in NTP before normalising, w = floor + (1 - floor) * (1 - p)^alpha,
-    so no caption token is ever abandoned; floor = 1 is NTP. gain [B,T] (not in the paper; study.py's
-    PMI variant) multiplies the (1 - p)^alpha term token by token."""
+    weight_floor (not in the paper; 0 is the paper's PRIOR) mixes NTP back in before normalising,
+    w = floor + (1 - floor) * (1 - P_r)^alpha, so no caption token is ever abandoned; 1 is NTP."""
     mask = targets != IGNORE
-    surprise = (1.0 - ref_probs.float().clamp(0.0, 1.0)).pow(alpha)
-    if gain is not None:
-        surprise = surprise * gain
-    w = (floor + (1.0 - floor) * surprise) * mask
-    k = mask.sum(dim=1, keepdim=True)
+    w = (1.0 - ref_probs.float().clamp(0.0, 1.0)) ** alpha             # the paper's line
+    w = (weight_floor + (1.0 - weight_floor) * w) * mask
+    k = mask.sum(dim=1, keepdim=True)                                   # caption tokens per row
     total = w.sum(dim=1, keepdim=True)
-    degenerate = total < FALLBACK_EPS
-    w = torch.where(degenerate, mask.float(), w)
-    total = torch.where(degenerate, k.float(), total)
+    fallback = total < FALLBACK_EPS                                     # reference sure of everything: NTP row
+    w = torch.where(fallback, mask.float(), w)
+    total = torch.where(fallback, k.float(), total)
     return w * k / total.clamp(min=FALLBACK_EPS)
 
 
-def prior_loss(logits, targets, ref_probs, alpha=1.0, floor=0.0, n_tokens=None):
-    """sum(w * nll) / (number of non-ignored positions, or n_tokens).
-    logits [B,T,V], targets/ref_probs [B,T] -> 0-dim."""
-    weights = token_weights(ref_probs, targets, alpha, floor)
+def prior_loss(logits, targets, ref_probs, alpha=1.0, weight_floor=0.0, n_tokens=None):
+    """sum(w * nll) / (caption tokens, or n_tokens). logits [B,T,V], targets/ref_probs [B,T] -> 0-dim."""
+    weights = token_weights(ref_probs, targets, alpha, weight_floor)
     return (weights * token_nll(logits, targets)).sum() / _count(targets, n_tokens)

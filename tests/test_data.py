@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from config import Config
-from data import (ATTR_NAMES, ATTRIBUTES, CITIES, EOT, FILLER, IGNORE, NAMES, NOISE, RELEVANT, Vocab,
-                  batch_indices, get_tokenizer, load_splits, make_shapes)
+from data import Vocab, batch_indices, load_splits, shapes_split as make_shapes
+from prior_loss import IGNORE
+from shapes import ATTR_NAMES, ATTRIBUTES, CITIES, FILLER, NAMES, NOISE, RELEVANT
+from tokenizer import EOT, get_tokenizer
 
 
 @pytest.fixture(scope='module')

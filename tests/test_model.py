@@ -22,7 +22,7 @@ def test_gpt_is_causal():
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
-@pytest.mark.parametrize('arch', ['vit', 'patch'])
+@pytest.mark.parametrize('arch', ['h', 'u'])
 def test_lvlm_is_causal_in_the_caption_and_sees_the_image(arch):
     model = lvlm(arch)
     images, idx = torch.randn(2, 3, 32, 32), torch.randint(0, 50, (2, 10))
@@ -37,7 +37,7 @@ def test_lvlm_is_causal_in_the_caption_and_sees_the_image(arch):
 
 def test_caption_keeps_the_text_positions_of_the_reference():
     """The image prefix has its own positions; the caption reads GPT positions 0..T-1."""
-    model = lvlm('patch')
+    model = lvlm('u')
     seen = []
     hook = model.lm.wpe.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
     model(torch.randn(1, 3, 32, 32), torch.randint(0, 50, (1, 9)))
@@ -45,7 +45,7 @@ def test_caption_keeps_the_text_positions_of_the_reference():
     assert seen[0].tolist() == list(range(9))
 
 
-@pytest.mark.parametrize('arch', ['vit', 'patch'])
+@pytest.mark.parametrize('arch', ['h', 'u'])
 def test_generate_greedy_is_deterministic_and_stops_at_eot(arch):
     model = lvlm(arch)
     images = torch.randn(3, 3, 32, 32)
@@ -58,7 +58,7 @@ def test_generate_greedy_is_deterministic_and_stops_at_eot(arch):
 
 
 def test_flops_grow_with_caption_length():
-    model = lvlm('vit')
+    model = lvlm('h')
     assert 0 < model.flops_per_sample(10) < model.flops_per_sample(20)
 
 
@@ -80,7 +80,7 @@ def test_gpt2_logits_match_transformers():
 
 
 def test_frozen_parts_cost_fewer_flops():
-    model = lvlm('vit')
+    model = lvlm('h')
     full = model.flops_per_sample(20)
     model.lm.requires_grad_(False)              # no weight gradients in the LM: 4N instead of 6N
     frozen_lm = model.flops_per_sample(20)

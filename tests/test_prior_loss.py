@@ -1,8 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from data import IGNORE
-from prior_loss import ntp_loss, prior_loss, token_weights
+from prior_loss import IGNORE, ntp_loss, prior_loss, token_weights
 
 
 def make_batch(B=3, T=7, V=11, seed=0):
@@ -87,8 +86,8 @@ def test_bf16_logits_give_float32_loss():
 
 def test_weight_floor_mixes_in_ntp():
     logits, targets, ref_probs = make_batch()
-    assert torch.equal(prior_loss(logits, targets, ref_probs, floor=1.0), ntp_loss(logits, targets))
-    assert torch.equal(prior_loss(logits, targets, ref_probs, floor=0.0), prior_loss(logits, targets, ref_probs))
-    w = token_weights(torch.ones_like(ref_probs) * 0.999, targets, 1.0, floor=0.2)
+    assert torch.equal(prior_loss(logits, targets, ref_probs, weight_floor=1.0), ntp_loss(logits, targets))
+    assert torch.equal(prior_loss(logits, targets, ref_probs, weight_floor=0.0), prior_loss(logits, targets, ref_probs))
+    w = token_weights(torch.ones_like(ref_probs) * 0.999, targets, 1.0, weight_floor=0.2)
     m = targets != IGNORE
     torch.testing.assert_close(w[m], torch.ones(int(m.sum())))      # equal p -> equal weights

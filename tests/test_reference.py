@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from config import Config
-from data import IGNORE, load_splits
-from prior_loss import token_nll
-from reference import cache_paths, ensure_reference, load_cache, load_reference, make_vocab, train_reference
+from data import load_splits, make_vocab
+from prior_loss import IGNORE, token_nll
+from reference import cache_paths, ensure_reference, load_cache, load_reference, train_reference
 
 
 @pytest.fixture(scope='module')

@@ -39,10 +39,10 @@ def train_losses(out_dir):
     return [(r['step'], r['train_loss']) for r in rows if 'train_loss' in r]
 
 
-@pytest.mark.parametrize('arch, loss', [('vit', 'ntp'), ('vit', 'prior'), ('patch', 'ntp'), ('patch', 'prior'),
-                                        ('patch', 'oracle')])
+@pytest.mark.parametrize('arch, loss', [('h', 'ntp'), ('h', 'prior'), ('u', 'ntp'), ('u', 'prior'),
+                                        ('u', 'oracle')])
 def test_short_train_and_eval(tiny_cfg, arch, loss):
-    cfg = dataclasses.replace(tiny_cfg, arch=arch, loss=loss, freeze_lm=arch == 'vit')
+    cfg = dataclasses.replace(tiny_cfg, arch=arch, loss=loss, freeze_lm=arch == 'h')
     results = train(cfg, log=lambda *a: None)
     for key in TABLE_KEYS:
         assert key in results
@@ -53,7 +53,7 @@ def test_short_train_and_eval(tiny_cfg, arch, loss):
     steps = [s for s, _ in train_losses(cfg.out_dir)]
     assert steps == list(range(1, cfg.max_iters + 1))
     assert os.path.getsize(os.path.join(cfg.out_dir, 'loss.png')) > 0
-    if arch == 'vit':                                               # the frozen LM stayed the reference
+    if arch == 'h':                                               # the frozen LM stayed the reference
         ref = load_checkpoint(cfg.ref_ckpt)['model']
         assert all(torch.equal(ckpt['model'][f'lm.{k}'], v) for k, v in ref.items())
 
