@@ -27,24 +27,32 @@ class Config:
     skip_bad: bool = False       # on-disk data: skip (and count) bad entries instead of stopping
     vocab: str = 'compact'       # 'compact' (GPT-2 ids seen in training captions) or 'gpt2' (all 50257)
     data_seed: int = 1234        # the dataset is a pure function of this seed
-    image_size: int = 32
+    image_size: int = 24         # shapes: 24 px in 8 px patches = one patch per cell of the 3x3 grid
     n_train: int = 10000         # shapes: training images (one caption each); n_val, n_test likewise
     n_val: int = 500
     n_test: int = 500
     noise_rate: float = 0.5      # share of captions ending in ", taken by NAME in CITY"
+    caption_noise: float = 0.0   # shapes, training split only: chance that an object whose colour is some
+                                 # shape's favourite is called that shape ("red circle" for a red square)
     filler: str = 'default'      # caption templates: 'low', 'default' or 'high' share of filler words
     pixel_noise: float = 0.08    # std of Gaussian pixel noise, in [0,1] units
     block_size: int = 64         # text positions (BOS + caption + EOT, padded)
     # ---- model ----
     arch: str = 'u'              # 'h' (H-LVLM: ViT encoder + projector, LLaVA-style) or 'u' (U-LVLM:
                                  # encoder-free, raw patches projected into the LM, Fuyu/SOLO-style)
-    n_layer: int = 4             # the GPT; the reference has the same shape
+    n_layer: int = 2             # the GPT; the reference has the same shape
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
     patch_size: int = 8
     vit_layer: int = 2           # arch=h only: the ViT encoder
     vit_embd: int = 128
+    init_vision: str = 'scratch' # arch=h: 'scratch', or 'clip' (pretrained contrastively on the training
+                                 # pairs by encoder.py, cached; the paper's CLIP stand-in)
+    vision_ckpt: str = ''        # init_vision=clip: '' = out/encoder/<hash of data + recipe>/vit.pt
+    clip_max_iters: int = 400
+    clip_batch_size: int = 128
+    clip_learning_rate: float = 2e-3
     # ---- reference LM (text only) ----
     ref_ckpt: str = ''           # '' = out/ref/<hash of data + recipe>/ref.pt; trained on first use,
                                  # its score cache sits beside it
@@ -65,8 +73,8 @@ class Config:
     # ---- optimisation ----
     batch_size: int = 32         # per process, per micro-step
     grad_accum: int = 1          # micro-steps per iteration (global batch = batch_size*grad_accum*world)
-    max_iters: int = 600
-    learning_rate: float = 2e-3
+    max_iters: int = 1000
+    learning_rate: float = 4e-3
     min_lr_ratio: float = 0.1    # cosine decays to learning_rate * min_lr_ratio
     warmup_iters: int = 20
     weight_decay: float = 0.1
@@ -75,10 +83,10 @@ class Config:
     grad_clip: float = 1.0       # 0 disables
     # ---- logging, eval, checkpoints ----
     out_dir: str = 'out/shapes_u'
-    log_interval: int = 20
-    eval_interval: int = 100     # val loss every N iterations (and at the end)
-    eval_batches: int = 4        # val batches per periodic eval
-    ckpt_interval: int = 100     # 0: only at the end
+    log_interval: int = 50
+    eval_interval: int = 50      # val loss every N iterations (and at the end)
+    eval_batches: int = 16       # val batches per periodic eval (16 x 32 covers the 500 shapes val captions)
+    ckpt_interval: int = 250     # 0: only at the end
     resume: bool = False
     final_eval: bool = True      # run eval.py's metrics on the test split at the end
     # ---- system ----
@@ -157,7 +165,7 @@ def load_config(argv):
 
 def check(cfg):
     choices = {'arch': ('h', 'u'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
-               'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2')}
+               'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip')}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
@@ -169,6 +177,10 @@ def check(cfg):
         raise ValueError("loss 'oracle' needs the true token classes, which only the built-in shapes data has")
     if cfg.alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {cfg.alpha}")
+    if cfg.init_vision == 'clip' and cfg.arch != 'h':
+        raise ValueError("init_vision 'clip' pretrains the H-LVLM's ViT; arch 'u' has no vision encoder")
+    if not 0 <= cfg.caption_noise <= 1:
+        raise ValueError(f"caption_noise must be in [0, 1], got {cfg.caption_noise}")
     if not 0 <= cfg.weight_floor <= 1:
         raise ValueError(f"weight_floor must be in [0, 1], got {cfg.weight_floor}")
 

@@ -16,6 +16,7 @@ shapes.py. Captions from disk (captions.py) are UNLABELLED.
 
 import functools
 import hashlib
+import json
 
 import numpy as np
 import torch
@@ -137,6 +138,12 @@ class CaptionData:
         h.update(self.targets.numpy().tobytes())
         return h.hexdigest()
 
+    def image_fingerprint(self):
+        """sha256 of the images (their pixels in memory, or their file paths on disk)."""
+        if isinstance(self.images, torch.Tensor):
+            return hashlib.sha256(self.images.numpy().tobytes()).hexdigest()
+        return hashlib.sha256(json.dumps([self.images.paths, self.images.size]).encode()).hexdigest()
+
     def __getitem__(self, row):                  # for a DataLoader: (uint8 image, row)
         return self.images[int(self.image_index[row])], row
 
@@ -195,15 +202,16 @@ def load_splits(cfg, names=('train', 'val', 'test'), log=print):
     unknown = set(names) - set(sizes)
     if unknown:
         raise ValueError(f"shapes has no split {sorted(unknown)} (it has {list(sizes)})")
+    # caption noise is a property of the training captions; val and test describe what is there
     return {name: shapes_split(n, [cfg.data_seed, k], cfg.image_size, cfg.noise_rate, cfg.pixel_noise,
-                               cfg.block_size, cfg.filler)
+                               cfg.block_size, cfg.filler, cfg.caption_noise if name == 'train' else 0.0)
             for k, (name, n) in enumerate(sizes.items()) if name in names}
 
 
-def shapes_split(n, seed, image_size, noise_rate, pixel_noise, block_size, filler='default'):
+def shapes_split(n, seed, image_size, noise_rate, pixel_noise, block_size, filler='default', caption_noise=0.0):
     """n images of the built-in shapes data (shapes.py), one caption each, as a CaptionData."""
     images, texts, tokens, classes, attrs, objects = shapes.make_shapes(n, seed, image_size, noise_rate,
-                                                                        pixel_noise, filler)
+                                                                        pixel_noise, filler, caption_noise)
     return CaptionData(torch.from_numpy(images), torch.arange(n), texts, tokens, classes, attrs, block_size, objects)
 
 

@@ -15,6 +15,8 @@ The image prefix carries its own position embeddings and the caption keeps GPT p
 LVLM start from (or stay frozen at) the reference without shifting every caption position.
 """
 
+import contextlib
+import fcntl
 import math
 import os
 from dataclasses import dataclass
@@ -114,6 +116,10 @@ class GPT(nn.Module):
     def forward(self, idx, prefix=None):
         """Logits [B,T,V] of the text positions. `prefix` [B,P,C] (image embeddings that
         already carry their own positions) is read before the text, causally."""
+        return self.lm_head(self.hidden(idx, prefix))
+
+    def hidden(self, idx, prefix=None):
+        """The final (LayerNormed) hidden states [B,T,C] of the text positions."""
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens, block_size is {self.config.block_size}")
@@ -123,7 +129,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.h:
             x = block(x)
-        return self.lm_head(self.ln_f(x[:, x.size(1) - T:]))
+        return self.ln_f(x[:, x.size(1) - T:])
 
     @classmethod
     def from_hf_gpt2(cls, hf_model):
@@ -305,3 +311,16 @@ def load_checkpoint(path, map_location='cpu'):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """Hold an exclusive lock beside `path` while building it, so that a second process asking for
+    the same file waits and then finds it built. The OS releases the lock if the holder dies."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path + '.lock', 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -21,7 +21,7 @@ import torch
 
 import config as config_mod
 from data import Vocab, batch_indices, load_splits, make_vocab, text_width
-from model import GPT, GPTConfig, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
+from model import GPT, GPTConfig, exclusive, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE, ntp_loss, token_nll
 
@@ -150,20 +150,21 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
     Under DDP only the master process builds; the others wait at a barrier and then load."""
     ref_ckpt, ref_probs = cfg.ref_ckpt or default_ref_ckpt(cfg, train), None
     if is_master:
-        if not os.path.isfile(ref_ckpt):
-            log(f"reference: no checkpoint at {ref_ckpt}; training the text-only reference LM first")
-            save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, ref_ckpt)
-        if scored:
-            try:
-                ref_probs = load_cache(ref_ckpt, train, vocab)
-            except FileNotFoundError:
-                model, ref_vocab, _ = load_reference(ref_ckpt, device)
-                if ref_vocab.gpt2_ids != vocab.gpt2_ids:
-                    raise ValueError(f"reference {ref_ckpt} uses another vocabulary than this data")
-                t0 = time.time()
-                write_cache(score_captions(model, train, device), expected_manifest(train, vocab, ref_ckpt), ref_ckpt)
-                log(f"reference: scored {len(train)} training captions in {time.time() - t0:.1f}s -> "
-                    f"{cache_paths(ref_ckpt)[0]}")
+        with exclusive(ref_ckpt):              # a second run asking for the same reference waits for it
+            if not os.path.isfile(ref_ckpt):
+                log(f"reference: no checkpoint at {ref_ckpt}; training the text-only reference LM first")
+                save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, ref_ckpt)
+            if scored:
+                try:
+                    ref_probs = load_cache(ref_ckpt, train, vocab)
+                except FileNotFoundError:
+                    model, ref_vocab, _ = load_reference(ref_ckpt, device)
+                    if ref_vocab.gpt2_ids != vocab.gpt2_ids:
+                        raise ValueError(f"reference {ref_ckpt} uses another vocabulary than this data")
+                    t0 = time.time()
+                    write_cache(score_captions(model, train, device), expected_manifest(train, vocab, ref_ckpt), ref_ckpt)
+                    log(f"reference: scored {len(train)} training captions in {time.time() - t0:.1f}s -> "
+                        f"{cache_paths(ref_ckpt)[0]}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if scored and ref_probs is None:                 # just written (read back checked), or by the master

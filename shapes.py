@@ -28,6 +28,7 @@ COLOURS = {'red': (220, 40, 40), 'green': (40, 190, 60), 'blue': (50, 90, 235),
            'yellow': (235, 220, 40), 'purple': (150, 50, 200), 'pink': (245, 130, 190)}
 SHAPES = ('square', 'circle', 'triangle', 'cross')
 FAVOURITE = {'square': 'blue', 'circle': 'red', 'triangle': 'green', 'cross': 'yellow'}
+FAVOURITE_SHAPE = {colour: shape for shape, colour in FAVOURITE.items()}
 FAVOURITE_P = 0.6
 POSITIONS = ('northwest', 'north', 'northeast', 'west', 'center', 'east', 'southwest', 'south', 'southeast')
 COUNTS = ('one', 'two', 'three')
@@ -48,9 +49,10 @@ CITIES = ('Paris', 'Lima', 'Oslo', 'Cairo', 'Tokyo', 'Denver', 'Lagos', 'Quito',
 
 
 def sample_scene(rng):
-    """Objects of one image: a list of (colour, shape, position) with distinct positions."""
+    """Objects of one image: a list of (colour, shape, position) with distinct positions, in reading
+    order (northwest first), so the image alone decides which object a caption describes first."""
     count = int(rng.integers(1, 4))
-    cells = rng.choice(len(POSITIONS), size=count, replace=False)
+    cells = np.sort(rng.choice(len(POSITIONS), size=count, replace=False))
     objects = []
     for cell in cells:
         shape = SHAPES[rng.integers(len(SHAPES))]
@@ -63,11 +65,15 @@ def sample_scene(rng):
     return objects
 
 
-def caption_segments(objects, rng, noise_rate, filler='default'):
+def caption_segments(objects, rng, noise_rate, filler='default', caption_noise=0.0):
     """The caption as (text, class, attribute) segments; each segment owns its leading space.
 
     filler: 'default' (varied templates), 'low' ("we see two shapes: red circle north and
-    ..."; about half as many filler tokens) or 'high' (default plus a filler clause per object)."""
+    ..."; about half as many filler tokens) or 'high' (default plus a filler clause per object).
+    caption_noise: the paper's web-caption noise, text that fits the text prior but not the
+    image: an object whose colour is some shape's favourite is, with this probability, called
+    that shape ("a red circle" for a red square: after "red" the text expects "circle"); the
+    wrong word is labelled NOISE."""
     pick = lambda options: options[rng.integers(len(options))]
     n, low = len(objects), filler == 'low'
     segs = [('we see' if low else pick(OPENERS), FILLER, None),
@@ -78,7 +84,12 @@ def caption_segments(objects, rng, noise_rate, filler='default'):
             segs.append((' and' if low else pick(JOINERS), FILLER, None))
         if not low:
             segs.append((' a', FILLER, None))
-        segs += [(' ' + colour, RELEVANT, 'colour'), (' ' + shape, RELEVANT, 'shape')]
+        segs.append((' ' + colour, RELEVANT, 'colour'))
+        expected = FAVOURITE_SHAPE.get(colour, shape)
+        if caption_noise and expected != shape and rng.random() < caption_noise:
+            segs.append((' ' + expected, NOISE, None))
+        else:
+            segs.append((' ' + shape, RELEVANT, 'shape'))
         if not low:
             segs.append((' ' + pick(PREPOSITIONS), FILLER, None))
         segs.append((' ' + position, RELEVANT, 'position'))
@@ -136,7 +147,7 @@ def render(objects, rng, size, pixel_noise):
     return np.clip(img, 0, 255).astype(np.uint8).transpose(2, 0, 1)
 
 
-def make_shapes(n, seed, image_size, noise_rate, pixel_noise, filler='default'):
+def make_shapes(n, seed, image_size, noise_rate, pixel_noise, filler='default', caption_noise=0.0):
     """n images with one caption each: (images uint8 [n,3,H,W], texts, GPT-2 tokens, token classes
     (with the closing EOT's), attribute ids, objects per image)."""
     rng = np.random.default_rng(seed)
@@ -144,7 +155,7 @@ def make_shapes(n, seed, image_size, noise_rate, pixel_noise, filler='default'):
     texts, tokens, classes, attrs, scenes = [], [], [], [], []
     for i in range(n):
         objects = sample_scene(rng)
-        text, toks, cls, att = label_tokens(caption_segments(objects, rng, noise_rate, filler))
+        text, toks, cls, att = label_tokens(caption_segments(objects, rng, noise_rate, filler, caption_noise))
         images[i] = render(objects, rng, image_size, pixel_noise)
         cls = np.append(cls, FILLER)             # the closing EOT: predictable filler
         texts.append(text), tokens.append(toks), classes.append(cls), attrs.append(att), scenes.append(objects)

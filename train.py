@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import config as config_mod
 import eval as evaluation
 from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width
+from encoder import ensure_encoder, load_encoder_into
 from model import LVLM, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import ntp_loss, prior_loss
@@ -86,10 +87,13 @@ def setup_processes(cfg):
     return True, device, dist.get_rank(), dist.get_world_size()
 
 
-def build_model(cfg, vocab, device, ref_ckpt=None):
-    """The LVLM with its LM initialised as cfg.init_lm says and parts frozen as asked."""
+def build_model(cfg, vocab, device, ref_ckpt=None, vision_ckpt=None):
+    """The LVLM with its LM and vision encoder initialised as cfg.init_lm and cfg.init_vision
+    say, and parts frozen as asked."""
     torch.manual_seed(cfg.seed)                  # same seed -> same init for every loss
     model = LVLM(cfg, gpt_config(cfg, vocab))
+    if cfg.init_vision == 'clip':
+        load_encoder_into(model.vision, vision_ckpt)
     if cfg.init_lm == 'ref':
         ref, ref_vocab, _ = load_reference(ref_ckpt, 'cpu')
         if ref_vocab.gpt2_ids != vocab.gpt2_ids:
@@ -223,12 +227,14 @@ def train(cfg, log=print, loss_fn=objective):
     train_data = splits['train']
     log(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} captions, vocab {vocab.size}, "
         f"{time.time() - t0:.1f}s")
-    ref_ckpt = ref_probs = None
+    ref_ckpt = ref_probs = vision_ckpt = None
     if cfg.loss == 'prior' or cfg.init_lm == 'ref':      # scores needed by PRIOR only
         ref_ckpt, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, master, cfg.loss == 'prior')
+    if cfg.init_vision == 'clip':
+        vision_ckpt = ensure_encoder(cfg, train_data, vocab, device, log, master, splits['val'])
 
     # ---- model, optimiser, resume ----
-    model = raw_model = build_model(cfg, vocab, device, ref_ckpt)
+    model = raw_model = build_model(cfg, vocab, device, ref_ckpt, vision_ckpt)
     optimizer = make_optimizer(model, cfg.learning_rate, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

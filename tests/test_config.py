@@ -41,7 +41,8 @@ def test_config_file_then_flags(tmp_path):
 
 
 def test_presets_load():
-    assert load_config([os.path.join(ROOT, 'configs', 'shapes_h.py')]).freeze_lm is True
+    h = load_config([os.path.join(ROOT, 'configs', 'shapes_h.py')])
+    assert h.arch == 'h' and h.init_vision == 'clip' and h.freeze_vision is True and h.freeze_lm is False
     u = load_config([os.path.join(ROOT, 'configs', 'shapes_u.py')])
     assert u.arch == 'u' and u.freeze_lm is False
     for name in ('flickr_cpu.py', 'flickr_gpu.py'):

@@ -109,7 +109,7 @@ def test_batch_indices_visit_every_item_once_per_epoch():
 def test_images_are_scaled_to_minus_one_one(small):
     cfg, splits, _ = small
     images, idx, targets, classes = splits['val'].batch(torch.arange(4), 'cpu')
-    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert images.shape == (4, 3, cfg.image_size, cfg.image_size) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1
     assert idx.shape == targets.shape == classes.shape == (4, cfg.block_size)
 

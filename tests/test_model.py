@@ -6,7 +6,7 @@ from model import GPT, GPTConfig, LVLM
 
 
 def lvlm(arch, vocab=50):
-    cfg = Config(arch=arch, n_layer=2, n_head=2, n_embd=32, vit_layer=1, vit_embd=32, patch_size=8)
+    cfg = Config(arch=arch, n_layer=2, n_head=2, n_embd=32, vit_layer=1, vit_embd=32, image_size=32, patch_size=8)
     torch.manual_seed(0)
     return LVLM(cfg, GPTConfig(vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).eval()
 

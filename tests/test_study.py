@@ -1,5 +1,6 @@
-"""study.py end to end on the tiny preset: every phase runs, the report is written, a rerun
-resumes (skips every finished run). Checks the machinery, not who wins."""
+"""The study end to end on the tiny preset: every phase runs (two runs at a time), the report is
+written from the run JSONs, a rerun resumes (skips every finished run). Checks the machinery,
+not who wins."""
 import json
 import math
 import os
@@ -8,70 +9,59 @@ import sys
 
 import pytest
 
+from study import stats
+from study.plan import OBJECTIVES, PRESETS, SETTINGS, run_name, spec
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.slow
 
 
 def run_study(tmp_path, *extra):
-    cmd = [sys.executable, 'study.py', '--tiny', f'--results={tmp_path / "results"}', f'--out={tmp_path / "out"}',
-           *extra]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    cmd = [sys.executable, '-m', 'study', '--preset=tiny', '--jobs=2', f'--results={tmp_path / "results"}',
+           f'--out={tmp_path / "out"}', *extra]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
 
-def runs_by_name(res):
-    return {r['name']: r for r in (json.loads(p.read_text()) for p in (res / 'runs').glob('*.json'))}
-
-
+@pytest.mark.slow
 def test_study_tiny_end_to_end_and_resume(tmp_path):
-    sys.path.insert(0, ROOT)
-    from study import OBJECTIVES, PRESETS, REL_METRICS, run_name, spec
     preset = PRESETS['tiny']
-    run_study(tmp_path)
+    text = run_study(tmp_path)
     res = tmp_path / 'results'
-    for name in ('results.md', 'summary.md', 'study.json', 'curves.png', 'scaling.png', 'ablations.png'):
-        assert (res / name).stat().st_size > 0, name
+    runs = {r['name']: r for r in (json.loads(p.read_text()) for p in (res / 'runs').glob('*.json'))}
     agg = json.loads((res / 'study.json').read_text())
-    for st in ('u', 'h'):
+    for st in SETTINGS:
         for obj in OBJECTIVES:
-            main = agg['main'][f'{st}/{obj}']
-            assert main['lr'] in preset['lrs'] and main['n_seeds'] == len(preset['seeds'])
-            assert all(len(v) == 2 for v in main['metrics'].values())
-        for obj in ('prior', 'prior_floor'):
-            gain = agg['relative_gain'][f'{st}/{obj}']
-            assert gain['n_pairs'] == len(preset['seeds']) and math.isfinite(gain['mean'])
-            assert set(gain['metrics_included']) == set(REL_METRICS)
-    assert 'oracle' in agg['ablations']['default']
-    # the PMI variant (beyond the paper) goes through the same protocol on U, and is not PRIOR + floor
-    pmi = agg['main']['u/prior_floor_pmi']
-    assert pmi['n_seeds'] == len(preset['seeds']) and 'u/prior_floor_pmi' in agg['relative_gain']
-    floor_run = runs_by_name(res)[agg['main']['u/prior_floor']['runs'][0]]
-    pmi_run = runs_by_name(res)[run_name(spec('u', 'prior_floor_pmi', agg['main']['u/prior_floor']['lr'],
-                                              preset['seeds'][0]))]
-    assert pmi_run['pmi_beta'] and pmi_run['test']['loss'] != floor_run['test']['loss']
-    assert sum(1 for row in agg['ablations'].values() if 'ntp' in row) == 6
-    for obj in ('ntp', 'prior'):
-        assert len(agg['scaling'][obj]['points']) == len(preset['sizes']) * len(preset['budgets'])
-        assert math.isfinite(agg['scaling'][obj]['fit_loss_relevant']['exponent'])
-    runs = runs_by_name(res)
-    assert len(runs) == agg['n_runs']
-    for r in runs.values():
-        assert r['flops'] > 0 and r['test']['n_generated'] == preset['n_generate']
-        if 'max_iters' not in r['spec']:                        # >= 8 val checkpoints per run
-            assert len(r['curve']) >= 8
-    # same seed => same initialisation whatever the objective (the step-0 val metrics agree)
-    seed, lr = preset['seeds'][0], preset['lrs'][0]
-    first = [runs[f"u_{obj}_lr{lr:g}_s{seed}".replace('.', 'p')]['curve'][0] for obj in OBJECTIVES]
-    assert all(c == first[0] for c in first)
-    # every number of the summary's table comes from the run files
-    md = (res / 'results.md').read_text()
-    assert '## Summary' in md and 'relative gain' in md
-    # resumable: a second invocation finds every run done and only rebuilds the report
-    again = run_study(tmp_path)
-    assert ' to do' in again and all(line.endswith(', 0 to do') for line in again.splitlines() if ' to do' in line)
-    # a results dir of another preset is refused
-    out = subprocess.run([sys.executable, 'study.py', '--quick', f'--results={res}', f'--out={tmp_path / "o2"}'],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and 'tiny' in (out.stderr + out.stdout)
+            lr = agg['best_lr'][f'{st}/{obj}']
+            tried = sorted(float(x) for x in agg['sweep'][f'{st}/{obj}'])
+            assert tried[0] < lr < tried[-1]                     # never at the edge of its sweep
+            for sd in preset['seeds']:                          # every seed, clean and noisy captions
+                assert run_name(spec(st, obj, lr, sd)) in runs
+                noisy = runs[run_name(spec(st, obj, lr, sd, caption_noise=preset['caption_noise']))]
+                assert noisy['config']['caption_noise'] == preset['caption_noise']
+    c = agg['comparisons']['u/clean/prior']
+    assert c['relative_gain']['n'] == len(preset['seeds']) and c['seeds'] == preset['seeds']
+    assert set(agg['scaling']['ntp']) == {'compute', 'data'} and math.isfinite(agg['scaling']['prior']['compute']['k'])
+    assert len(agg['scaling']['ntp']['compute']['points']) == len(preset['compute_fractions']) + 1
+    assert set(agg['class_weights']['u/clean/prior']) == {'relevant', 'filler', 'noise'}
+    h_frozen = runs[run_name(spec('h', 'ntp', agg['best_lr']['h/ntp'], preset['seeds'][0], freeze_lm=True))]
+    assert h_frozen['n_trained'] < runs[run_name(spec('h', 'ntp', agg['best_lr']['h/ntp'], preset['seeds'][0]))]['n_trained']
+    for name in ('summary.md', 'curves.png', 'scaling.png', 'weak_spot.png'):
+        assert (res / name).stat().st_size > 0
+    assert '## Main comparison' in text and 'relative gain' in text
+    again = run_study(tmp_path)                                 # resumes: nothing left to do
+    assert ' to do' in again and all(line.endswith(' 0 to do') for line in again.splitlines() if ' to do' in line)
+
+
+def test_paired_statistics():
+    t, crit, significant = stats.paired_t([0.1, 0.12, 0.09, 0.11, 0.1])
+    assert t > 10 and crit == 2.78 and significant
+    assert not stats.paired_t([0.1, -0.1, 0.05, -0.06])[2]
+    lo, hi = stats.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert 1.0 <= lo < 3.0 < hi <= 5.0
+    k, a, r2 = stats.fit_power_law([1, 10, 100], [1.0, 0.5, 0.25])
+    assert k == pytest.approx(math.log10(2)) and r2 == pytest.approx(1.0)
+    assert stats.first_step_reaching([(0, 0.2), (5, 0.6), (10, 0.9)], 0.5) == 5
+    assert stats.first_step_reaching([(0, 0.2)], 0.5) is None
+    assert stats.relative_change(0.9, 0.8, True) == pytest.approx(0.125) and stats.relative_change(1, 0, True) is None

@@ -1,0 +1,147 @@
+"""
+The H-LVLM's pretrained vision encoder, made offline: a small CLIP.
+
+The paper's H-LVLM reads images through a pretrained, frozen CLIP ViT and first trains only
+the projector (LLaVA's first stage). We cannot download CLIP, so we pretrain model.py's ViT
+the way CLIP was made, on the training split's own image-caption pairs: an image encoder (the
+ViT, mean-pooled) and a text encoder (a GPT read at the caption's last token, as CLIP reads its
+causal text transformer at end-of-text) learn to place each image nearest to its own caption
+among the batch (symmetric InfoNCE with a learned temperature). Only the ViT is kept. Like
+the reference, it is trained on first use and cached, keyed by the data and the recipe:
+
+    python encoder.py configs/shapes_h.py       # only pretrain it, and print val retrieval
+"""
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import config as config_mod
+from data import batch_indices, load_splits, make_vocab, text_width
+from model import GPT, ViT, exclusive, gpt_config, load_checkpoint, save_checkpoint
+from optim import lr_at, make_optimizer, optimizer_step, set_lr
+from prior_loss import IGNORE
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg, vocab):
+        super().__init__()
+        self.vision = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
+        self.text = GPT(gpt_config(cfg, vocab))
+        self.image_proj = nn.Linear(cfg.vit_embd, cfg.vit_embd, bias=False)
+        self.text_proj = nn.Linear(self.text.config.n_embd, cfg.vit_embd, bias=False)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))     # CLIP's initial temperature
+
+    def embed_images(self, images):
+        return F.normalize(self.image_proj(self.vision(images).mean(dim=1)), dim=-1)
+
+    def embed_texts(self, idx, targets):
+        last = (targets != IGNORE).sum(dim=1) - 1          # the position that predicts end-of-text
+        h = self.text.hidden(idx)[torch.arange(len(idx)), last]
+        return F.normalize(self.text_proj(h), dim=-1)
+
+    def forward(self, images, idx, targets):
+        """Symmetric InfoNCE: row i's image and caption are the positive pair, the rest negatives."""
+        logits = self.log_scale.clamp(max=math.log(100)).exp() * self.embed_images(images) @ \
+            self.embed_texts(idx, targets).t()
+        labels = torch.arange(len(images), device=images.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def first_of_each_image(image_ids):
+    """Positions of the first occurrence of each image id in a 1-D tensor."""
+    seen, keep = set(), []
+    for pos, img in enumerate(image_ids.tolist()):
+        if img not in seen:
+            seen.add(img)
+            keep.append(pos)
+    return torch.tensor(keep)
+
+
+def batch(data, rows, device):
+    images, idx, targets, _ = data.batch(rows, device)
+    T = text_width(targets)
+    return images, idx[:, :T], targets[:, :T]
+
+
+def pretrain(cfg, train, vocab, device, log=print):
+    """Train the small CLIP on the training pairs with the project's optimiser; returns it."""
+    torch.manual_seed(0)                         # one encoder per data and recipe, whatever the run's seed
+    model = CLIP(cfg, vocab).to(device).train()
+    optimizer = make_optimizer(model, cfg.clip_learning_rate, cfg)
+    warmup, t0 = max(1, cfg.clip_max_iters // 20), time.time()
+    for it in range(cfg.clip_max_iters):
+        set_lr(optimizer, lr_at(it, cfg.clip_learning_rate, warmup, cfg.clip_max_iters, cfg.min_lr_ratio))
+        rows = batch_indices(len(train), cfg.clip_batch_size, it * cfg.clip_batch_size, 0)
+        # a second caption of an image in the batch would be a false negative: keep one per image
+        rows = rows[first_of_each_image(train.image_index[rows])]
+        loss = model(*batch(train, rows, device))
+        loss.backward()
+        optimizer_step(model, optimizer, cfg.grad_clip)
+        if it % 100 == 0 or it == cfg.clip_max_iters - 1:
+            log(f"encoder iter {it}: contrastive loss {loss.item():.4f} ({time.time() - t0:.1f}s)")
+    return model.eval()
+
+
+@torch.no_grad()
+def retrieval_r1(model, data, device, n=256):
+    """Image -> caption R@1 among the first n distinct images (chance 1/n)."""
+    first = {}
+    for row, img in enumerate(data.image_index.tolist()):
+        first.setdefault(img, row)
+    rows = torch.tensor(list(first.values())[:n])
+    images, idx, targets = batch(data, rows, device)
+    sims = model.embed_images(images) @ model.embed_texts(idx, targets).t()
+    return (sims.argmax(dim=1) == torch.arange(len(rows), device=sims.device)).float().mean().item()
+
+
+def default_vision_ckpt(cfg, train):
+    recipe = [train.fingerprint(), train.image_fingerprint(), cfg.image_size, cfg.patch_size, cfg.vit_layer,
+              cfg.vit_embd, cfg.n_head, cfg.n_layer, cfg.n_embd, cfg.clip_max_iters, cfg.clip_batch_size,
+              cfg.clip_learning_rate, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
+    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
+    return os.path.join('out', 'encoder', key, 'vit.pt')
+
+
+def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=None):
+    """Path of the pretrained ViT for this data and recipe (cfg.vision_ckpt, or trained on first use).
+    Under DDP only the master process builds it; the others wait at a barrier."""
+    path = cfg.vision_ckpt or default_vision_ckpt(cfg, train)
+    if is_master:
+        with exclusive(path):                    # a second run asking for the same encoder waits for it
+            if not os.path.isfile(path):
+                log(f"encoder: no checkpoint at {path}; pretraining the ViT contrastively (CLIP-style) first")
+                model = pretrain(cfg, train, vocab, device, log)
+                if val is not None:
+                    log(f"encoder: val image->caption R@1 {retrieval_r1(model, val, device):.3f} "
+                        f"among {min(256, len(val))} (chance {1 / min(256, len(val)):.3f})")
+                save_checkpoint({'vision': model.vision.state_dict(), 'data_fingerprint': train.fingerprint(),
+                                 'config': config_mod.as_dict(cfg)}, path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return path
+
+
+def load_encoder_into(vision, path):
+    vision.load_state_dict(load_checkpoint(path)['vision'])
+
+
+def main(argv):
+    cfg = config_mod.load_config(argv)
+    device = config_mod.resolve_device(cfg.device)
+    splits = load_splits(cfg, names=('train', 'val'))
+    vocab = make_vocab(cfg, splits['train'])
+    for data in splits.values():
+        data.encode(vocab)
+    print(f"encoder: {ensure_encoder(cfg, splits['train'], vocab, device, val=splits['val'])}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,56 @@
+"""
+The replication study: does PRIOR beat NTP on the shapes data, where, why, and at what cost.
+
+    python -m study                    # the full protocol (about 2 hours on 2 CPU cores), into study/results/
+    python -m study --report           # only rebuild the report from the run JSONs
+    python -m study --preset=tiny      # the same phases at toy size (about a minute; the tests use it)
+
+Options: --jobs=N runs at a time (default 2, one per core) with --threads=N torch threads each
+(default 1); --seeds=1,2,3,4,5 and --data_seed=N re-run the protocol on other seeds or other data
+(write those to another --results=DIR); --out=DIR for checkpoints (default out/study/<preset>).
+Every run writes <results>/runs/<name>.json, and a run whose JSON exists is skipped, so an
+interrupted study resumes where it stopped.
+
+The protocol (study/plan.py): for each setting (configs/shapes_u.py, configs/shapes_h.py) and
+objective (NTP, PRIOR, PRIOR + weight floor), a learning-rate sweep on val; then every objective
+at its rate with every seed, on clean and on noisy training captions; scaling in compute and in
+data (U); the H-LVLM with its LM frozen too. The report (study/report.py) holds the statistics.
+"""
+
+import os
+import sys
+
+os.environ.setdefault('OMP_NUM_THREADS', '1')   # before torch: worker processes inherit it
+
+from config import parse_flags  # noqa: E402
+from study.plan import PRESETS, ROOT, load_runs, run_protocol  # noqa: E402
+from study.report import write_report  # noqa: E402
+
+FLAGS = {'preset': 'full', 'report': False, 'jobs': 2, 'threads': 1, 'seeds': '', 'data_seed': 1234,
+         'results': '', 'out': ''}
+
+
+def main(argv):
+    if '--help' in argv or '-h' in argv:
+        print(__doc__)
+        return
+    args = parse_flags(argv, FLAGS)
+    if args['preset'] not in PRESETS:
+        raise SystemExit(f"--preset must be one of {list(PRESETS)}, got {args['preset']!r}")
+    preset = dict(PRESETS[args['preset']])
+    if args['seeds']:
+        preset['seeds'] = [int(s) for s in str(args['seeds']).split(',')]
+    default_dir = 'results' if args['preset'] == 'full' and args['data_seed'] == 1234 and not args['seeds'] else \
+        f"results_{args['preset']}"
+    results = args['results'] or os.path.join(ROOT, 'study', default_dir)
+    out = args['out'] or os.path.join('out', 'study', os.path.basename(results.rstrip('/')))
+    runs_dir = os.path.join(results, 'runs')
+    runtime = None
+    if not args['report']:
+        runtime = run_protocol(preset, out, runs_dir, args['data_seed'], args['jobs'], args['threads'])
+    text = write_report(preset, args['preset'], load_runs(runs_dir), results, args['data_seed'], runtime)
+    print(text)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,218 @@
+"""
+The study's run plan: presets, run specs, the phases of the protocol, and one run (train.py's
+train(), then eval.py's metrics on the test split) written as a JSON record.
+
+A spec is a small dict; its name is derived from it, so a run asked for by two phases (a main
+run that is also the top scaling point) runs once, and a run whose JSON exists is never rerun:
+an interrupted study resumes where it stopped.
+"""
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import torch
+
+import config as config_mod
+import eval as evaluation
+from data import load_splits
+from prior_loss import IGNORE, token_weights
+from reference import load_cache
+from shapes import CLASS_NAMES
+from train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = {'u': 'configs/shapes_u.py', 'h': 'configs/shapes_h.py'}
+OBJECTIVES = ('ntp', 'prior', 'prior_floor')     # prior_floor: PRIOR + the weight floor (the weak-spot fix)
+SELECT_METRIC = 'attr_acc'                       # chosen on val, teacher-forced, higher is better
+SPEC_KEYS = ('caption_noise', 'n_train', 'max_iters', 'freeze_lm')    # what a spec may change beyond the preset
+
+PRESETS = {
+    # The protocol's main preset: every number in the README's Results comes from it.
+    'full': dict(
+        base=dict(),                             # configs/shapes_u.py and configs/shapes_h.py as they are
+        lrs=[2e-3, 4e-3, 8e-3], seeds=[1, 2, 3, 4, 5], floor=0.2, n_generate=200, caption_noise=0.4,
+        compute_fractions=[1 / 16, 1 / 8, 1 / 4, 1 / 2], data_fractions=[1 / 4, 1 / 2], scaling_seeds=2,
+        frozen_lm_seeds=2),
+    # For tests: the same phases at a size that runs in about a minute.
+    'tiny': dict(
+        base=dict(n_train=96, n_val=32, n_test=32, n_layer=1, n_head=2, n_embd=16, vit_layer=1, vit_embd=16,
+                  max_iters=8, warmup_iters=2, batch_size=8, eval_interval=2, eval_batches=1, log_interval=4,
+                  ckpt_interval=0, ref_max_iters=4, ref_batch_size=16, clip_max_iters=4, clip_batch_size=16),
+        lrs=[2e-3, 4e-3, 8e-3], seeds=[1, 2], floor=0.2, n_generate=4, caption_noise=0.3,
+        compute_fractions=[1 / 4, 1 / 2], data_fractions=[1 / 2], scaling_seeds=2, frozen_lm_seeds=1),
+}
+
+
+def spec(setting, objective, lr, seed, **extra):
+    unknown = set(extra) - set(SPEC_KEYS)
+    assert not unknown, f"spec keys {unknown} are not study variables"
+    return dict(setting=setting, objective=objective, lr=lr, seed=seed, **extra)
+
+
+def run_name(s):
+    parts = [s['setting'], s['objective'], f"lr{s['lr']:g}", f"s{s['seed']}"]
+    parts += [f"{k}{s[k]:g}" if isinstance(s[k], float) else f"{k}{s[k]}" for k in SPEC_KEYS if k in s]
+    return '_'.join(parts).replace('.', 'p')
+
+
+def make_config(s, preset, out_root, data_seed):
+    """The train.py Config of a spec: the setting's preset file, the study's base, then the spec."""
+    cfg = config_mod.load_config([os.path.join(ROOT, SETTINGS[s['setting']])])
+    fields = dict(preset['base'], learning_rate=s['lr'], seed=s['seed'], data_seed=data_seed, device='cpu',
+                  final_eval=False, compile=False, out_dir=os.path.join(out_root, run_name(s)),
+                  loss='ntp' if s['objective'] == 'ntp' else 'prior',
+                  weight_floor=preset['floor'] if s['objective'] == 'prior_floor' else 0.0)
+    fields.update({k: s[k] for k in SPEC_KEYS if k in s})
+    if 'max_iters' in s:                         # keep the same number of val points on every curve
+        fields['eval_interval'] = fields['log_interval'] = max(1, s['max_iters'] // 16)
+    cfg = dataclasses.replace(cfg, **fields)
+    config_mod.check(cfg)
+    return cfg
+
+
+def execute(s, preset, out_root, runs_dir, data_seed):
+    """Train and evaluate one spec unless its JSON exists; returns its record."""
+    name = run_name(s)
+    path = os.path.join(runs_dir, name + '.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    cfg = make_config(s, preset, out_root, data_seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    t0 = time.time()
+    with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as logf:
+        train(cfg, log=lambda *a, **k: print(*a, file=logf, flush=True))
+    train_seconds = time.time() - t0
+    model, vocab, _, ckpt = evaluation.load_trained(os.path.join(cfg.out_dir, 'ckpt.pt'), 'cpu')
+    model.lm.requires_grad_(not cfg.freeze_lm)   # as trained: FLOPs depend on what trains
+    model.vision.requires_grad_(not cfg.freeze_vision)
+    splits = load_splits(cfg, names=('train', 'test'))
+    test, train_data = splits['test'].encode(vocab), splits['train'].encode(vocab)
+    torch.manual_seed(0)
+    metrics, captions = evaluation.evaluate(model, test, vocab, 'cpu', n_generate=preset['n_generate'])
+    lengths = (train_data.targets != IGNORE).sum(1).float()
+    flops_per_sample = float(np.mean([model.flops_per_sample(int(n)) for n in lengths[:2000].tolist()]))
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, 'log.jsonl'))]
+    curve = [{k[4:] if k.startswith('val_') else k: v for k, v in r.items()} for r in rows if 'val_loss' in r]
+    weights = None
+    if cfg.loss == 'prior':
+        ref_probs = torch.from_numpy(np.asarray(load_cache(ckpt['ref_ckpt'], train_data, vocab)))
+        w = token_weights(ref_probs, train_data.targets, cfg.alpha, cfg.weight_floor)
+        weights = {c: float(w[train_data.classes == k].mean()) for k, c in enumerate(CLASS_NAMES)}
+    record = dict(name=name, spec=s, config=config_mod.as_dict(cfg), test=metrics, val=curve[-1], curve=curve,
+                  flops=flops_per_sample * cfg.max_iters * cfg.batch_size * cfg.grad_accum,
+                  n_params=sum(p.numel() for p in model.parameters()),
+                  n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  class_weights=weights, sample_captions=captions[:3], train_seconds=train_seconds,
+                  seconds=time.time() - t0)
+    os.makedirs(runs_dir, exist_ok=True)
+    with open(path + f'.tmp{os.getpid()}', 'w') as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + f'.tmp{os.getpid()}', path)
+    return record
+
+
+def load_runs(runs_dir):
+    out = {}
+    for fn in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        if fn.endswith('.json'):
+            with open(os.path.join(runs_dir, fn)) as f:
+                r = json.load(f)
+            out[r['name']] = r
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol, phase by phase; a phase may read the results of the phases before it.
+
+def sweep_lrs(runs, setting, objective, preset):
+    """The rates to sweep: the preset's, extended by a factor of 2 past an edge that wins (up to
+    twice each way), so the chosen rate always has a tried neighbour on both sides."""
+    lrs = list(preset['lrs'])
+    for _ in range(4):
+        scores = {lr: runs.get(run_name(spec(setting, objective, lr, preset['seeds'][0]))) for lr in lrs}
+        if any(r is None for r in scores.values()):
+            return lrs
+        best = max(lrs, key=lambda lr: scores[lr]['val'][SELECT_METRIC])
+        if best == lrs[0] and lrs[0] > preset['lrs'][0] / 4 * 1.01:
+            lrs.insert(0, lrs[0] / 2)
+        elif best == lrs[-1] and lrs[-1] < preset['lrs'][-1] * 4 / 1.01:
+            lrs.append(lrs[-1] * 2)
+        else:
+            return lrs
+    return lrs
+
+
+def best_lr(runs, setting, objective, preset):
+    lrs = sweep_lrs(runs, setting, objective, preset)
+    return max(lrs, key=lambda lr: runs[run_name(spec(setting, objective, lr, preset['seeds'][0]))]['val'][SELECT_METRIC])
+
+
+def phases(preset, runs):
+    """(phase name, specs) in order. Yields the sweep until every objective's best rate is inside
+    its sweep; the later phases use those rates."""
+    seeds = preset['seeds']
+    sweep = [spec(st, obj, lr, seeds[0]) for st in SETTINGS for obj in OBJECTIVES
+             for lr in sweep_lrs(runs, st, obj, preset)]
+    yield 'sweep', sweep
+    if any(run_name(s) not in runs for s in sweep):
+        return
+    best = {(st, obj): best_lr(runs, st, obj, preset) for st in SETTINGS for obj in OBJECTIVES}
+    yield 'main', [spec(st, obj, best[st, obj], sd) for st in SETTINGS for obj in OBJECTIVES for sd in seeds]
+    yield 'caption noise', [spec(st, obj, best[st, obj], sd, caption_noise=preset['caption_noise'])
+                            for st in SETTINGS for obj in OBJECTIVES for sd in seeds]
+    scaling = []
+    for obj in ('ntp', 'prior'):
+        for sd in seeds[:preset['scaling_seeds']]:
+            for f in preset['compute_fractions']:
+                scaling.append(spec('u', obj, best['u', obj], sd, max_iters=round(setting_value(preset, 'max_iters') * f)))
+            for f in preset['data_fractions']:
+                scaling.append(spec('u', obj, best['u', obj], sd, n_train=round(setting_value(preset, 'n_train') * f)))
+    yield 'scaling', scaling
+    yield 'H with the LM frozen', [spec('h', obj, best['h', obj], sd, freeze_lm=True)
+                                   for obj in ('ntp', 'prior') for sd in seeds[:preset['frozen_lm_seeds']]]
+
+
+def setting_value(preset, key, setting='u'):
+    """A Config value of the preset's runs of `setting` before any spec changes it."""
+    return preset['base'].get(key, getattr(config_mod.load_config([os.path.join(ROOT, SETTINGS[setting])]), key))
+
+
+def _worker_init(threads):
+    torch.set_num_threads(threads)
+
+
+def _execute(args):
+    return execute(*args)
+
+
+def run_protocol(preset, out_root, runs_dir, data_seed, jobs=1, threads=1, log=print):
+    """Run every phase (skipping finished runs), `jobs` runs at a time with `threads` each."""
+    t0 = time.time()
+    done = load_runs(runs_dir)
+    phase_i = 0
+    while True:
+        plan = list(phases(preset, done))
+        if phase_i >= len(plan):
+            return time.time() - t0
+        name, specs = plan[phase_i]
+        todo = [s for s in specs if run_name(s) not in done]
+        log(f"[{time.time() - t0:6.0f}s] phase {name}: {len(specs)} runs, {len(todo)} to do")
+        args = [(s, preset, out_root, runs_dir, data_seed) for s in todo]
+        pool = multiprocessing.get_context('spawn').Pool(jobs, _worker_init, (threads,)) if jobs > 1 else None
+        if pool is None:
+            _worker_init(threads)
+        for r in pool.imap_unordered(_execute, args) if pool else map(_execute, args):
+            done[r['name']] = r
+            log(f"[{time.time() - t0:6.0f}s]   {r['name']}: {r['seconds']:.0f}s, test attr_acc "
+                f"{r['test']['attr_acc']:.3f}, hallucination {r['test']['hallucination']:.3f}")
+        if pool:
+            pool.close()
+            pool.join()
+        if phase_i == 0 and any(run_name(s) not in done for s in list(phases(preset, done))[0][1]):
+            continue                             # the sweep grew past an edge: run its new rates first
+        phase_i += 1

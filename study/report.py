@@ -1,0 +1,310 @@
+"""
+The study's report, rebuilt from the run JSONs alone: study.json (every aggregate), summary.md
+(each claim with its interval and test), results.md (the full tables) and the figures.
+
+The metrics were fixed before the comparison ran (see the README):
+  - paper-style average relative gain over accuracy-type metrics whose NTP value is far from 0:
+    the four attribute accuracies and `grounded` = 1 - hallucination (share of described
+    objects that are in the image);
+  - caption-level shares that can sit near 0 (recall, exact) as absolute differences;
+  - the loss on each true token class apart: relevant (what PRIOR should help), filler and
+    noise (what it may cost).
+"""
+
+import json
+import math
+import os
+
+import matplotlib
+import numpy as np
+
+from study import stats
+from study.plan import OBJECTIVES, SETTINGS, best_lr, phases, run_name, setting_value, spec, sweep_lrs
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+REL_METRICS = ('acc_count', 'acc_colour', 'acc_shape', 'acc_position', 'grounded')
+ABS_METRICS = ('recall', 'exact')
+CLASS_LOSSES = ('loss_relevant', 'loss_filler', 'loss_noise')
+TABLE_METRICS = ('attr_acc',) + REL_METRICS + ABS_METRICS + CLASS_LOSSES
+SETTING_NAMES = {'u': 'U-LVLM (encoder-free, all trained)',
+                 'h': 'H-LVLM (frozen pretrained ViT, trained projector and LM)'}
+CONDITIONS = {'clean': {}, 'noisy': 'caption_noise'}
+COLOURS = {'ntp': 'tab:blue', 'prior': 'tab:red', 'prior_floor': 'tab:green'}
+
+
+def metric(m, key):
+    return 1 - m['hallucination'] if key == 'grounded' else m[key]
+
+
+def by_seed(runs, setting, objective, lr, seeds, **extra):
+    out = {}
+    for sd in seeds:
+        r = runs.get(run_name(spec(setting, objective, lr, sd, **extra)))
+        if r is not None:
+            out[sd] = r
+    return out
+
+
+def compare(new, base):
+    """PRIOR-vs-NTP statistics over the seeds both have: relative gain (paired t, bootstrap 95% CI),
+    each metric's relative change, absolute differences of the caption shares, class losses."""
+    seeds = sorted(set(new) & set(base))
+    a, b = [new[s]['test'] for s in seeds], [base[s]['test'] for s in seeds]
+    gains, per_metric = [], {}
+    for m in REL_METRICS:
+        per_metric[m] = [stats.relative_change(metric(x, m), metric(y, m), True) for x, y in zip(a, b)]
+    for i in range(len(seeds)):
+        changes = [per_metric[m][i] for m in REL_METRICS if per_metric[m][i] is not None]
+        gains.append(float(np.mean(changes)) if changes else None)
+    out = {'seeds': seeds, 'relative_gain': summarise(gains)}
+    out['per_metric'] = {m: summarise(v) for m, v in per_metric.items()}
+    for m in ABS_METRICS + CLASS_LOSSES + ('attr_acc',):
+        out[m] = summarise([metric(x, m) - metric(y, m) for x, y in zip(a, b)])
+    return out
+
+
+def summarise(values):
+    mean, std, n = stats.mean_std(values)
+    t, crit, significant = stats.paired_t(values)
+    return {'mean': mean, 'std': std, 'n': n, 'ci95': stats.bootstrap_ci(values), 't': t, 't_crit': crit,
+            'significant': significant, 'values': [v for v in values]}
+
+
+def sample_efficiency(prior, ntp, key='attr_acc'):
+    """Per seed: the first val step where PRIOR reaches NTP's final val `key`, and NTP's steps / that."""
+    out = []
+    for sd in sorted(set(prior) & set(ntp)):
+        final_step, target = ntp[sd]['curve'][-1]['step'], ntp[sd]['curve'][-1][key]
+        step = stats.first_step_reaching([(c['step'], c[key]) for c in prior[sd]['curve']], target)
+        out.append({'seed': sd, 'target': target, 'ntp_steps': final_step, 'prior_steps': step,
+                    'speedup': final_step / step if step else None})
+    return out
+
+
+def aggregate(preset, runs):
+    seeds = preset['seeds']
+    plan = list(phases(preset, runs))
+    agg = {'preset': preset, 'sweep': {}, 'best_lr': {}, 'main': {}, 'comparisons': {}, 'sample_efficiency': {},
+           'class_weights': {}, 'scaling': {}, 'frozen_lm': {}}
+    if len(plan) < 2:
+        return agg                               # the sweep is not finished: nothing to compare yet
+    for st in SETTINGS:
+        for obj in OBJECTIVES:
+            lrs = sweep_lrs(runs, st, obj, preset)
+            agg['sweep'][f'{st}/{obj}'] = {f'{lr:g}': runs[run_name(spec(st, obj, lr, seeds[0]))]['val'][
+                'attr_acc'] for lr in lrs}
+            agg['best_lr'][f'{st}/{obj}'] = best_lr(runs, st, obj, preset)
+    for st in SETTINGS:
+        for cond, key in CONDITIONS.items():
+            extra = {key: preset['caption_noise']} if key else {}
+            group = {obj: by_seed(runs, st, obj, agg['best_lr'][f'{st}/{obj}'], seeds, **extra) for obj in OBJECTIVES}
+            tag = f'{st}/{cond}'
+            agg['main'][tag] = {obj: {m: stats.mean_std([metric(r['test'], m) for r in g.values()])
+                                      for m in TABLE_METRICS} for obj, g in group.items()}
+            for obj in ('prior', 'prior_floor'):
+                if group[obj] and group['ntp']:
+                    agg['comparisons'][f'{tag}/{obj}'] = compare(group[obj], group['ntp'])
+                    agg['sample_efficiency'][f'{tag}/{obj}'] = sample_efficiency(group[obj], group['ntp'])
+                    agg['class_weights'][f'{tag}/{obj}'] = {
+                        c: stats.mean_std([r['class_weights'][c] for r in group[obj].values()])[0]
+                        for c in ('relevant', 'filler', 'noise')}
+    agg['scaling'] = scaling(preset, runs, agg['best_lr'])
+    for obj in ('ntp', 'prior'):
+        g = by_seed(runs, 'h', obj, agg['best_lr'][f'h/{obj}'], seeds[:preset['frozen_lm_seeds']], freeze_lm=True)
+        agg['frozen_lm'][obj] = {m: stats.mean_std([metric(r['test'], m) for r in g.values()]) for m in TABLE_METRICS}
+    return agg
+
+
+def scaling(preset, runs, best):
+    """Test error (1 - attr_acc) against training FLOPs and against training images, per objective:
+    power-law exponents with bootstrap intervals over seeds (U; the main run is the top point)."""
+    seeds = preset['seeds'][:preset['scaling_seeds']]
+    iters, n_train = setting_value(preset, 'max_iters'), setting_value(preset, 'n_train')
+    axes = {'compute': [{'max_iters': round(iters * f)} for f in preset['compute_fractions']] + [{}],
+            'data': [{'n_train': round(n_train * f)} for f in preset['data_fractions']] + [{}]}
+    out = {}
+    for obj in ('ntp', 'prior'):
+        out[obj] = {}
+        for axis, variants in axes.items():
+            points = {}
+            for extra in variants:
+                g = list(by_seed(runs, 'u', obj, best[f'u/{obj}'], seeds, **extra).values())
+                if g:
+                    x = float(np.mean([r['flops'] for r in g])) if axis == 'compute' else g[0]['config']['n_train']
+                    points[x] = [1 - r['test']['attr_acc'] for r in g]
+            if len(points) >= 2 and all(v > 0 for ys in points.values() for v in ys):
+                k, a, r2 = stats.fit_power_law(sorted(points), [np.mean(points[x]) for x in sorted(points)])
+                out[obj][axis] = {'k': k, 'a': a, 'r2': r2, 'ci95': stats.power_law_ci(points),
+                                  'points': {f'{x:g}': ys for x, ys in sorted(points.items())}}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing it out
+
+def fmt(ms, digits=3):
+    mean, std, n = ms
+    return 'n/a' if n == 0 else f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def pct(s):
+    lo, hi = s['ci95']
+    return f"{100 * s['mean']:+.1f}% [95% CI {100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def pts(s):
+    lo, hi = s['ci95']
+    return f"{100 * s['mean']:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def verdict(s):
+    return (f"paired t = {s['t']:.2f} (|t| > {s['t_crit']:.2f} needed, n = {s['n']}): "
+            + ('**significant**' if s['significant'] else 'not significant'))
+
+
+def main_section(agg, tag, preset):
+    st, cond = tag.split('/')
+    name = SETTING_NAMES[st] + (', clean captions' if cond == 'clean' else
+                                f", noisy training captions (caption_noise {preset['caption_noise']})")
+    lines = [f"### {name}", '', '| test metric | ' + ' | '.join(OBJECTIVES) + ' |', '|---' * (len(OBJECTIVES) + 1) + '|']
+    for m in TABLE_METRICS:
+        lines.append(f"| {m} | " + ' | '.join(fmt(agg['main'][tag][obj][m]) for obj in OBJECTIVES) + ' |')
+    lines.append('')
+    for obj in ('prior', 'prior_floor'):
+        c = agg['comparisons'].get(f'{tag}/{obj}')
+        if c is None:
+            continue
+        label = 'PRIOR' if obj == 'prior' else f"PRIOR + weight floor {preset['floor']}"
+        worse = [m for m in REL_METRICS if c['per_metric'][m]['mean'] < 0]
+        lines.append(f"- **{label} vs NTP**: relative gain {pct(c['relative_gain'])}, {verdict(c['relative_gain'])}."
+                     f" Per seed: {', '.join(f'{100 * v:+.1f}%' for v in c['relative_gain']['values'] if v is not None)}."
+                     f" Worse than NTP on: {', '.join(worse) or 'none'}.")
+        lines.append(f"  Caption shares (absolute): recall {pts(c['recall'])}, exact {pts(c['exact'])}."
+                     f" Loss per token class (PRIOR - NTP, nats): relevant {c['loss_relevant']['mean']:+.3f} "
+                     f"({verdict(c['loss_relevant'])}), filler {c['loss_filler']['mean']:+.3f}, "
+                     f"noise {c['loss_noise']['mean']:+.3f}.")
+        se = agg['sample_efficiency'][f'{tag}/{obj}']
+        reached = [e for e in se if e['speedup']]
+        at = ', '.join(str(e['prior_steps']) for e in reached)
+        speedup = ', '.join(f"{e['speedup']:.2f}x" for e in reached)
+        lines.append(f"  Sample efficiency: reaches NTP's final val attr_acc in {len(reached)} of {len(se)} seeds"
+                     + (f", at step {at} of {se[0]['ntp_steps']} (speed-up {speedup})" if reached else '') + '.')
+        w = agg['class_weights'][f'{tag}/{obj}']
+        lines.append(f"  Mean training weight per token class (1 = NTP): relevant {w['relevant']:.2f}, "
+                     f"filler {w['filler']:.2f}, noise {w['noise']:.2f}.")
+    return lines
+
+
+def summary_text(agg, preset, preset_name, data_seed, runtime):
+    seeds = preset['seeds']
+    lines = [f"# PRIOR vs NTP on the shapes data (preset `{preset_name}`, data seed {data_seed})", '',
+             f"Seeds {seeds}; learning rate per setting and objective chosen on val {'attr_acc'} with seed "
+             f"{seeds[0]} from a sweep that is extended until the chosen rate has a neighbour on both sides. "
+             f"Test split: teacher-forced metrics on every caption, free-running metrics on "
+             f"{preset['n_generate']} greedy captions. Relative gain = mean over {', '.join(REL_METRICS)} of the "
+             f"relative change vs NTP (+ is better), paired by seed; 95% CIs by bootstrap over seeds; "
+             f"significance by a paired t-test." + (f" Protocol wall time {runtime / 60:.0f} min." if runtime else ''), '',
+             '## Learning-rate sweep (val attr_acc, seed %d)' % seeds[0], '',
+             '| setting/objective | rates tried: val attr_acc | chosen |', '|---|---|---|']
+    for key, sweep in agg['sweep'].items():
+        lines.append(f"| {key} | {', '.join(f'{lr}: {v:.3f}' for lr, v in sweep.items())} | {agg['best_lr'][key]:g} |")
+    lines += ['', '## Main comparison (test split, mean ± std over seeds)', '']
+    for tag in agg['main']:
+        lines += main_section(agg, tag, preset) + ['']
+    lines += ['## Scaling (U, clean; test error = 1 - attr_acc ~ a * x^-k)', '',
+              '| objective | compute: k [95% CI] (R²) | data: k [95% CI] (R²) |', '|---|---|---|']
+    for obj, fits in agg['scaling'].items():
+        cells = [f"{f['k']:.3f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}] ({f['r2']:.2f})" if f else 'n/a'
+                 for f in (fits.get('compute'), fits.get('data'))]
+        lines.append(f"| {obj} | {cells[0]} | {cells[1]} |")
+    lines += ['', f"## H-LVLM with the LM frozen too (LLaVA's first stage alone; {preset['frozen_lm_seeds']} seed(s))", '',
+              '| test metric | ntp | prior |', '|---|---|---|']
+    for m in TABLE_METRICS:
+        lines.append(f"| {m} | " + ' | '.join(fmt(agg['frozen_lm'][obj][m]) for obj in ('ntp', 'prior')) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def plot_curves(runs, agg, preset, path):
+    fig, axes = plt.subplots(len(SETTINGS), len(CONDITIONS), figsize=(11, 7.5), squeeze=False)
+    for i, st in enumerate(SETTINGS):
+        for j, (cond, key) in enumerate(CONDITIONS.items()):
+            ax = axes[i, j]
+            for obj in OBJECTIVES:
+                extra = {key: preset['caption_noise']} if key else {}
+                g = by_seed(runs, st, obj, agg['best_lr'][f'{st}/{obj}'], preset['seeds'], **extra)
+                if not g:
+                    continue
+                steps = [c['step'] for c in next(iter(g.values()))['curve']]
+                ys = np.array([[c['attr_acc'] for c in r['curve']] for r in g.values()])
+                ax.plot(steps, ys.mean(0), color=COLOURS[obj], label=f"{obj} ({len(g)} seeds)")
+                ax.fill_between(steps, ys.min(0), ys.max(0), color=COLOURS[obj], alpha=0.2)
+            ax.set_title(f"{st.upper()}-LVLM, {cond} training captions", fontsize=10)
+            ax.set_xlabel('step'), ax.set_ylabel('val attr_acc'), ax.set_ylim(0.25, 1.0), ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle('Validation attribute accuracy (mean over seeds; band = min..max)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_scaling(agg, path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, axis, label in ((axes[0], 'compute', 'training FLOPs'), (axes[1], 'data', 'training images')):
+        for obj, fits in agg['scaling'].items():
+            f = fits.get(axis)
+            if not f:
+                continue
+            xs = np.array([float(x) for x in f['points']])
+            for x, ys in zip(xs, f['points'].values()):
+                ax.scatter([x] * len(ys), ys, color=COLOURS[obj], s=12, alpha=0.6)
+            grid = np.geomspace(xs.min(), xs.max(), 50)
+            ax.plot(grid, f['a'] * grid ** -f['k'], color=COLOURS[obj],
+                    label=f"{obj}: k = {f['k']:.3f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]")
+        ax.set_xscale('log'), ax.set_yscale('log'), ax.set_xlabel(label), ax.set_ylabel('test 1 - attr_acc')
+        ax.grid(alpha=0.3, which='both'), ax.legend(fontsize=8)
+    fig.suptitle('Scaling, U-LVLM (points: seeds; lines: power-law fits with bootstrap 95% CI of k)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_weak_spot(agg, path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    classes = ('relevant', 'filler', 'noise')
+    tags = [t for t in agg['class_weights'] if t.startswith('u/')]
+    for k, tag in enumerate(tags):
+        axes[0].bar(np.arange(3) + k * 0.8 / len(tags), [agg['class_weights'][tag][c] for c in classes],
+                    width=0.8 / len(tags), label=tag)
+    axes[0].set_xticks(np.arange(3) + 0.4 - 0.4 / max(1, len(tags))), axes[0].set_xticklabels(classes)
+    axes[0].axhline(1.0, color='gray', lw=0.8), axes[0].set_ylabel('mean training weight (NTP = 1)')
+    axes[0].set_title('Where PRIOR puts the weight (U)', fontsize=10), axes[0].legend(fontsize=7)
+    for k, obj in enumerate(OBJECTIVES):
+        means = [agg['main']['u/clean'][obj][f'loss_{c}'][0] for c in classes]
+        stds = [agg['main']['u/clean'][obj][f'loss_{c}'][1] for c in classes]
+        axes[1].bar(np.arange(3) + k * 0.27, means, yerr=stds, width=0.27, color=COLOURS[obj], label=obj)
+    axes[1].set_xticks(np.arange(3) + 0.27), axes[1].set_xticklabels(classes)
+    axes[1].set_ylabel('test loss (nats/token)'), axes[1].set_title('Loss per token class (U, clean)', fontsize=10)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(preset, preset_name, runs, results_dir, data_seed, runtime=None):
+    """Aggregate `runs` into results_dir: study.json, summary.md and the figures. Returns the summary."""
+    agg = aggregate(preset, runs)
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, 'study.json'), 'w') as f:
+        json.dump(agg, f, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
+    if not agg['main']:
+        return 'the sweep has not finished: no report yet\n'
+    text = summary_text(agg, preset, preset_name, data_seed, runtime)
+    text += '\n![curves](curves.png)\n![scaling](scaling.png)\n![weak spot](weak_spot.png)\n'
+    with open(os.path.join(results_dir, 'summary.md'), 'w') as f:
+        f.write(text)
+    plot_curves(runs, agg, preset, os.path.join(results_dir, 'curves.png'))
+    plot_scaling(agg, os.path.join(results_dir, 'scaling.png'))
+    plot_weak_spot(agg, os.path.join(results_dir, 'weak_spot.png'))
+    return text

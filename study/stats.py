@@ -1,0 +1,84 @@
+"""
+The study's statistics: paired comparisons over seeds, bootstrap intervals, power-law fits,
+sample efficiency. Pure numpy; nothing here trains or reads files.
+"""
+
+import math
+
+import numpy as np
+
+# Two-sided 95% critical values of Student's t by degrees of freedom.
+T_CRIT_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+             12: 2.18, 15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}
+N_BOOT = 10000
+
+
+def finite(values):
+    return np.asarray([v for v in values if v is not None and math.isfinite(v)], float)
+
+
+def mean_std(values):
+    """(mean, sample std, n) of the finite values."""
+    v = finite(values)
+    if len(v) == 0:
+        return float('nan'), float('nan'), 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def paired_t(diffs):
+    """(t of the mean paired difference, its two-sided 95% critical value, significant?)."""
+    d = finite(diffs)
+    if len(d) < 2:
+        return float('nan'), float('inf'), False
+    se = d.std(ddof=1) / math.sqrt(len(d))
+    t = d.mean() / se if se > 0 else (0.0 if d.mean() == 0 else math.copysign(math.inf, d.mean()))
+    crit = T_CRIT_95[max(df for df in T_CRIT_95 if df <= len(d) - 1)]
+    return float(t), crit, bool(abs(t) > crit)
+
+
+def bootstrap_ci(values, stat=np.mean, seed=0, level=0.95):
+    """Percentile bootstrap interval of stat(values), resampling the values (seeds) with replacement."""
+    v = finite(values)
+    if len(v) < 2:
+        return float('nan'), float('nan')
+    rng = np.random.default_rng(seed)
+    draws = np.array([stat(v[rng.integers(len(v), size=len(v))]) for _ in range(N_BOOT)])
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def relative_change(new, base, higher_better):
+    """Signed so that + is better; None where the base is 0 or undefined."""
+    if new is None or base is None or not (math.isfinite(new) and math.isfinite(base)) or base == 0:
+        return None
+    return (new - base) / abs(base) * (1 if higher_better else -1)
+
+
+def fit_power_law(x, y):
+    """y ~ a * x^(-k) by least squares in log-log: (k, a, r2). Needs 2+ distinct x and y > 0."""
+    lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
+    slope, icpt = np.polyfit(lx, ly, 1)
+    ss = ((ly - ly.mean()) ** 2).sum()
+    r2 = 1 - ((ly - (icpt + slope * lx)) ** 2).sum() / ss if ss > 0 else float('nan')
+    return float(-slope), float(math.exp(icpt)), float(r2)
+
+
+def power_law_ci(points, seed=0, level=0.95):
+    """Bootstrap interval of the exponent k: points is {x: [y of each seed]}; each draw resamples
+    the seeds at every x independently and refits."""
+    xs = sorted(points)
+    rng = np.random.default_rng(seed)
+    ks = []
+    for _ in range(N_BOOT // 10):
+        ys = [np.mean(np.asarray(points[x])[rng.integers(len(points[x]), size=len(points[x]))]) for x in xs]
+        ks.append(fit_power_law(xs, ys)[0])
+    lo, hi = np.quantile(ks, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def first_step_reaching(curve, target, higher_better=True):
+    """The first step of a [(step, value)] curve whose value reaches target; None if none does."""
+    for step, value in curve:
+        if value is not None and math.isfinite(value) and (value >= target if higher_better else value <= target):
+            return step
+    return None
