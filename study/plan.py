@@ -164,7 +164,7 @@ def phases(preset, runs):
     best = {(st, obj): best_lr(runs, st, obj, preset) for st in SETTINGS for obj in OBJECTIVES}
     yield 'main', [spec(st, obj, best[st, obj], sd) for st in SETTINGS for obj in OBJECTIVES for sd in seeds]
     yield 'caption noise', [spec(st, obj, best[st, obj], sd, caption_noise=preset['caption_noise'])
-                            for st in SETTINGS for obj in OBJECTIVES for sd in seeds]
+                            for st in SETTINGS for obj in ('ntp', 'prior') for sd in seeds]
     scaling = []
     for obj in ('ntp', 'prior'):
         for sd in seeds[:preset['scaling_seeds']]:

@@ -100,11 +100,12 @@ def aggregate(preset, runs):
         for cond, key in CONDITIONS.items():
             extra = {key: preset['caption_noise']} if key else {}
             group = {obj: by_seed(runs, st, obj, agg['best_lr'][f'{st}/{obj}'], seeds, **extra) for obj in OBJECTIVES}
+            group = {obj: g for obj, g in group.items() if g}          # noisy captions: no prior_floor runs
             tag = f'{st}/{cond}'
             agg['main'][tag] = {obj: {m: stats.mean_std([metric(r['test'], m) for r in g.values()])
                                       for m in TABLE_METRICS} for obj, g in group.items()}
             for obj in ('prior', 'prior_floor'):
-                if group[obj] and group['ntp']:
+                if obj in group and 'ntp' in group:
                     agg['comparisons'][f'{tag}/{obj}'] = compare(group[obj], group['ntp'])
                     agg['sample_efficiency'][f'{tag}/{obj}'] = sample_efficiency(group[obj], group['ntp'])
                     agg['class_weights'][f'{tag}/{obj}'] = {
@@ -170,7 +171,8 @@ def main_section(agg, tag, preset):
                                 f", noisy training captions (caption_noise {preset['caption_noise']})")
     lines = [f"### {name}", '', '| test metric | ' + ' | '.join(OBJECTIVES) + ' |', '|---' * (len(OBJECTIVES) + 1) + '|']
     for m in TABLE_METRICS:
-        lines.append(f"| {m} | " + ' | '.join(fmt(agg['main'][tag][obj][m]) for obj in OBJECTIVES) + ' |')
+        lines.append(f"| {m} | " + ' | '.join(fmt(agg['main'][tag][obj][m]) if obj in agg['main'][tag] else 'not run'
+                                             for obj in OBJECTIVES) + ' |')
     lines.append('')
     for obj in ('prior', 'prior_floor'):
         c = agg['comparisons'].get(f'{tag}/{obj}')
