@@ -15,6 +15,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+TORCHVISION_ENCODERS = ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')   # the H-LVLM encoders model.py reads
+
 
 @dataclass
 class Config:
@@ -45,11 +47,16 @@ class Config:
     n_embd: int = 128
     dropout: float = 0.0
     patch_size: int = 8
-    vit_layer: int = 2           # arch=h only: the ViT encoder
+    vision: str = 'vit'          # arch=h: the encoder: 'vit' (model.py's small ViT) or a torchvision model
+                                 # ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')
+    vit_layer: int = 2           # vision=vit: its shape
     vit_embd: int = 128
-    init_vision: str = 'scratch' # arch=h: 'scratch', or 'clip' (pretrained contrastively on the training
-                                 # pairs by encoder.py, cached; the paper's CLIP stand-in)
-    vision_ckpt: str = ''        # init_vision=clip: '' = out/encoder/<hash of data + recipe>/vit.pt
+    init_vision: str = 'scratch' # arch=h: 'scratch'; 'clip' (vision=vit, pretrained contrastively on the
+                                 # training pairs by encoder.py, cached: our CLIP stand-in); 'pretrained'
+                                 # (a torchvision model's ImageNet weights, via torchvision's weights=)
+    vision_ckpt: str = ''        # clip: '' = out/encoder/<hash of data + recipe>/vit.pt; pretrained: a
+                                 # state_dict file of the torchvision model ('' = torchvision's download)
+    cache_features: bool = True  # a frozen pretrained encoder: compute its features once, train on them
     clip_max_iters: int = 400
     clip_batch_size: int = 128
     clip_learning_rate: float = 2e-3
@@ -165,7 +172,8 @@ def load_config(argv):
 
 def check(cfg):
     choices = {'arch': ('h', 'u'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
-               'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip')}
+               'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip', 'pretrained'),
+               'vision': ('vit',) + TORCHVISION_ENCODERS}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
@@ -177,8 +185,14 @@ def check(cfg):
         raise ValueError("loss 'oracle' needs the true token classes, which only the built-in shapes data has")
     if cfg.alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {cfg.alpha}")
-    if cfg.init_vision == 'clip' and cfg.arch != 'h':
-        raise ValueError("init_vision 'clip' pretrains the H-LVLM's ViT; arch 'u' has no vision encoder")
+    if cfg.init_vision != 'scratch' and cfg.arch != 'h':
+        raise ValueError(f"init_vision {cfg.init_vision!r} initialises the H-LVLM's encoder; arch 'u' has none")
+    if cfg.init_vision == 'clip' and cfg.vision != 'vit':
+        raise ValueError(f"init_vision 'clip' pretrains the small ViT (vision='vit'), not {cfg.vision!r}; "
+                         f"torchvision encoders take init_vision='pretrained'")
+    if cfg.init_vision == 'pretrained' and cfg.vision == 'vit':
+        raise ValueError("init_vision 'pretrained' loads torchvision weights: set vision to one of "
+                         f"{TORCHVISION_ENCODERS} (or use init_vision='clip' for the small ViT)")
     if not 0 <= cfg.caption_noise <= 1:
         raise ValueError(f"caption_noise must be in [0, 1], got {cfg.caption_noise}")
     if not 0 <= cfg.weight_floor <= 1:

@@ -17,6 +17,7 @@ shapes.py. Captions from disk (captions.py) are UNLABELLED.
 import functools
 import hashlib
 import json
+import os
 
 import numpy as np
 import torch
@@ -139,10 +140,11 @@ class CaptionData:
         return h.hexdigest()
 
     def image_fingerprint(self):
-        """sha256 of the images (their pixels in memory, or their file paths on disk)."""
+        """sha256 of the images (their pixels in memory, or their files' paths, sizes and times)."""
         if isinstance(self.images, torch.Tensor):
             return hashlib.sha256(self.images.numpy().tobytes()).hexdigest()
-        return hashlib.sha256(json.dumps([self.images.paths, self.images.size]).encode()).hexdigest()
+        files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.images.paths]
+        return hashlib.sha256(json.dumps([files, self.images.size]).encode()).hexdigest()
 
     def __getitem__(self, row):                  # for a DataLoader: (uint8 image, row)
         return self.images[int(self.image_index[row])], row
@@ -157,9 +159,11 @@ class CaptionData:
 
     def batch(self, rows, device, images=None):
         """(images as float in [-1, 1], idx, targets, classes) on `device`; `images` (uint8)
-        when a DataLoader already fetched them."""
+        when a DataLoader already fetched them. A split whose images were replaced by a frozen
+        encoder's cached features (encoder.use_cached_features) serves those instead."""
         images = self.image_batch(rows) if images is None else images
-        images = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        images = images.to(device, non_blocking=True)
+        images = images.float().div_(127.5).sub_(1.0) if images.dtype == torch.uint8 else images.float()  # or features
         return (images, *self.text_batch(rows, device))
 
 

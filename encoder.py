@@ -1,5 +1,6 @@
 """
-The H-LVLM's pretrained vision encoder, made offline: a small CLIP.
+The H-LVLM's pretrained vision encoder: a small CLIP made offline, torchvision's pretrained
+models, and the cached features of a frozen encoder.
 
 The paper's H-LVLM reads images through a pretrained, frozen CLIP ViT and first trains only
 the projector (LLaVA's first stage). We cannot download CLIP, so we pretrain model.py's ViT
@@ -19,13 +20,14 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import config as config_mod
 from data import batch_indices, load_splits, make_vocab, text_width
-from model import GPT, ViT, exclusive, gpt_config, load_checkpoint, save_checkpoint
+from model import GPT, TorchvisionEncoder, ViT, exclusive, gpt_config, load_checkpoint, save_checkpoint
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE
 
@@ -131,6 +133,84 @@ def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=Non
 
 def load_encoder_into(vision, path):
     vision.load_state_dict(load_checkpoint(path)['vision'])
+
+
+def pretrained_torchvision(cfg):
+    """cfg.vision with its pretrained weights: from cfg.vision_ckpt (a state_dict file saved from
+    the torchvision model, for offline nodes), else torchvision's own download (weights='DEFAULT')."""
+    if cfg.vision_ckpt:
+        return TorchvisionEncoder(cfg.vision, cfg.image_size, state_dict=load_checkpoint(cfg.vision_ckpt))
+    return TorchvisionEncoder(cfg.vision, cfg.image_size, weights='DEFAULT')
+
+
+# ---------------------------------------------------------------------------------------------
+# Features of a frozen encoder, computed once. A frozen encoder maps each image to the same
+# features in every epoch, so they are computed once per split, stored memory-mapped (float16)
+# and served in place of the pixels: training then skips decoding and the encoder entirely.
+
+class Features:
+    """A split's cached features [n_images, P, F] standing in for its images (see CaptionData)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.array[i], dtype=np.float32))
+
+
+def weights_sha256(module):
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_features(vision, data, device, batch_size=128):
+    vision.eval()
+    out = None
+    for start in range(0, len(data.images), batch_size):
+        rows = range(start, min(start + batch_size, len(data.images)))
+        pixels = torch.stack([data.images[i] for i in rows]).to(device).float().div_(127.5).sub_(1.0)
+        f = vision(pixels).float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(data.images), *f.shape[1:]), dtype=np.float16)
+        out[start:start + len(f)] = f
+    return out
+
+
+def use_cached_features(splits, vision, device, log=print, is_master=True):
+    """Replace every split's images by the frozen `vision` encoder's features, computed on first use
+    into out/features/<hash of images + encoder weights>/ and checked against both when read."""
+    encoder_sha = weights_sha256(vision)
+    for name, data in splits.items():
+        manifest = {'images': data.image_fingerprint(), 'encoder_sha256': encoder_sha}
+        key = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()[:12]
+        path = os.path.join('out', 'features', key, 'features.npy')
+        if is_master:
+            with exclusive(path):
+                if not os.path.isfile(path):
+                    t0 = time.time()
+                    features = compute_features(vision, data, device)
+                    tmp = f"{path}.tmp{os.getpid()}.npy"
+                    np.save(tmp, features)
+                    os.replace(tmp, path)
+                    with open(path[:-4] + '.json', 'w') as f:
+                        json.dump({**manifest, 'shape': list(features.shape)}, f)
+                    log(f"encoder: {name} features {features.shape} in {time.time() - t0:.1f}s -> {path}")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        with open(path[:-4] + '.json') as f:
+            found = json.load(f)
+        array = np.load(path, mmap_mode='r')
+        if {k: found.get(k) for k in manifest} != manifest or list(array.shape) != found.get('shape') \
+                or len(array) != len(data.images):
+            raise ValueError(f"feature cache {path} does not match its images or encoder; delete its folder")
+        data.images = Features(array)
 
 
 def main(argv):

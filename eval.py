@@ -2,6 +2,7 @@
 Evaluate a trained LVLM.
 
     python eval.py --ckpt=out/shapes_u/ckpt.pt [--split=test|val|all] [--figure=weights.png]
+    python eval.py --ckpt=out/run_ntp/ckpt.pt --ref_ckpt=out/ref/.../ref.pt   # loss_top_weight of an NTP run
 
 On data on disk (captions.py): loss (caption NLL), loss_top_weight (NLL on the quarter of
 tokens with the highest PRIOR weight), retrieval_r1/r5 (see retrieval_metrics), and a few
@@ -21,8 +22,11 @@ Free-running metrics (greedy captions, parsed back into (colour, shape, position
 
 import contextlib
 import json
+import math
 import os
+import re
 import sys
+from collections import Counter
 
 import matplotlib
 import numpy as np
@@ -121,7 +125,8 @@ def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0
         others = [r for i, r in first_row.items() if i != img]
         pick = torch.randperm(len(others), generator=g)[:n_candidates - 1].tolist()
         rows = torch.tensor([first_row[img]] + [others[p] for p in pick])
-        same_image = data.image_batch(rows[:1]).expand(len(rows), -1, -1, -1)
+        one = data.image_batch(rows[:1])                 # pixels [1,3,H,W] or cached features [1,P,F]
+        same_image = one.expand(len(rows), *one.shape[1:])
         images, idx, targets, _ = data.batch(rows, device, same_image)
         with torch.no_grad(), ctx or contextlib.nullcontext():
             nll = token_nll(model(images, idx), targets)
@@ -164,6 +169,68 @@ def caption_metrics(captions, true_objects):
             'objects_per_caption': described / len(captions)}
 
 
+# ---------------------------------------------------------------------------------------------
+# Captioning metrics as the COCO caption evaluation computes them (tests check parity with its
+# pycocoevalcap package): corpus BLEU-4 and CIDEr-D of one generated caption per image against
+# all of that image's reference captions. Text is lowercased and split into words, punctuation dropped.
+
+def words(text):
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def ngram_counts(tokens, n_max=4):
+    return Counter(tuple(tokens[i:i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
+
+
+def bleu4(hypotheses, references):
+    """Corpus BLEU-4: clipped n-gram precisions over all captions, geometric mean, brevity penalty
+    against the reference length closest to each hypothesis (COCO's 'closest')."""
+    correct, total, hyp_len, ref_len = np.zeros(4), np.zeros(4), 0, 0
+    for hyp, refs in zip(hypotheses, references):
+        counts = ngram_counts(hyp)
+        best = Counter()
+        for ref in refs:
+            best |= ngram_counts(ref)                       # per n-gram, its most frequent use in one reference
+        for gram, c in counts.items():
+            correct[len(gram) - 1] += min(c, best[gram])
+            total[len(gram) - 1] += c
+        hyp_len += len(hyp)
+        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+    precisions = (correct + 1e-15) / (total + 1e-9)
+    brevity = min(1.0, math.exp(1 - (ref_len + 1e-9) / (hyp_len + 1e-15)))
+    return float(brevity * np.exp(np.log(precisions).mean()))
+
+
+def cider_d(hypotheses, references, sigma=6.0):
+    """CIDEr-D: per image, the mean over its references of the cosine similarity of tf-idf n-gram
+    vectors (n = 1..4; idf from the references of all evaluated images), with the hypothesis's
+    counts clipped at the reference's and a Gaussian penalty on the length difference; x10."""
+    ref_counts = [[ngram_counts(r) for r in refs] for refs in references]
+    df = Counter(g for refs in ref_counts for g in set().union(*refs))
+    log_n = math.log(len(references))
+
+    def vectors(counts):
+        vec = [{} for _ in range(4)]
+        for gram, c in counts.items():
+            vec[len(gram) - 1][gram] = c * (log_n - math.log(max(1.0, df[gram])))
+        norms = [math.sqrt(sum(v * v for v in d.values())) for d in vec]
+        length = sum(c for g, c in counts.items() if len(g) == 2)   # COCO's length term counts bigrams
+        return vec, norms, length
+
+    scores = []
+    for hyp, refs in zip(hypotheses, ref_counts):
+        vh, nh, lh = vectors(ngram_counts(hyp))
+        total = np.zeros(4)
+        for ref in refs:
+            vr, nr, lr = vectors(ref)
+            for n in range(4):
+                dot = sum(min(v, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, v in vh[n].items())
+                cos = dot / (nh[n] * nr[n]) if nh[n] and nr[n] else 0.0
+                total[n] += cos * math.exp(-(lh - lr) ** 2 / (2 * sigma ** 2))
+        scores.append(10.0 * total.mean() / len(refs))
+    return float(np.mean(scores))
+
+
 @torch.no_grad()
 def generate_captions(model, data, vocab, rows, device, batch_size=256):
     model.eval()
@@ -177,29 +244,36 @@ def generate_captions(model, data, vocab, rows, device, batch_size=256):
 
 
 def evaluate(model, data, vocab, device, n_generate=200, ctx=None, ref_ckpt=None):
-    """All metrics of a split. Shapes: teacher-forced on every caption, greedy on the first
-    n_generate. Data on disk: caption loss, loss on the top-weighted quarter (needs the
-    reference), retrieval, and a few greedy captions."""
+    """All metrics of a split, and the greedy captions as (row, text) pairs. Shapes: teacher-forced
+    on every caption, greedy on the first n_generate. Data on disk: caption loss, loss on the
+    top-weighted quarter (needs the reference), retrieval, and BLEU-4 / CIDEr-D of a greedy
+    caption for each of the first n_generate images against all of its captions."""
     rows = torch.arange(len(data))
     if data.objects is None:
         nll = caption_nlls(model, data, rows, device, ctx)
         metrics = {'loss': (nll.sum() / (data.targets != IGNORE).sum()).item()}
         metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_ckpt, device) if ref_ckpt else float('nan')
         metrics.update(retrieval_metrics(model, data, device, ctx=ctx))
-        gen_rows = rows[:min(n_generate, 8)]
+        by_image = {}
+        for row, img in enumerate(data.image_index.tolist()):
+            by_image.setdefault(img, []).append(row)
+        gen_rows = torch.tensor([r[0] for r in list(by_image.values())[:n_generate]])
         captions = generate_captions(model, data, vocab, gen_rows, device)
+        hyps = [words(c) for c in captions]
+        refs = [[words(data.texts[r]) for r in by_image[int(data.image_index[row])]] for row in gen_rows.tolist()]
+        metrics.update(bleu4=bleu4(hyps, refs), cider=cider_d(hyps, refs))
     else:
         metrics = teacher_forced_metrics(model, data, vocab, rows, device, ctx=ctx)
         gen_rows = rows[:n_generate]
         captions = generate_captions(model, data, vocab, gen_rows, device)
         metrics.update(caption_metrics(captions, [data.objects[i] for i in gen_rows.tolist()]))
     metrics['n_captions'], metrics['n_generated'] = len(rows), len(gen_rows)
-    return metrics, captions
+    return metrics, list(zip(gen_rows.tolist(), captions))
 
 
 TABLE_KEYS = ('loss', 'loss_relevant', 'loss_filler', 'loss_noise', 'attr_acc', 'acc_count', 'acc_colour',
               'acc_shape', 'acc_position', 'hallucination', 'recall', 'exact')
-CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5')
+CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5', 'bleu4', 'cider')
 
 
 def format_table(results):
@@ -254,9 +328,9 @@ def weights_figure(model, data, vocab, ref_ckpt, alpha, weight_floor, device, pa
 
 
 def sample_report(captions, data, n=3):
-    """A few greedy captions next to the truth, as text."""
+    """A few greedy (row, caption) pairs next to the truth, as text."""
     lines = []
-    for row, text in enumerate(captions[:n]):
+    for row, text in captions[:n]:
         truth = data.objects[row] if data.objects is not None else repr(data.texts[row])
         lines.append(f"  {text!r}\n    true: {truth}")
     return '\n'.join(lines)
@@ -264,14 +338,14 @@ def sample_report(captions, data, n=3):
 
 def main(argv):
     args = parse_flags(argv, {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 200, 'figure': '',
-                              'device': 'auto', 'dataset': '', 'image_root': '', 'skip_bad': False})
+                              'device': 'auto', 'dataset': '', 'image_root': '', 'skip_bad': False, 'ref_ckpt': ''})
     device = resolve_device(args['device'])
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
     if args['dataset']:                           # evaluate on other data than the run's own
         cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
     data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)
     metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'],
-                                 ref_ckpt=ckpt.get('ref_ckpt'))
+                                 ref_ckpt=args['ref_ckpt'] or ckpt.get('ref_ckpt'))   # an NTP run: pass a reference
     print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}, step {ckpt['step']}) on {cfg.dataset} {args['split']}:")
     print(sample_report(captions, data))
     print(format_table({cfg.loss: metrics}))

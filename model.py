@@ -5,6 +5,7 @@ The models, smallest first:
              embeddings). Alone it is PRIOR's text-only reference LM; inside an LVLM it is
              the language model that reads the image prefix and writes the caption.
   ViT        a small vision transformer (patches, learned positions, non-causal attention).
+  TorchvisionEncoder  a torchvision model (resnet, convnext, ViT-B/16) as the H-LVLM's encoder.
   LVLM       image prefix + GPT. Two ways to make the prefix:
                arch='h'  H-LVLM (LLaVA-style): ViT encoder -> 2-layer GELU MLP projector
                arch='u'  U-LVLM (Fuyu/SOLO-style, encoder-free): raw patches -> one linear layer,
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.flop_counter
+import torchvision
 
 
 @dataclass
@@ -199,25 +202,74 @@ class PatchPrefix(nn.Module):
         return self.proj(patches) + (self.row + self.col).flatten(0, 1)
 
 
+class TorchvisionEncoder(nn.Module):
+    """A torchvision image model read as a grid of feature vectors: a CNN's last feature map
+    (resnet, convnext: one vector per 32x32 pixels) or a ViT's patch tokens. `weights` goes to
+    torchvision's own loader ('DEFAULT' downloads the pretrained weights once; None is random).
+    `state_dict`: the model's weights from a file instead. Images come in [-1, 1] and are
+    normalised as the ImageNet weights expect."""
+
+    def __init__(self, name, image_size, weights=None, state_dict=None):
+        super().__init__()
+        model = torchvision.models.get_model(name, weights=weights)
+        if state_dict is not None:               # the same weights saved to a file (offline nodes)
+            model.load_state_dict(state_dict)
+        self.name = name
+        if name.startswith('vit_'):
+            self.trunk = model                   # conv_proj + class token + encoder; the head is unused
+            model.heads = nn.Identity()
+        else:                                    # resnet*: drop avgpool + fc; convnext*: keep features
+            self.trunk = model.features if name.startswith('convnext') else nn.Sequential(*list(model.children())[:-2])
+        self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.eval()                              # a probe in train mode would move BatchNorm's statistics
+        with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            _, self.n_tokens, self.width = self(torch.zeros(1, 3, image_size, image_size)).shape
+        self.forward_flops = counter.get_total_flops()       # per image, measured once
+        self.train()
+
+    def forward(self, images):
+        x = ((images + 1) / 2 - self.mean) / self.std
+        if self.name.startswith('vit_'):
+            x = self.trunk._process_input(x)
+            x = self.trunk.encoder(torch.cat([self.trunk.class_token.expand(len(x), -1, -1), x], dim=1))
+            return x[:, 1:]                      # the patch tokens
+        return self.trunk(x).flatten(2).transpose(1, 2)          # [B, h*w, C]
+
+
+
 class LVLM(nn.Module):
     def __init__(self, cfg, lm_config):
         super().__init__()
         self.lm = GPT(lm_config)
-        if cfg.arch == 'h':
-            self.vision = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
-            width = lm_config.n_embd
-            self.projector = nn.Sequential(nn.Linear(cfg.vit_embd, width), nn.GELU(), nn.Linear(width, width))
-            init_weights(self.projector, 1)
-        else:
-            self.vision = PatchPrefix(cfg.image_size, cfg.patch_size, lm_config.n_embd)
+        width = lm_config.n_embd
+        if cfg.arch == 'u':
+            self.vision = PatchPrefix(cfg.image_size, cfg.patch_size, width)
             self.projector = nn.Identity()
-        self.n_prefix = (cfg.image_size // cfg.patch_size) ** 2
+            self.n_prefix = (cfg.image_size // cfg.patch_size) ** 2
+            return
+        if cfg.vision == 'vit':
+            self.vision = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
+            self.n_prefix, features = (cfg.image_size // cfg.patch_size) ** 2, cfg.vit_embd
+        else:                                    # pretrained weights, if any, are loaded by train.build_model
+            self.vision = TorchvisionEncoder(cfg.vision, cfg.image_size)
+            self.n_prefix, features = self.vision.n_tokens, self.vision.width
+        self.projector = nn.Sequential(nn.Linear(features, width), nn.GELU(), nn.Linear(width, width))
+        init_weights(self.projector, 1)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not any(p.requires_grad for p in self.vision.parameters()):
+            self.vision.eval()                   # a frozen encoder keeps its BatchNorm statistics, no dropout
+        return self
 
     def image_prefix(self, images):
-        return self.projector(self.vision(images))
+        """The LM's image prefix [B,P,C] from pixels [B,3,H,W], or from the vision encoder's
+        features [B,P,F] when a frozen encoder's outputs were cached (encoder.py)."""
+        return self.projector(images if images.dim() == 3 else self.vision(images))
 
     def forward(self, images, idx):
-        """Caption logits [B,T,V] given images [B,3,H,W] and text ids [B,T]."""
+        """Caption logits [B,T,V] given images [B,3,H,W] (or cached features [B,P,F]) and text ids [B,T]."""
         return self.lm(idx, prefix=self.image_prefix(images))
 
     @torch.no_grad()
@@ -245,15 +297,21 @@ class LVLM(nn.Module):
                 break
         return [[t for t in row[1:].tolist()] for row in idx.cpu()]
 
-    def flops_per_sample(self, n_text):
+    def flops_per_sample(self, n_text, with_vision=True):
         """Training FLOPs (forward + backward) of one image with n_text caption positions.
         A frozen part skips its weight gradients (4 FLOPs per weight and token instead of 6),
-        and also its input gradients (2 instead of 6) when nothing before it trains."""
+        and also its input gradients (2 instead of 6) when nothing before it trains.
+        with_vision=False: the encoder's features came from the cache, so it did no work."""
         P = self.n_prefix
         trains = lambda m: any(p.requires_grad for p in m.parameters())
         flops = self.lm.flops_per_sequence(n_text, n_prefix=P, mode='train' if trains(self.lm) else 'frozen')
+        flops += 6 * linear_params(self.projector) * P
+        if not with_vision:
+            return flops
+        if isinstance(self.vision, TorchvisionEncoder):          # measured forward FLOPs; backward 2x
+            return flops + self.vision.forward_flops * (3 if trains(self.vision) else 1)
         vision_weight, vision_score = FLOP_FACTORS['train' if trains(self.vision) else 'forward']
-        flops += (vision_weight * linear_params(self.vision) + 6 * linear_params(self.projector)) * P
+        flops += vision_weight * linear_params(self.vision) * P
         if isinstance(self.vision, ViT):
             flops += vision_score * len(self.vision.blocks) * self.vision.ln.normalized_shape[0] * P * P
         return flops

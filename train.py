@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import config as config_mod
 import eval as evaluation
 from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width
-from encoder import ensure_encoder, load_encoder_into
+from encoder import ensure_encoder, load_encoder_into, pretrained_torchvision, use_cached_features
 from model import LVLM, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import ntp_loss, prior_loss
@@ -94,6 +94,8 @@ def build_model(cfg, vocab, device, ref_ckpt=None, vision_ckpt=None):
     model = LVLM(cfg, gpt_config(cfg, vocab))
     if cfg.init_vision == 'clip':
         load_encoder_into(model.vision, vision_ckpt)
+    elif cfg.init_vision == 'pretrained':
+        model.vision = pretrained_torchvision(cfg)
     if cfg.init_lm == 'ref':
         ref, ref_vocab, _ = load_reference(ref_ckpt, 'cpu')
         if ref_vocab.gpt2_ids != vocab.gpt2_ids:
@@ -139,7 +141,7 @@ def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_
         loss = loss_fn(cfg, logits, targets, ref_probs_of(rows, idx, targets, classes), n_tokens)
         (loss * world).backward()                # DDP averages gradients over processes: undo it
         loss_sum += loss.detach()
-        flops += raw_model.flops_per_sample(T) * len(rows)
+        flops += raw_model.flops_per_sample(T, with_vision=images.dim() == 4) * len(rows)
         tokens += (raw_model.n_prefix + T) * len(rows)
     optimizer_step(raw_model, optimizer, cfg.grad_clip)
     return loss_sum, lr, flops, tokens
@@ -235,6 +237,8 @@ def train(cfg, log=print, loss_fn=objective):
 
     # ---- model, optimiser, resume ----
     model = raw_model = build_model(cfg, vocab, device, ref_ckpt, vision_ckpt)
+    if cfg.arch == 'h' and cfg.freeze_vision and cfg.init_vision != 'scratch' and cfg.cache_features:
+        use_cached_features(splits, raw_model.vision, device, log, master)
     optimizer = make_optimizer(model, cfg.learning_rate, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

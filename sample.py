@@ -1,0 +1,99 @@
+"""
+Caption your own images with a trained LVLM.
+
+    python sample.py --ckpt=out/shapes_u/ckpt.pt photo.jpg [more.png FOLDER ...]
+    python sample.py --ckpt=... photo.jpg --temperature=0.8 --top_k=20 --num_samples=3
+    python sample.py --ckpt=... photo.jpg --weights="a red circle in the north"
+
+Greedy by default (temperature 0); otherwise sampled, optionally from the top_k tokens only.
+A folder stands for every image file in it. --weights=CAPTION prints, for that caption and
+each image, every token with the reference's P_r, its PRIOR weight (1 - P_r)^alpha normalised
+to mean 1, and the LVLM's loss given the image: which words the text alone already predicts,
+and which the model had to learn from the image. Paths are relative to where you run it.
+"""
+
+import os
+import sys
+
+import torch
+
+from captions import BadData, ImageFiles
+from config import parse_flags, resolve_device
+from eval import load_trained
+from prior_loss import token_nll, token_weights
+from reference import load_reference, target_probs
+from tokenizer import EOT, get_tokenizer
+
+FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'temperature': 0.0, 'top_k': 0, 'num_samples': 1, 'max_new_tokens': 0,
+         'seed': 1337, 'device': 'auto', 'weights': '', 'ref_ckpt': ''}
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
+
+
+def image_paths(args):
+    """The image files named on the command line, a folder standing for the images in it."""
+    paths = []
+    for arg in args:
+        if os.path.isdir(arg):
+            paths += sorted(os.path.join(arg, f) for f in os.listdir(arg) if f.lower().endswith(IMAGE_EXTENSIONS))
+        elif os.path.isfile(arg):
+            paths.append(arg)
+        else:
+            raise SystemExit(f"sample.py: no such image or folder: {arg}")
+    if not paths:
+        raise SystemExit("sample.py: no images given (see --help)")
+    return paths
+
+
+def caption_rows(text, vocab, block_size):
+    """One caption as model inputs: idx (BOS + tokens) and targets (tokens + EOT), [1, k]."""
+    tokens = get_tokenizer().encode_ordinary(text)[:block_size - 1]
+    ids = torch.as_tensor(vocab.encode(tokens + [EOT]))
+    idx = torch.cat([torch.tensor([vocab.eot]), ids[:-1]])
+    return idx[None], ids[None], [get_tokenizer().decode([t]) for t in tokens] + ['<eot>']
+
+
+@torch.no_grad()
+def print_weights(model, images, paths, text, vocab, cfg, ref_ckpt, device):
+    ref, _, _ = load_reference(ref_ckpt, device)
+    idx, targets, pieces = (x.to(device) if torch.is_tensor(x) else x for x in caption_rows(text, vocab, cfg.block_size))
+    ref_probs = target_probs(ref, idx, targets)
+    weights = token_weights(ref_probs, targets, cfg.alpha, cfg.weight_floor)[0]
+    for path, image in zip(paths, images):
+        nll = token_nll(model(image[None], idx), targets)[0]
+        print(f"\n{path}: {text!r}\n  {'token':>14} {'P_r':>6} {'weight':>7} {'LVLM loss':>10}")
+        for k, piece in enumerate(pieces):
+            mark = '  <- surprising to the text alone' if weights[k] > 1.5 else ''
+            print(f"  {piece!r:>14} {ref_probs[0, k].item():6.3f} {weights[k].item():7.2f} {nll[k].item():10.3f}{mark}")
+
+
+def main(argv):
+    if '--help' in argv or '-h' in argv:
+        print(__doc__ + f"\nflags and defaults: {FLAGS}")
+        return
+    args = parse_flags([a for a in argv if a.startswith('--')], FLAGS)
+    device = resolve_device(args['device'])
+    model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
+    paths = image_paths([a for a in argv if not a.startswith('--')])
+    files = ImageFiles(paths, cfg.image_size)
+    try:
+        images = torch.stack([files[i] for i in range(len(paths))]).to(device).float().div_(127.5).sub_(1.0)
+    except BadData as e:
+        raise SystemExit(f"sample.py: {e}")
+    torch.manual_seed(args['seed'])
+    max_new = args['max_new_tokens'] or cfg.block_size
+    for n in range(args['num_samples']):
+        ids = model.generate(images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=max_new,
+                             temperature=args['temperature'], top_k=args['top_k'] or None)
+        for path, row in zip(paths, ids):
+            row = row[:row.index(vocab.eot)] if vocab.eot in row else row
+            print(f"{path}{f' [{n + 1}]' if args['num_samples'] > 1 else ''}: {vocab.decode(row)}")
+    if args['weights']:
+        ref_ckpt = args['ref_ckpt'] or ckpt.get('ref_ckpt')
+        if not ref_ckpt or not os.path.isfile(ref_ckpt):
+            raise SystemExit(f"sample.py: --weights needs the run's reference LM, not found at {ref_ckpt!r}; "
+                             f"pass --ref_ckpt=PATH")
+        print_weights(model, images, paths, args['weights'], vocab, cfg, ref_ckpt, device)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

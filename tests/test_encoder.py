@@ -1,0 +1,150 @@
+"""The H-LVLM's encoders: the offline CLIP-style ViT, torchvision models with their weights loaded
+through torchvision's own path, the cached features of a frozen encoder, and captioning metrics."""
+import dataclasses
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import encoder
+from data import load_splits, make_vocab
+from eval import bleu4, cider_d, words
+from model import LVLM, TorchvisionEncoder, ViT, gpt_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def shapes_h(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                  # encoder and feature caches go to ./out
+    cfg = dataclasses.replace(tiny_cfg, arch='h', init_vision='clip', freeze_vision=True, image_size=24,
+                              clip_max_iters=30, clip_batch_size=64, clip_learning_rate=3e-3)
+    splits = load_splits(cfg)
+    vocab = make_vocab(cfg, splits['train'])
+    for d in splits.values():
+        d.encode(vocab)
+    return cfg, splits, vocab
+
+
+def test_clip_pretraining_learns_and_is_cached(shapes_h):
+    cfg, splits, vocab = shapes_h
+    logs = []
+    path = encoder.ensure_encoder(cfg, splits['train'], vocab, 'cpu', log=logs.append, val=splits['val'])
+    losses = [float(line.split('loss ')[1].split()[0]) for line in logs if 'contrastive loss' in line]
+    assert losses[-1] < losses[0]                                   # the contrastive loss falls
+    assert os.path.isfile(path) and path.startswith(os.path.join('out', 'encoder'))
+    again = []
+    assert encoder.ensure_encoder(cfg, splits['train'], vocab, 'cpu', log=again.append) == path and not again
+    vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, 0.0)
+    encoder.load_encoder_into(vit, path)                            # the LVLM's ViT takes its weights
+    other = dataclasses.replace(cfg, clip_max_iters=31)             # another recipe, another encoder
+    assert encoder.default_vision_ckpt(other, splits['train']) != path
+
+
+def test_cached_features_stand_in_for_pixels(shapes_h):
+    cfg, splits, vocab = shapes_h
+    torch.manual_seed(0)
+    model = LVLM(cfg, gpt_config(cfg, vocab)).eval()
+    rows = torch.arange(8)
+    pixels = splits['test'].batch(rows, 'cpu')[0]
+    with torch.no_grad():
+        expected = model(pixels, splits['test'].idx[rows])
+    logs = []
+    encoder.use_cached_features(splits, model.vision, 'cpu', log=logs.append)
+    assert len(logs) == 3                                           # one cache per split, computed once
+    features, idx, _, _ = splits['test'].batch(rows, 'cpu')
+    assert features.shape == (8, model.n_prefix, cfg.vit_embd)
+    with torch.no_grad():
+        torch.testing.assert_close(model(features, idx), expected, atol=2e-2, rtol=2e-2)   # float16 storage
+    assert model.flops_per_sample(10, with_vision=False) < model.flops_per_sample(10)
+    fresh = load_splits(cfg, names=('test',))
+    fresh['test'].encode(vocab)
+    logs = []
+    encoder.use_cached_features(fresh, model.vision, 'cpu', log=logs.append)
+    assert not logs                                                 # read back, not recomputed
+    torch.nn.init.zeros_(model.vision.pos)                          # other weights: another cache
+    encoder.use_cached_features(load_splits(cfg, names=('test',)), model.vision, 'cpu', log=logs.append)
+    assert len(logs) == 1
+
+
+def test_torchvision_encoder_loads_weights_through_torchvision(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.get_model('resnet18', weights=None).eval()
+    path = tmp_path / 'resnet18.pt'
+    torch.save(reference.state_dict(), path)
+    cfg = dataclasses.replace(__import__('config').Config(), arch='h', vision='resnet18', init_vision='pretrained',
+                              vision_ckpt=str(path), image_size=64)
+    enc = encoder.pretrained_torchvision(cfg).eval()
+    assert (enc.n_tokens, enc.width) == (4, 512) and enc.forward_flops > 1e8
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    trunk = torch.nn.Sequential(*list(reference.children())[:-2])
+    normalised = ((images + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(images), trunk(normalised).flatten(2).transpose(1, 2))
+    vit = TorchvisionEncoder('vit_b_16', 224)                       # ViT-B/16: 14 x 14 patch tokens
+    assert (vit.n_tokens, vit.width) == (196, 768)
+
+
+@pytest.mark.slow
+def test_train_with_a_frozen_torchvision_encoder(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from train import train
+    path = tmp_path / 'resnet18.pt'
+    torch.save(torchvision.models.get_model('resnet18', weights=None).state_dict(), path)
+    cfg = dataclasses.replace(tiny_cfg, arch='h', vision='resnet18', init_vision='pretrained', vision_ckpt=str(path),
+                              freeze_vision=True, image_size=64, loss='prior')
+    results = train(cfg, log=lambda *a: None)
+    assert 0 <= results['attr_acc'] <= 1
+    ckpt = torch.load(os.path.join(cfg.out_dir, 'ckpt.pt'), weights_only=True)
+    frozen = torchvision.models.get_model('resnet18', weights=None)
+    frozen.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(ckpt['model']['vision.trunk.0.weight'], frozen.conv1.weight)   # stayed frozen
+
+
+@pytest.mark.slow
+def test_sample_captions_images_and_folders(tiny_cfg, tmp_path):
+    from PIL import Image
+    from train import train
+    cfg = dataclasses.replace(tiny_cfg, final_eval=False)
+    train(cfg, log=lambda *a: None)
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(folder / f'{i}.png')
+    (folder / 'notes.txt').write_text('not an image')
+    ckpt = os.path.join(cfg.out_dir, 'ckpt.pt')
+    run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--ckpt={ckpt}', *args],
+                                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = run('imgs', '--temperature=0.8', '--top_k=5', '--num_samples=2', '--weights=one red circle.')
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert sum(line.startswith('imgs/0.png [') for line in lines) == 2 and not any('notes' in x for x in lines)
+    assert "' red'" in out.stdout and 'weight' in out.stdout
+    missing = run('nothing.png')
+    assert missing.returncode != 0 and 'nothing.png' in missing.stderr and 'Traceback' not in missing.stderr
+
+
+def test_caption_metrics_match_the_coco_evaluation():
+    pytest.importorskip('pycocoevalcap')
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    rng = random.Random(0)
+    vocab = 'a dog cat man woman runs sits on the grass red ball street two people bike water jumps in'.split()
+    caption = lambda: ' '.join(rng.choice(vocab) for _ in range(rng.randint(3, 12)))
+    refs = {i: [caption() for _ in range(rng.randint(1, 5))] for i in range(40)}
+    hyps = {i: [caption()] for i in refs}
+    expected_bleu = Bleu(4).compute_score(refs, hyps, verbose=0)[0][3]
+    expected_cider = Cider().compute_score(refs, hyps)[0]
+    ours_h = [words(hyps[i][0]) for i in refs]
+    ours_r = [[words(r) for r in refs[i]] for i in refs]
+    assert bleu4(ours_h, ours_r) == pytest.approx(expected_bleu, rel=1e-9)
+    assert cider_d(ours_h, ours_r) == pytest.approx(expected_cider, rel=1e-9)
+    assert bleu4([['a', 'dog']], [[['a', 'dog']]]) < 0.01          # no 3-/4-grams: ~0 (COCO smooths to 1e-3)
+    perfect = [words('a man rides a red bike on the street')]
+    assert bleu4(perfect, [perfect]) == pytest.approx(1.0)
