@@ -133,9 +133,9 @@ def _coerce(key, value, default):
 
 
 def unknown_key(key, known, origin):
-    """The error for a key that is not a setting, with the nearest known ones."""
-    near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(f'--{k}' for k in near)}?" if near else "see --help for every setting"
+    """The error for a key that is not a setting, with the nearest known one."""
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean --{near[0]}?" if near else "see --help for every setting"
     return ConfigError(f"unknown setting {key!r} (from {origin}): {hint}")
 
 
@@ -229,4 +229,5 @@ def cli(main, argv, doc, flags_help=''):
     try:
         main(argv)
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
