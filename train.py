@@ -138,27 +138,23 @@ def resume(cfg, model, optimizer, scaler, ckpt_path, global_batch, data_fingerpr
         raise ConfigError(f"--resume=True, but there is no checkpoint at {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path)
     saved = {**config_mod.as_dict(config_mod.Config()), **ckpt['config']}   # keys added since: defaults
-    if not cfg.lr_decay_iters:
-        cfg = dataclasses.replace(cfg, lr_decay_iters=saved['lr_decay_iters'] or saved['max_iters'])
-    now = config_mod.as_dict(cfg)
     saved['lr_decay_iters'] = saved['lr_decay_iters'] or saved['max_iters']
-    changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    cfg = dataclasses.replace(cfg, lr_decay_iters=cfg.lr_decay_iters or saved['lr_decay_iters'])
+    now = config_mod.as_dict(cfg)
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
     if changed:
-        raise ConfigError(f"--resume would change the result: {', '.join(f'{k} {saved.get(k)!r} -> {now[k]!r}' for k in changed)}"
-                          f" (a resume may change only {', '.join(RESUMABLE)})")
+        raise ConfigError(f"--resume would change the result: {', '.join(changed)} (a resume may change only "
+                          f"{', '.join(RESUMABLE)})")
     if ckpt.get('data_fingerprint', data_fingerprint) != data_fingerprint:
-        raise ConfigError(f"--resume: the training data differ from the checkpoint's (the token rows' sha256 "
-                          f"changed), so the run would not continue the same computation; start a new out_dir")
+        raise ConfigError("--resume: the training data differ from the checkpoint's (the token rows' sha256 "
+                          "changed), so the run would not continue the same computation; start a new out_dir")
     if ckpt['data_position'] != ckpt['step'] * global_batch:
-        raise ConfigError(f"--resume: global batch {global_batch} differs from the checkpoint's "
-                          f"({ckpt['data_position'] // max(1, ckpt['step'])}; the number of processes changed?)")
-    if cfg.max_iters < ckpt['step']:
-        raise ConfigError(f"--resume: max_iters {cfg.max_iters} is below the checkpoint's step {ckpt['step']}")
+        raise ConfigError(f"--resume: the global batch is {global_batch}, not the checkpoint's (other process count?)")
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     if scaler is not None:
         scaler.load_state_dict(ckpt['scaler'])
-    moved = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUMABLE if k != 'resume' and saved.get(k) != now[k]]
+    moved = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUMABLE if k != 'resume' and saved[k] != now[k]]
     log(f"resumed from {ckpt_path} at step {ckpt['step']}" + (f" ({', '.join(moved)})" if moved else ''))
     return ckpt['step'], ckpt, cfg
 
