@@ -310,7 +310,8 @@ def main(argv):
     print(sample_report(captions, data))
     print(format_table({cfg.loss: metrics}))
     other = f"{os.path.basename(os.path.normpath(args['dataset']))}_" if args['dataset'] else ''
-    out = args['out'] or os.path.join(os.path.dirname(args['ckpt']), f"eval_{other}{args['split']}_step{ckpt['step']}.json")
+    name = f"eval_{other}{args['split']}_step{ckpt['step']}.json"        # never train.py's eval_test.json
+    out = args['out'] or os.path.join(os.path.dirname(args['ckpt']), name)
     with open(out, 'w') as f:
         json.dump(metrics, f, indent=1)
     print(f"wrote {out}")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import config as config_mod
-from data import Vocab, batch_indices, load_splits, make_vocab, text_width, to_device
+from data import Vocab, batch_indices, load_splits, make_vocab, text_width
 from device import barrier, resolve_device
 from model import GPT, GPTConfig, exclusive, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
@@ -174,8 +174,8 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
                     if ref_vocab.gpt2_ids != vocab.gpt2_ids:
                         raise ValueError(f"reference {ref_ckpt} uses another vocabulary than this data")
                     t0 = time.time()
-                    write_cache(score_captions(model, train, device, log=log), expected_manifest(train, vocab, ref_ckpt),
-                                ref_ckpt)
+                    scores = score_captions(model, train, device, log=log)
+                    write_cache(scores, expected_manifest(train, vocab, ref_ckpt), ref_ckpt)
                     log(f"reference: scored {len(train)} training captions in {time.time() - t0:.1f}s -> "
                         f"{cache_paths(ref_ckpt)[0]}")
     barrier()

@@ -88,8 +88,8 @@ def target_weights_source(cfg, ref_probs, device):
     PRIOR, the true token classes for the oracle (as if the reference knew every non-visual
     token), nothing for NTP. A function (rows, idx, targets, classes) -> [B,T] or None."""
     if cfg.loss == 'prior':
-        return lambda rows, idx, targets, classes: to_device(torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]),
-                                                             device)
+        return lambda rows, idx, targets, classes: to_device(
+            torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]), device)
     if cfg.loss == 'oracle':
         return lambda rows, idx, targets, classes: (classes != RELEVANT).float()
     return lambda rows, idx, targets, classes: None
@@ -194,7 +194,7 @@ def wandb_run(cfg):
     try:
         import wandb
     except ImportError:
-        raise ConfigError("--wandb_project needs the wandb package, which is not installed (pip install wandb)") from None
+        raise ConfigError("--wandb_project needs the wandb package (pip install wandb)") from None
     return wandb.init(project=cfg.wandb_project, name=os.path.basename(os.path.normpath(cfg.out_dir)),
                       config=config_mod.as_dict(cfg))
 

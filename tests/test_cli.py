@@ -202,7 +202,8 @@ def test_plots_skip_empty_panels_and_compare_runs(tmp_path, monkeypatch):
         (run_dir / 'eval_test.json').write_text(json.dumps({'loss': 2.0 + shift, 'n_captions': 5}))
     panels = []
     real_subplots = plot.plt.subplots
-    monkeypatch.setattr(plot.plt, 'subplots', lambda rows, cols, **kw: panels.append(cols) or real_subplots(rows, cols, **kw))
+    monkeypatch.setattr(plot.plt, 'subplots',
+                        lambda rows, cols, **kw: panels.append(cols) or real_subplots(rows, cols, **kw))
     plot.plot_run(str(tmp_path / 'a' / 'log.jsonl'), str(tmp_path / 'a' / 'loss.png'))
     table = plot.compare([str(tmp_path / 'a'), str(tmp_path / 'b')], str(tmp_path / 'cmp.png'))
     assert panels == [2, 1]                              # objective and val loss apart; no NaN panels
@@ -280,3 +281,16 @@ def test_no_image_cache_in_dataloader_workers(tmp_path, monkeypatch):
     monkeypatch.undo()
     files[0]
     assert list(files.cache) == [0]                       # the main process keeps its one cache
+
+
+def test_scoring_reports_progress(tiny_cfg, monkeypatch):
+    from data import load_splits, make_vocab
+    from model import GPT, gpt_config
+    from reference import score_captions
+    data = load_splits(tiny_cfg, names=('val',))['val']
+    vocab = make_vocab(tiny_cfg, data)
+    data.encode(vocab)
+    monkeypatch.setattr('progress.Progress.due', lambda self: True)
+    lines = []
+    score_captions(GPT(gpt_config(tiny_cfg, vocab)), data, 'cpu', batch_size=16, log=lines.append)
+    assert lines[0].startswith('reference: scoring captions 16/64, ') and 'ETA' in lines[0] and len(lines) == 4
