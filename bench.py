@@ -17,12 +17,12 @@ starts from scratch, the reference is a fresh GPT and the cached P_r are random:
 is trained or loaded (--init_lm=gpt2 reads only the checkpoint's config, for its shape, and
 uses GPT-2's vocabulary).
 Bench-only flags: --bench_iters (timed iterations), --bench_warmup (untimed ones first).
-n_train defaults to 2048 here (quick data); a config file or flag overrides it.
+n_train defaults to 2048 here (quick data); a config file or flag overrides it. Every train.py
+setting applies (--precision=fp16 times the loss-scaled step).
 """
 
 import dataclasses
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -32,13 +32,18 @@ import numpy as np
 import torch
 
 import config as config_mod
-from data import load_splits, make_loader, make_vocab, micro_batches
+from data import load_splits, make_loader, make_vocab, micro_batches, to_device
+from device import (device_peak_flops, grad_scaler, peak_memory, precision_context, reset_peak_memory,
+                    resolve_device, resolve_precision)
 from model import GPT, gpt_config
 from optim import make_optimizer
 from reference import score_captions, target_probs
-from train import build_model, device_peak_flops, precision_context, train_step
+from train import build_model, train_step
 
 BENCH_FLAGS = {'bench_iters': 20, 'bench_warmup': 3}
+BENCH_HELP = """Bench flags: --bench_iters=20 (timed iterations), --bench_warmup=3 (untimed ones first).
+
+"""
 VARIANTS = ('ntp', 'cached', 'online')
 
 
@@ -49,25 +54,12 @@ def parse_args(argv):
     return config_mod.parse_flags(ours, BENCH_FLAGS), config_mod.load_config(['--n_train=2048'] + rest)
 
 
-def reset_peak_memory(cuda):
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    elif os.access('/proc/self/clear_refs', os.W_OK):      # Linux: restarts ru_maxrss, so
-        with open('/proc/self/clear_refs', 'w') as f:      # each variant gets its own peak
-            f.write('5')
-
-
-def peak_memory(cuda):
-    """Bytes: allocated tensors on CUDA; the process's peak resident set on CPU (Linux KiB)."""
-    return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def main(argv):
     bench, cfg = parse_args(argv)
-    device = config_mod.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     cuda = str(device).startswith('cuda')
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    ctx = precision_context(device)
+    ctx, scaler = precision_context(device, cfg.precision), grad_scaler(device, cfg.precision)
 
     # ---- data, models, optimiser: train.py's pieces, with a scratch LM of the same shape ----
     splits = load_splits(cfg, names=('train', 'val'))
@@ -92,7 +84,7 @@ def main(argv):
     n_params = sum(p.numel() for p in raw_model.parameters())
     n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     peak = device_peak_flops(device)
-    precision = 'bf16 autocast' if cuda else f'fp32, {torch.get_num_threads()} threads'
+    precision = resolve_precision(device, cfg.precision) + ('' if cuda else f', {torch.get_num_threads()} threads')
     print(f"bench: {cfg.arch} LVLM, {n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
           f"reference GPT {sum(p.numel() for p in ref.parameters()) / 1e6:.2f}M, vocab {vocab.size}; "
           f"{raw_model.n_prefix} image + <= {cfg.block_size} text tokens; batch {cfg.batch_size} x "
@@ -129,7 +121,7 @@ def main(argv):
                     return target_probs(ref_fwd, idx, targets)
             sync()
             t = time.perf_counter()
-            p = torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]).to(device)
+            p = to_device(torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]), device)
             sync()
             spent['lookup'] += time.perf_counter() - t
             return p
@@ -141,7 +133,7 @@ def main(argv):
         sync()
         t0 = time.perf_counter()
         _, _, flops, tokens = train_step(cfg, model, raw_model, optimizer, train, batches, it, ref_probs_of,
-                                         device=device, ctx=ctx)
+                                         device=device, ctx=ctx, scaler=scaler)
         sync()
         return dict(s=time.perf_counter() - t0, data=spent['data'] + spent['lookup'], lookup=spent['lookup'],
                     flops=flops, ref_flops=spent['ref_flops'], tokens=tokens,
@@ -164,12 +156,14 @@ def main(argv):
     def mean(v, key):
         return statistics.fmean(r[key] for r in runs[v])
 
+    rates = {v: (mean(v, 'flops') + mean(v, 'ref_flops')) / med(v) for v in VARIANTS}     # all FLOPs done
+    peak = device_peak_flops(device, max(rates.values()))   # a CPU peak measured while busy can be too low
     print(f"\n{bench['bench_iters']} timed iterations after {bench['bench_warmup']} warmup (medians):")
     print(f"{'variant':8} {'ms/iter':>9} {'tokens/s':>11} {'images/s':>10} {'MFU':>7} {'data':>7} "
           f"{'lookup':>7} {'peak mem':>10}")
     for v in VARIANTS:
         s = med(v)
-        mfu = (mean(v, 'flops') + mean(v, 'ref_flops')) / s / peak if peak else float('nan')  # all FLOPs done
+        mfu = rates[v] / peak if peak else float('nan')
         print(f"{v:8} {1000 * s:9.2f} {mean(v, 'tokens') / s:11,.0f} {mean(v, 'images') / s:10,.1f} "
               f"{100 * mfu:6.1f}% {100 * med(v, 'data') / s:6.2f}% {100 * med(v, 'lookup') / s:6.2f}% "
               f"{mem[v] / 2 ** 20:7.1f} MiB")
@@ -196,4 +190,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    config_mod.cli(main, sys.argv[1:], __doc__, BENCH_HELP + config_mod.settings_help())

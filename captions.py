@@ -27,6 +27,8 @@ from collections import Counter
 
 import torch
 
+from progress import Progress
+
 IMAGE_MAGIC = ((b'\xff\xd8\xff', 'jpeg'), (b'\x89PNG\r\n\x1a\n', 'png'), (b'GIF87a', 'gif'), (b'GIF89a', 'gif'),
                (b'BM', 'bmp'), (b'RIFF', 'webp'))
 MAX_LISTED = 10                                  # problems spelled out in the error message
@@ -195,7 +197,11 @@ def read_records(path, image_root='', skip_bad=False, log=print):
     rows = {'csv': read_csv, 'jsonl': read_jsonl}[fmt](source, problems) if fmt in ('csv', 'jsonl') else \
         {'coco': read_coco, 'llava': read_llava}[fmt](source, path, problems)
     records, seen, checked = [], set(), {}
+    total = {'coco': lambda: len(source['annotations']), 'llava': lambda: len(source)}.get(fmt, lambda: None)()
+    progress = Progress(total)                   # speaks only on datasets that take seconds to check
     for image, caption, where in rows:
+        if progress.due():
+            log(f"data: checking {path}: {progress.line(len(records) + len(problems))} entries")
         if caption is None:
             problems.append(('no_caption', where, "entry has no caption"))
             continue
@@ -240,7 +246,8 @@ def split_of(image_path, val_frac, test_frac):
 class ImageFiles:
     """Images decoded on demand with torchvision, converted to RGB (grey, RGBA, palette, CMYK,
     16-bit too), resized (shorter side) and centre-cropped to size x size, as uint8 [3,H,W].
-    Small datasets are kept in memory once decoded (per process)."""
+    Small datasets are kept in memory once decoded, by the main process only: DataLoader workers
+    each hold a copy of this object, and a cache in each would multiply the memory by their number."""
 
     def __init__(self, paths, size):
         from torchvision.transforms import v2
@@ -260,6 +267,6 @@ class ImageFiles:
             image = self.transform(decode_image(self.paths[i], mode=ImageReadMode.RGB))
         except Exception as e:
             raise BadData(f"cannot decode image {self.paths[i]}: {e}") from e
-        if self.cache is not None:
+        if self.cache is not None and torch.utils.data.get_worker_info() is None:
             self.cache[i] = image
         return image

@@ -6,16 +6,24 @@ Every setting of the project lives in one dataclass, `Config`, with its default.
     python train.py --alpha=0 --max_iters=50 # flags override both
 
 A config file is plain Python whose top-level assignments must be Config fields.
-Values are type-checked against the default's type; an unknown key is an error;
-booleans accept True/False (also true/false, 1/0, yes/no), never "any non-empty string".
+Values are type-checked against the default's type; an unknown key is an error (naming the
+nearest known key); booleans accept True/False (also true/false, 1/0, yes/no), never "any
+non-empty string". A settings mistake ends the program with one line, not a traceback.
 """
 
 import ast
 import dataclasses
+import difflib
+import inspect
 import os
+import sys
 from dataclasses import dataclass
 
 TORCHVISION_ENCODERS = ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')   # the H-LVLM encoders model.py reads
+
+
+class ConfigError(ValueError):
+    """A settings mistake: entry points print its message as one line and exit with status 2."""
 
 
 @dataclass
@@ -81,6 +89,8 @@ class Config:
     batch_size: int = 32         # per process, per micro-step
     grad_accum: int = 1          # micro-steps per iteration (global batch = batch_size*grad_accum*world)
     max_iters: int = 1000
+    lr_decay_iters: int = 0      # the cosine reaches its minimum here (0 = max_iters) and stays there after;
+                                 # a resume that extends max_iters keeps the checkpoint's (see train.resume)
     learning_rate: float = 4e-3
     min_lr_ratio: float = 0.1    # cosine decays to learning_rate * min_lr_ratio
     warmup_iters: int = 20
@@ -96,10 +106,12 @@ class Config:
     ckpt_interval: int = 250     # 0: only at the end
     resume: bool = False
     final_eval: bool = True      # run eval.py's metrics on the test split at the end
+    wandb_project: str = ''      # also log to Weights & Biases under this project ('' = off; needs `pip install wandb`)
     # ---- system ----
     seed: int = 1337             # init and data order; same seed => same init and order for any loss
     device: str = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     compile: bool = False
+    precision: str = 'auto'      # 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16', 'fp16' (+ loss scaling), 'fp32'
     num_workers: int = 0         # DataLoader worker processes decoding images (data on disk)
 
 
@@ -109,7 +121,7 @@ def _parse_bool(text):
         return True
     if low in ('false', '0', 'no'):
         return False
-    raise ValueError(f"expected True or False, got {text!r}")
+    raise ConfigError(f"expected True or False, got {text!r}")
 
 
 def _coerce(key, value, default):
@@ -119,44 +131,49 @@ def _coerce(key, value, default):
         try:
             value = _parse_bool(value) if kind is bool else ast.literal_eval(value)
         except (ValueError, SyntaxError) as e:
-            raise ValueError(f"config key {key!r}: cannot read {value!r} as {kind.__name__} ({e})")
+            raise ConfigError(f"config key {key!r}: cannot read {value!r} as {kind.__name__} ({e})")
     if kind is float and type(value) is int:
         value = float(value)
     if type(value) is not kind:
-        raise TypeError(f"config key {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"config key {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def unknown_key(key, known, origin):
+    """The error for a key that is not a setting, with the nearest known one."""
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean --{near[0]}?" if near else "see --help for every setting"
+    return ConfigError(f"unknown setting {key!r} (from {origin}): {hint}")
+
+
+def split_flag(arg):
+    key, sep, value = arg[2:].partition('=') if arg.startswith('--') else ('', '', '')
+    if not sep:
+        raise ConfigError(f"argument {arg!r} must look like --key=value")
+    return key, value
 
 
 def parse_flags(argv, defaults):
     """`--key=value` flags over a dict of defaults (for small CLIs such as eval.py)."""
     out = dict(defaults)
     for arg in argv:
-        key, sep, value = arg[2:].partition('=') if arg.startswith('--') else ('', '', '')
-        if not sep:
-            raise ValueError(f"argument {arg!r} must look like --key=value")
+        key, value = split_flag(arg)
         if key not in defaults:
-            raise KeyError(f"unknown flag --{key} (known: {', '.join(defaults)})")
+            raise unknown_key(key, defaults, 'command line')
         out[key] = _coerce(key, value, defaults[key])
     return out
 
 
 def load_config(argv):
     """Build a Config from `[config_file.py] [--key=value ...]` (argv without the program name)."""
-    if '--help' in argv or '-h' in argv:
-        import inspect
-        print(__doc__ + '\n' + inspect.getsource(Config))
-        raise SystemExit(0)
     cfg = Config()
     defaults = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)}
     for arg in argv:
-        if arg.startswith('--'):
-            key, sep, value = arg[2:].partition('=')
-            if not sep:
-                raise ValueError(f"flag {arg!r} must look like --key=value")
-            pairs, origin = {key: value}, 'command line'
+        if arg.startswith('-'):
+            pairs, origin = dict([split_flag(arg)]), 'command line'
         else:
             if not os.path.isfile(arg):
-                raise FileNotFoundError(f"config file {arg!r} does not exist")
+                raise ConfigError(f"config file {arg!r} does not exist")
             namespace = {}
             with open(arg) as f:
                 exec(compile(f.read(), arg, 'exec'), namespace)
@@ -164,9 +181,12 @@ def load_config(argv):
             origin = arg
         for key, value in pairs.items():
             if key not in defaults:
-                raise KeyError(f"unknown config key {key!r} (from {origin})")
+                raise unknown_key(key, defaults, origin)
             setattr(cfg, key, _coerce(key, value, defaults[key]))
-    check(cfg)
+    try:
+        check(cfg)
+    except ValueError as e:                      # every check names its setting
+        raise ConfigError(str(e)) from e
     return cfg
 
 
@@ -209,8 +229,19 @@ def from_dict(d):
     return Config(**{k: v for k, v in d.items() if k in known})
 
 
-def resolve_device(name):
-    if name == 'auto':
-        import torch
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    return name
+def settings_help():
+    """Every setting with its default and comment: the Config class as written."""
+    return 'Settings (defaults; override with a config file, then --key=value):\n\n' + inspect.getsource(Config)
+
+
+def cli(main, argv, doc, flags_help=''):
+    """Run an entry point's main(argv). --help/-h prints `doc` and `flags_help`; a settings mistake
+    (ConfigError) ends in one line on stderr and exit status 2, as argparse does."""
+    if '--help' in argv or '-h' in argv:
+        print(doc.strip() + '\n\n' + flags_help)
+        raise SystemExit(0)
+    try:
+        main(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -155,14 +155,15 @@ class CaptionData:
         return torch.stack([self.images[i] for i in self.image_index[rows].tolist()])
 
     def text_batch(self, rows, device):
-        return self.idx[rows].to(device), self.targets[rows].to(device), self.classes[rows].to(device)
+        return to_device(self.idx[rows], device), to_device(self.targets[rows], device), \
+            to_device(self.classes[rows], device)
 
     def batch(self, rows, device, images=None):
         """(images as float in [-1, 1], idx, targets, classes) on `device`; `images` (uint8)
         when a DataLoader already fetched them. A split whose images were replaced by a frozen
         encoder's cached features (encoder.use_cached_features) serves those instead."""
         images = self.image_batch(rows) if images is None else images
-        images = images.to(device, non_blocking=True)
+        images = to_device(images, device)
         images = images.float().div_(127.5).sub_(1.0) if images.dtype == torch.uint8 else images.float()  # or features
         return (images, *self.text_batch(rows, device))
 
@@ -239,6 +240,14 @@ def step_rows(n_items, global_batch, step, seed):
 def step_token_count(data, global_batch, step, seed):
     """Caption tokens in training step `step`'s global batch: the denominator of its loss."""
     return int((data.targets[step_rows(len(data), global_batch, step, seed)] != IGNORE).sum())
+
+
+def to_device(tensor, device):
+    """Copy a host tensor to `device` without making the host wait: on CUDA from pinned memory,
+    non-blocking (a pageable copy waits for the GPU to finish its queue first); on CPU a no-op."""
+    if str(device).startswith('cuda'):
+        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def text_width(targets):

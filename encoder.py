@@ -10,7 +10,7 @@ causal text transformer at end-of-text) learn to place each image nearest to its
 among the batch (symmetric InfoNCE with a learned temperature). Only the ViT is kept. Like
 the reference, it is trained on first use and cached, keyed by the data and the recipe:
 
-    python encoder.py configs/shapes_h.py       # only pretrain it, and print val retrieval
+    python encoder.py configs/shapes_h.py       # only pretrain it, and print val retrieval (settings: --help)
 """
 
 import hashlib
@@ -27,9 +27,11 @@ import torch.nn.functional as F
 
 import config as config_mod
 from data import batch_indices, load_splits, make_vocab, text_width
+from device import barrier, resolve_device
 from model import GPT, TorchvisionEncoder, ViT, exclusive, gpt_config, load_checkpoint, save_checkpoint
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE
+from progress import Progress
 
 
 class CLIP(nn.Module):
@@ -68,8 +70,8 @@ def first_of_each_image(image_ids):
 
 
 def batch(data, rows, device):
+    T = text_width(data.targets[rows])           # on the host: no device sync
     images, idx, targets, _ = data.batch(rows, device)
-    T = text_width(targets)
     return images, idx[:, :T], targets[:, :T]
 
 
@@ -78,7 +80,7 @@ def pretrain(cfg, train, vocab, device, log=print):
     torch.manual_seed(0)                         # one encoder per data and recipe, whatever the run's seed
     model = CLIP(cfg, vocab).to(device).train()
     optimizer = make_optimizer(model, cfg.clip_learning_rate, cfg)
-    warmup, t0 = max(1, cfg.clip_max_iters // 20), time.time()
+    warmup, progress = max(1, cfg.clip_max_iters // 20), Progress(cfg.clip_max_iters)
     for it in range(cfg.clip_max_iters):
         set_lr(optimizer, lr_at(it, cfg.clip_learning_rate, warmup, cfg.clip_max_iters, cfg.min_lr_ratio))
         rows = batch_indices(len(train), cfg.clip_batch_size, it * cfg.clip_batch_size, 0)
@@ -88,7 +90,7 @@ def pretrain(cfg, train, vocab, device, log=print):
         loss.backward()
         optimizer_step(model, optimizer, cfg.grad_clip)
         if it % 100 == 0 or it == cfg.clip_max_iters - 1:
-            log(f"encoder iter {it}: contrastive loss {loss.item():.4f} ({time.time() - t0:.1f}s)")
+            log(f"encoder iter {progress.line(it + 1)}: contrastive loss {loss.item():.4f}")
     return model.eval()
 
 
@@ -126,8 +128,7 @@ def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=Non
                         f"among {min(256, len(val))} (chance {1 / min(256, len(val)):.3f})")
                 save_checkpoint({'vision': model.vision.state_dict(), 'data_fingerprint': train.fingerprint(),
                                  'config': config_mod.as_dict(cfg)}, path)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier()
     return path
 
 
@@ -202,8 +203,7 @@ def use_cached_features(splits, vision, device, log=print, is_master=True):
                     with open(path[:-4] + '.json', 'w') as f:
                         json.dump({**manifest, 'shape': list(features.shape)}, f)
                     log(f"encoder: {name} features {features.shape} in {time.time() - t0:.1f}s -> {path}")
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        barrier()
         with open(path[:-4] + '.json') as f:
             found = json.load(f)
         array = np.load(path, mmap_mode='r')
@@ -215,7 +215,7 @@ def use_cached_features(splits, vision, device, log=print, is_master=True):
 
 def main(argv):
     cfg = config_mod.load_config(argv)
-    device = config_mod.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     splits = load_splits(cfg, names=('train', 'val'))
     vocab = make_vocab(cfg, splits['train'])
     for data in splits.values():
@@ -224,4 +224,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    config_mod.cli(main, sys.argv[1:], __doc__, config_mod.settings_help())

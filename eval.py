@@ -1,8 +1,12 @@
 """
-Evaluate a trained LVLM.
+Evaluate a trained LVLM, from any directory: a checkpoint holds everything eval needs.
 
     python eval.py --ckpt=out/shapes_u/ckpt.pt [--split=test|val|all] [--figure=weights.png]
     python eval.py --ckpt=out/run_ntp/ckpt.pt --ref_ckpt=out/ref/.../ref.pt   # loss_top_weight of an NTP run
+
+It evaluates in the run's precision (bf16 autocast on CUDA by default, as train.py's final
+eval), prints the table and writes eval_<split>_step<N>.json beside the checkpoint (or --out),
+never train.py's own eval_test.json.
 
 On data on disk (captions.py): loss (caption NLL), loss_top_weight (NLL on the quarter of
 tokens with the highest PRIOR weight), retrieval_r1/r5 (see retrieval_metrics), and a few
@@ -32,11 +36,12 @@ import matplotlib
 import numpy as np
 import torch
 
-from config import from_dict, parse_flags, resolve_device
+from config import ConfigError, cli, from_dict, parse_flags
 from data import Vocab, load_splits
+from device import precision_context, resolve_device
 from model import LVLM, GPTConfig, load_checkpoint
 from prior_loss import IGNORE, token_nll, token_weights
-from reference import load_reference, score_captions
+from reference import reference_from, score_captions
 from shapes import ATTR_NAMES, ATTRIBUTES, CLASS_NAMES, parse_objects
 from tokenizer import get_tokenizer
 
@@ -138,16 +143,16 @@ def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0
             'retrieval_images': len(chosen), 'retrieval_candidates': n_candidates}
 
 
-def reference_weights(ref_ckpt, data, device, alpha=1.0, weight_floor=0.0):
-    """PRIOR weights [N,T] of every caption of `data`, scored by the reference at ref_ckpt."""
-    ref, _, _ = load_reference(ref_ckpt, device)
+def reference_weights(reference, data, device, alpha=1.0, weight_floor=0.0):
+    """PRIOR weights [N,T] of every caption of `data`, scored by `reference` (a reference checkpoint's dict)."""
+    ref, _ = reference_from(reference, device)
     return token_weights(torch.from_numpy(score_captions(ref, data, device)), data.targets, alpha, weight_floor)
 
 
-def top_weight_loss(nll, data, ref_ckpt, device):
+def top_weight_loss(nll, data, reference, device):
     """Mean NLL on the quarter of caption tokens with the highest PRIOR weight, at the paper's
     alpha = 1 and no floor whatever the run trained with, so every run is scored on the same tokens."""
-    weights = reference_weights(ref_ckpt, data, device)
+    weights = reference_weights(reference, data, device)
     mask = data.targets != IGNORE
     threshold = torch.quantile(weights[mask].float(), 0.75)
     top = mask & (weights >= threshold)
@@ -243,16 +248,17 @@ def generate_captions(model, data, vocab, rows, device, batch_size=256):
     return out
 
 
-def evaluate(model, data, vocab, device, n_generate=200, ctx=None, ref_ckpt=None):
+def evaluate(model, data, vocab, device, n_generate=200, ctx=None, reference=None):
     """All metrics of a split, and the greedy captions as (row, text) pairs. Shapes: teacher-forced
     on every caption, greedy on the first n_generate. Data on disk: caption loss, loss on the
-    top-weighted quarter (needs the reference), retrieval, and BLEU-4 / CIDEr-D of a greedy
-    caption for each of the first n_generate images against all of its captions."""
+    top-weighted quarter (needs `reference`, a reference checkpoint's dict), retrieval, and
+    BLEU-4 / CIDEr-D of a greedy caption for each of the first n_generate images against all of
+    its captions."""
     rows = torch.arange(len(data))
     if data.objects is None:
         nll = caption_nlls(model, data, rows, device, ctx)
         metrics = {'loss': (nll.sum() / (data.targets != IGNORE).sum()).item()}
-        metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_ckpt, device) if ref_ckpt else float('nan')
+        metrics['loss_top_weight'] = top_weight_loss(nll, data, reference, device) if reference else float('nan')
         metrics.update(retrieval_metrics(model, data, device, ctx=ctx))
         by_image = {}
         for row, img in enumerate(data.image_index.tolist()):
@@ -287,19 +293,32 @@ def format_table(results):
 
 
 def load_trained(ckpt_path, device):
-    """(model, vocab, cfg, checkpoint) of a train.py checkpoint."""
-    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    """(model, vocab, cfg, checkpoint without its optimiser state) of a train.py checkpoint. The file
+    is memory-mapped and the model built on the host, so only the weights ever reach `device`."""
+    ckpt = load_checkpoint(ckpt_path, mmap=True)
+    ckpt.pop('optimizer', None)
     cfg = from_dict(ckpt['config'])
     model = LVLM(cfg, GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
     return model.to(device).eval(), Vocab(ckpt['vocab']['gpt2_ids']), cfg, ckpt
 
 
-def weights_figure(model, data, vocab, ref_ckpt, alpha, weight_floor, device, path, n_examples=4):
+def reference_of(ckpt):
+    """The reference checkpoint's dict: inside the LVLM checkpoint, or (older ones) at its stored path."""
+    if ckpt.get('reference'):
+        return ckpt['reference']
+    path = ckpt.get('ref_ckpt')
+    if path and not os.path.isfile(path):
+        raise ConfigError(f"this checkpoint predates self-contained ones and its reference {path} is not "
+                          f"there (relative to {os.getcwd()}); run eval.py from the directory train.py ran in")
+    return load_checkpoint(path) if path else None
+
+
+def weights_figure(model, data, vocab, reference, alpha, weight_floor, device, path, n_examples=4):
     """The paper's Figure 1 idea: each caption token shaded by its PRIOR weight (from the
     text-only reference, with the run's alpha and weight floor) and by the LVLM's loss given the image."""
     sub = data.subset(range(n_examples))
-    weights = reference_weights(ref_ckpt, sub, device, alpha, weight_floor)
+    weights = reference_weights(reference, sub, device, alpha, weight_floor)
     nll = caption_nlls(model, sub, torch.arange(n_examples), device)
     targets = sub.targets
     fig, axes = plt.subplots(n_examples, 2, figsize=(13, 2.6 * n_examples),
@@ -336,31 +355,48 @@ def sample_report(captions, data, n=3):
     return '\n'.join(lines)
 
 
+FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 200, 'figure': '', 'device': 'auto',
+         'dataset': '', 'image_root': '', 'skip_bad': False, 'out': '', 'ref_ckpt': ''}
+FLAGS_HELP = """Flags (--key=value; defaults):
+  --ckpt=out/shapes_u/ckpt.pt   a train.py checkpoint (works from any directory, wherever the run folder moved)
+  --split=test                  test, val, or all (every caption of --dataset)
+  --n_generate=200              greedy captions for hallucination/recall/exact (shapes)
+  --figure=                     also draw tokens shaded by PRIOR weight and LVLM loss into this PNG
+  --device=auto                 auto, cpu, cuda, cuda:N
+  --dataset= --image_root=      evaluate on other data than the run's own (see captions.py)
+  --skip_bad=False              with --dataset: skip and count bad entries
+  --out=                        the JSON to write (default: eval_<split>_step<N>.json beside the checkpoint)
+  --ref_ckpt=                   a reference LM for loss_top_weight (an NTP run carries none)"""
+
+
 def main(argv):
-    args = parse_flags(argv, {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 200, 'figure': '',
-                              'device': 'auto', 'dataset': '', 'image_root': '', 'skip_bad': False, 'ref_ckpt': ''})
+    args = parse_flags(argv, FLAGS)
     device = resolve_device(args['device'])
+    if not os.path.isfile(args['ckpt']):
+        raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
     if args['dataset']:                           # evaluate on other data than the run's own
         cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
     data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)
-    metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'],
-                                 ref_ckpt=args['ref_ckpt'] or ckpt.get('ref_ckpt'))   # an NTP run: pass a reference
+    reference = load_checkpoint(args['ref_ckpt']) if args['ref_ckpt'] else reference_of(ckpt)  # NTP runs: pass one
+    ctx = precision_context(device, cfg.precision)            # the run's own, as its final eval
+    metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'], ctx=ctx,
+                                 reference=reference)
     print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}, step {ckpt['step']}) on {cfg.dataset} {args['split']}:")
     print(sample_report(captions, data))
     print(format_table({cfg.loss: metrics}))
-    other = f"{os.path.basename(os.path.normpath(args['dataset']))}_" if args['dataset'] else ''   # keep the run's own
-    out = os.path.join(os.path.dirname(args['ckpt']), f"eval_{other}{args['split']}.json")
+    other = f"{os.path.basename(os.path.normpath(args['dataset']))}_" if args['dataset'] else ''
+    name = f"eval_{other}{args['split']}_step{ckpt['step']}.json"        # never train.py's eval_test.json
+    out = args['out'] or os.path.join(os.path.dirname(args['ckpt']), name)
     with open(out, 'w') as f:
         json.dump(metrics, f, indent=1)
     print(f"wrote {out}")
     if args['figure']:
-        if not ckpt.get('ref_ckpt'):
-            raise ValueError("--figure needs the reference LM; this run had none (loss=ntp, init_lm!=ref)")
-        weights_figure(model, data, vocab, ckpt['ref_ckpt'], cfg.alpha, cfg.weight_floor, device,
-                       args['figure'])
+        if not reference:
+            raise ConfigError("--figure needs the reference LM; this run had none (loss=ntp, init_lm!=ref)")
+        weights_figure(model, data, vocab, reference, cfg.alpha, cfg.weight_floor, device, args['figure'])
         print(f"wrote {args['figure']}")
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    cli(main, sys.argv[1:], __doc__, FLAGS_HELP)

@@ -365,10 +365,11 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location='cpu'):
+def load_checkpoint(path, map_location='cpu', mmap=False):
+    """mmap: tensors are read from disk only when used (eval.py never reads the optimizer state)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 @contextlib.contextmanager

@@ -9,10 +9,11 @@ import torch
 
 
 def lr_at(it, max_lr, warmup_iters, max_iters, min_lr_ratio):
-    """Linear warmup over warmup_iters, then cosine decay to max_lr * min_lr_ratio at max_iters."""
+    """Linear warmup over warmup_iters, then cosine decay to max_lr * min_lr_ratio at max_iters,
+    and that minimum after it (a run extended past its planned end)."""
     if it < warmup_iters:
         return max_lr * (it + 1) / warmup_iters
-    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
     return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -30,9 +31,16 @@ def set_lr(optimizer, lr):
         group['lr'] = lr
 
 
-def optimizer_step(model, optimizer, grad_clip):
-    """Clip the gradient norm (if grad_clip > 0), update, and clear the gradients."""
+def optimizer_step(model, optimizer, grad_clip, scaler=None):
+    """Clip the gradient norm (if grad_clip > 0), update, and clear the gradients. With an fp16
+    GradScaler: unscale before clipping, skip the update if the gradients overflowed."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)

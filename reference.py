@@ -2,7 +2,7 @@
 The text-only reference LM P_r of PRIOR: train it on the training captions (no images),
 then score every training caption token once and cache P_r(t_i | t_<i) on disk.
 
-    python reference.py [config.py] [--key=value ...]
+    python reference.py [config.py] [--key=value ...]      # every setting: --help
 
 Training the LVLM then reads the cached probabilities (memory-mapped), so PRIOR costs one
 reference pass over the data, paid once, not one per epoch. A cache records what it was made
@@ -21,9 +21,11 @@ import torch
 
 import config as config_mod
 from data import Vocab, batch_indices, load_splits, make_vocab, text_width
+from device import barrier, resolve_device
 from model import GPT, GPTConfig, exclusive, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE, ntp_loss, token_nll
+from progress import Progress
 
 
 def default_ref_ckpt(cfg, train):
@@ -52,18 +54,18 @@ def train_reference(cfg, train, vocab, device, log=print):
         load_hf_gpt2_into(model, cfg.gpt2_model)
     optimizer = make_optimizer(model, cfg.ref_learning_rate, cfg)
     warmup = max(1, cfg.ref_max_iters // 20)
-    t0 = time.time()
+    progress = Progress(cfg.ref_max_iters)
     model.train()
     for it in range(cfg.ref_max_iters):
         set_lr(optimizer, lr_at(it, cfg.ref_learning_rate, warmup, cfg.ref_max_iters, cfg.min_lr_ratio))
         rows = batch_indices(len(train), cfg.ref_batch_size, it * cfg.ref_batch_size, cfg.seed)
+        T = text_width(train.targets[rows])      # on the host: no device sync
         idx, targets, _ = train.text_batch(rows, device)
-        T = text_width(targets)
         loss = ntp_loss(model(idx[:, :T]), targets[:, :T])
         loss.backward()
         optimizer_step(model, optimizer, cfg.grad_clip)
         if it % 100 == 0 or it == cfg.ref_max_iters - 1:
-            log(f"reference iter {it}: loss {loss.item():.4f} ({time.time() - t0:.1f}s)")
+            log(f"reference iter {progress.line(it + 1)}: loss {loss.item():.4f}")
     return model.eval()
 
 
@@ -74,15 +76,19 @@ def target_probs(model, idx, targets):
 
 
 @torch.inference_mode()
-def score_captions(model, data, device, batch_size=256):
-    """P_r(target | prefix) at every position of every row, [N, T] float32; 0 where ignored."""
+def score_captions(model, data, device, batch_size=256, log=None):
+    """P_r(target | prefix) at every position of every row, [N, T] float32; 0 where ignored.
+    With `log`, a progress line every few seconds."""
     out = np.zeros((len(data), data.block_size), dtype=np.float32)
     model.eval()
+    progress = Progress(len(data))
     for start in range(0, len(data), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(data)))
+        T = text_width(data.targets[rows])
         idx, targets, _ = data.text_batch(rows, device)
-        T = text_width(targets)
         out[start:start + len(rows), :T] = target_probs(model, idx[:, :T], targets[:, :T]).cpu().numpy()
+        if log and progress.due():
+            log(f"reference: scoring captions {progress.line(start + len(rows))}")
     return out
 
 
@@ -92,10 +98,16 @@ def save_reference(model, vocab, cfg, train, ref_ckpt):
 
 
 def load_reference(ref_ckpt, device):
-    ckpt = load_checkpoint(ref_ckpt, map_location=device)
-    model = GPT(GPTConfig(**ckpt['model_args']))
-    model.load_state_dict(ckpt['model'])
-    return model.to(device).eval(), Vocab(ckpt['vocab']['gpt2_ids']), ckpt
+    ckpt = load_checkpoint(ref_ckpt)
+    return (*reference_from(ckpt, device), ckpt)
+
+
+def reference_from(state, device):
+    """(GPT, Vocab) of a reference checkpoint's dict: its own file, or the copy that travels in
+    every LVLM checkpoint (train.py), so eval.py needs no path that may have moved."""
+    model = GPT(GPTConfig(**state['model_args']))
+    model.load_state_dict(state['model'])
+    return model.to(device).eval(), Vocab(state['vocab']['gpt2_ids'])
 
 
 def cache_paths(ref_ckpt):
@@ -162,11 +174,11 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
                     if ref_vocab.gpt2_ids != vocab.gpt2_ids:
                         raise ValueError(f"reference {ref_ckpt} uses another vocabulary than this data")
                     t0 = time.time()
-                    write_cache(score_captions(model, train, device), expected_manifest(train, vocab, ref_ckpt), ref_ckpt)
+                    scores = score_captions(model, train, device, log=log)
+                    write_cache(scores, expected_manifest(train, vocab, ref_ckpt), ref_ckpt)
                     log(f"reference: scored {len(train)} training captions in {time.time() - t0:.1f}s -> "
                         f"{cache_paths(ref_ckpt)[0]}")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier()
     if scored and ref_probs is None:                 # just written (read back checked), or by the master
         ref_probs = load_cache(ref_ckpt, train, vocab)
     return ref_ckpt, ref_probs
@@ -174,7 +186,7 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
 
 def main(argv):
     cfg = config_mod.load_config(argv)
-    device = config_mod.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     train = load_splits(cfg, names=('train',))['train']
     vocab = make_vocab(cfg, train)
     train.encode(vocab)
@@ -184,4 +196,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    config_mod.cli(main, sys.argv[1:], __doc__, config_mod.settings_help())

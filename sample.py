@@ -18,10 +18,12 @@ import sys
 import torch
 
 from captions import BadData, ImageFiles
-from config import parse_flags, resolve_device
-from eval import load_trained
+from config import ConfigError, cli, parse_flags
+from device import resolve_device
+from eval import load_trained, reference_of
+from model import load_checkpoint
 from prior_loss import token_nll, token_weights
-from reference import load_reference, target_probs
+from reference import reference_from, target_probs
 from tokenizer import EOT, get_tokenizer
 
 FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'temperature': 0.0, 'top_k': 0, 'num_samples': 1, 'max_new_tokens': 0,
@@ -38,9 +40,9 @@ def image_paths(args):
         elif os.path.isfile(arg):
             paths.append(arg)
         else:
-            raise SystemExit(f"sample.py: no such image or folder: {arg}")
+            raise ConfigError(f"no such image or folder: {arg}")
     if not paths:
-        raise SystemExit("sample.py: no images given (see --help)")
+        raise ConfigError("no images given (see --help)")
     return paths
 
 
@@ -53,8 +55,8 @@ def caption_rows(text, vocab, block_size):
 
 
 @torch.no_grad()
-def print_weights(model, images, paths, text, vocab, cfg, ref_ckpt, device):
-    ref, _, _ = load_reference(ref_ckpt, device)
+def print_weights(model, images, paths, text, vocab, cfg, reference, device):
+    ref, _ = reference_from(reference, device)
     idx, targets, pieces = (x.to(device) if torch.is_tensor(x) else x for x in caption_rows(text, vocab, cfg.block_size))
     ref_probs = target_probs(ref, idx, targets)
     weights = token_weights(ref_probs, targets, cfg.alpha, cfg.weight_floor)[0]
@@ -67,18 +69,17 @@ def print_weights(model, images, paths, text, vocab, cfg, ref_ckpt, device):
 
 
 def main(argv):
-    if '--help' in argv or '-h' in argv:
-        print(__doc__ + f"\nflags and defaults: {FLAGS}")
-        return
     args = parse_flags([a for a in argv if a.startswith('--')], FLAGS)
     device = resolve_device(args['device'])
+    if not os.path.isfile(args['ckpt']):
+        raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
     paths = image_paths([a for a in argv if not a.startswith('--')])
     files = ImageFiles(paths, cfg.image_size)
     try:
         images = torch.stack([files[i] for i in range(len(paths))]).to(device).float().div_(127.5).sub_(1.0)
     except BadData as e:
-        raise SystemExit(f"sample.py: {e}")
+        raise ConfigError(str(e))
     torch.manual_seed(args['seed'])
     max_new = args['max_new_tokens'] or cfg.block_size
     for n in range(args['num_samples']):
@@ -88,12 +89,12 @@ def main(argv):
             row = row[:row.index(vocab.eot)] if vocab.eot in row else row
             print(f"{path}{f' [{n + 1}]' if args['num_samples'] > 1 else ''}: {vocab.decode(row)}")
     if args['weights']:
-        ref_ckpt = args['ref_ckpt'] or ckpt.get('ref_ckpt')
-        if not ref_ckpt or not os.path.isfile(ref_ckpt):
-            raise SystemExit(f"sample.py: --weights needs the run's reference LM, not found at {ref_ckpt!r}; "
-                             f"pass --ref_ckpt=PATH")
-        print_weights(model, images, paths, args['weights'], vocab, cfg, ref_ckpt, device)
+        reference = load_checkpoint(args['ref_ckpt']) if args['ref_ckpt'] else reference_of(ckpt)
+        if reference is None:
+            raise ConfigError("--weights needs a reference LM and this run has none (an NTP run); "
+                              "pass --ref_ckpt=PATH")
+        print_weights(model, images, paths, args['weights'], vocab, cfg, reference, device)
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    cli(main, sys.argv[1:], __doc__, f"Flags (--key=value) and their defaults: {FLAGS}")

@@ -11,61 +11,35 @@ optimiser -> resume -> the loop (train_step, logs, validation, checkpoints) -> t
 """
 
 import contextlib
-import functools
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 
-import matplotlib
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config as config_mod
 import eval as evaluation
-from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width
+from config import ConfigError
+from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width, to_device
+from device import (barrier, device_peak_flops, grad_scaler, init_distributed, peak_memory, precision_context,
+                    resolve_device, resolve_precision)
 from encoder import ensure_encoder, load_encoder_into, pretrained_torchvision, use_cached_features
 from model import LVLM, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
+from plot import plot_run
 from prior_loss import ntp_loss, prior_loss
+from progress import Progress, hms
 from reference import ensure_reference, load_reference
 from shapes import CLASS_NAMES, RELEVANT
 
-matplotlib.use('Agg')                           # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
-# Dense bf16 peak FLOP/s by CUDA device name (MFU's denominator). On CPU we measure instead.
-GPU_PEAK_FLOPS = {'H200': 989e12, 'H100 NVL': 835e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12,
-                  'L40S': 362e12, 'L40': 181e12, 'L4': 121e12, 'A10G': 70e12, 'A10': 125e12, 'RTX 4090': 165e12,
-                  'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
-
-
-@functools.lru_cache       # measured once per process (the study trains many runs in one)
-def device_peak_flops(device):
-    """Peak FLOP/s of `device`: the table above on CUDA (None if unknown), a measured fp32
-    matmul rate on CPU (the best this machine does, so CPU MFU is honest)."""
-    if str(device).startswith('cuda'):
-        name = torch.cuda.get_device_name(device)
-        known = [k for k in GPU_PEAK_FLOPS if k in name]
-        return GPU_PEAK_FLOPS[max(known, key=len)] if known else None      # 'L40S' over 'L4'
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b                                        # warm up the BLAS threads first
-    best = float('inf')
-    for _ in range(10):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 1024 ** 3 / best
-
-
-def precision_context(device):
-    """bf16 autocast (and TF32 matmuls) on CUDA; plain fp32 elsewhere, since bf16 is far slower on CPU."""
-    if not str(device).startswith('cuda'):
-        return contextlib.nullcontext()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return torch.autocast('cuda', dtype=torch.bfloat16)
+# What a resume may change: how long, how often, where and how fast, never what is computed.
+RESUMABLE = ('max_iters', 'log_interval', 'eval_interval', 'ckpt_interval', 'final_eval', 'num_workers',
+             'device', 'compile', 'out_dir', 'resume', 'wandb_project')
 
 
 def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
@@ -77,13 +51,16 @@ def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
 
 
 def setup_processes(cfg):
-    """(ddp, device, rank, world): torchrun's environment means DDP, one process per device."""
+    """(ddp, device, rank, world): torchrun's environment means DDP, one process per device.
+    A device that is not there stops the run here, before any data or reference work."""
+    device = resolve_device(cfg.device)
+    resolve_precision(device, cfg.precision)
     if int(os.environ.get('RANK', -1)) == -1:
-        return False, config_mod.resolve_device(cfg.device), 0, 1
-    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else 'cpu'
+        return False, device, 0, 1
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if device.startswith('cuda') else 'cpu'
     if device != 'cpu':
         torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device != 'cpu' else 'gloo')
+    init_distributed('nccl' if device != 'cpu' else 'gloo')
     return True, device, dist.get_rank(), dist.get_world_size()
 
 
@@ -113,17 +90,19 @@ def target_weights_source(cfg, ref_probs, device):
     PRIOR, the true token classes for the oracle (as if the reference knew every non-visual
     token), nothing for NTP. A function (rows, idx, targets, classes) -> [B,T] or None."""
     if cfg.loss == 'prior':
-        return lambda rows, idx, targets, classes: torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]).to(device)
+        return lambda rows, idx, targets, classes: to_device(
+            torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]), device)
     if cfg.loss == 'oracle':
         return lambda rows, idx, targets, classes: (classes != RELEVANT).float()
     return lambda rows, idx, targets, classes: None
 
 
 def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_of, loss_fn=objective,
-               device='cpu', ctx=contextlib.nullcontext(), world=1):
-    """One iteration: cfg.grad_accum micro-batches, then one clipped AdamW update.
-    Returns (the step's loss as a device tensor, lr, FLOPs, tokens) of this process."""
-    lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
+               device='cpu', ctx=contextlib.nullcontext(), world=1, scaler=None):
+    """One iteration: cfg.grad_accum micro-batches, then one clipped AdamW update (loss-scaled with an
+    fp16 GradScaler). Returns (the step's loss as a device tensor, lr, FLOPs, tokens) of this process.
+    Nothing here waits for the device: the host queues the step and goes on to prepare the next."""
+    lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
     set_lr(optimizer, lr)
     # Every micro-batch divides by the caption tokens of the whole step, so the step's loss
     # (and gradient) is the global token mean however the batch is cut into micro-batches.
@@ -131,37 +110,55 @@ def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_
     loss_sum, flops, tokens = torch.zeros((), device=device), 0.0, 0
     for micro in range(cfg.grad_accum):
         images, rows = next(batches)
+        T = text_width(data.targets[rows])       # drop the columns that are padding in every row (host side)
         images, idx, targets, classes = data.batch(rows, device, images)
-        T = text_width(targets)                  # drop the columns that are padding in every row
         idx, targets, classes = idx[:, :T], targets[:, :T], classes[:, :T]
+        ref_probs = ref_probs_of(rows, idx, targets, classes)     # copied before the forward is queued
         if isinstance(model, DDP):               # all-reduce gradients on the last micro-step only
             model.require_backward_grad_sync = micro == cfg.grad_accum - 1
         with ctx:
             logits = model(images, idx)
-        loss = loss_fn(cfg, logits, targets, ref_probs_of(rows, idx, targets, classes), n_tokens)
-        (loss * world).backward()                # DDP averages gradients over processes: undo it
+        loss = loss_fn(cfg, logits, targets, ref_probs, n_tokens)
+        scaled = loss * world                    # DDP averages gradients over processes: undo it
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
         loss_sum += loss.detach()
         flops += raw_model.flops_per_sample(T, with_vision=images.dim() == 4) * len(rows)
         tokens += (raw_model.n_prefix + T) * len(rows)
-    optimizer_step(raw_model, optimizer, cfg.grad_clip)
+    optimizer_step(raw_model, optimizer, cfg.grad_clip, scaler)
     return loss_sum, lr, flops, tokens
 
 
-def resume(cfg, model, optimizer, ckpt_path, global_batch, log):
-    """Load model and optimiser from ckpt_path if cfg.resume; returns (start step, checkpoint or None)."""
+def resume(cfg, model, optimizer, scaler, ckpt_path, global_batch, data_fingerprint, log):
+    """Load model, optimiser (and loss scaler) from ckpt_path if cfg.resume; returns (start step,
+    checkpoint or None, cfg). A resume continues the same computation: it may change the RESUMABLE
+    settings (a moved out_dir too) and refuses any other change, and other training data.
+    Extending max_iters keeps the checkpoint's learning-rate schedule: the cosine still ends where
+    the run first planned (lr_decay_iters) and the added steps run at its minimum rate."""
     if not cfg.resume:
-        return 0, None
+        return 0, None, cfg
+    if not os.path.isfile(ckpt_path):
+        raise ConfigError(f"--resume=True, but there is no checkpoint at {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path)
-    saved = {k: v for k, v in ckpt['config'].items() if k != 'resume'}
-    now = {k: v for k, v in config_mod.as_dict(cfg).items() if k != 'resume'}
-    if saved != now:
-        diff = sorted(k for k in now if saved.get(k) != now[k])
-        raise ValueError(f"--resume: config differs from the checkpoint's in {diff}")
+    saved = {**config_mod.as_dict(config_mod.Config()), **ckpt['config']}   # keys added since: defaults
+    saved['lr_decay_iters'] = saved['lr_decay_iters'] or saved['max_iters']
+    cfg = dataclasses.replace(cfg, lr_decay_iters=cfg.lr_decay_iters or saved['lr_decay_iters'])
+    now = config_mod.as_dict(cfg)
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"--resume would change the result: {', '.join(changed)} (a resume may change only "
+                          f"{', '.join(RESUMABLE)})")
+    if ckpt.get('data_fingerprint', data_fingerprint) != data_fingerprint:
+        raise ConfigError("--resume: the training data differ from the checkpoint's (the token rows' sha256 "
+                          "changed), so the run would not continue the same computation; start a new out_dir")
+    if ckpt['data_position'] != ckpt['step'] * global_batch:
+        raise ConfigError(f"--resume: the global batch is {global_batch}, not the checkpoint's (other process count?)")
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
-    assert ckpt['data_position'] == ckpt['step'] * global_batch, "global batch changed since the checkpoint"
-    log(f"resumed from {ckpt_path} at step {ckpt['step']}")
-    return ckpt['step'], ckpt
+    if scaler is not None:
+        scaler.load_state_dict(ckpt['scaler'])
+    moved = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUMABLE if k != 'resume' and saved[k] != now[k]]
+    log(f"resumed from {ckpt_path} at step {ckpt['step']}" + (f" ({', '.join(moved)})" if moved else ''))
+    return ckpt['step'], ckpt, cfg
 
 
 def restore_rng(ckpt, cuda):
@@ -183,41 +180,38 @@ def append_log(log_path, record):
         f.write(json.dumps(record) + '\n')
 
 
-def validate(cfg, model, val_data, vocab, device, ctx, step, log_path, log):
+def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
     rows = torch.arange(min(len(val_data), cfg.eval_batches * cfg.batch_size))
     m = evaluation.teacher_forced_metrics(model, val_data, vocab, rows, device, ctx=ctx)
-    append_log(log_path, {'step': step, **{f'val_{k}': v for k, v in m.items()}})
+    record({'step': step, **{f'val_{k}': v for k, v in m.items()}})
     classes = ', '.join(f"{c} {m[f'loss_{c}']:.3f}" for c in CLASS_NAMES if not math.isnan(m[f'loss_{c}']))
     attr = '' if math.isnan(m['attr_acc']) else f", attr_acc {m['attr_acc']:.3f}"   # NaN: no attributes
     log(f"step {step}: val loss {m['loss']:.4f}" + (f" ({classes})" if classes else '') + attr)
 
 
-def plot_curves(log_path, png_path):
-    rows = [json.loads(line) for line in open(log_path)]
-    train = [r for r in rows if 'train_loss' in r]
-    val = [r for r in rows if 'val_loss' in r]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot([r['step'] for r in train], [r['train_loss'] for r in train], label='train objective')
-    ax[0].plot([r['step'] for r in val], [r['val_loss'] for r in val], 'o-', label='val NTP loss')
-    for cls in CLASS_NAMES:
-        ax[1].plot([r['step'] for r in val], [r[f'val_loss_{cls}'] for r in val], 'o-', label=cls)
-    ax[0].set_title('loss'), ax[1].set_title('val loss per token class')
-    for a in ax:
-        a.set_xlabel('step'), a.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+def wandb_run(cfg):
+    """A Weights & Biases run (--wandb_project), or None; wandb is imported only when asked for."""
+    if not cfg.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--wandb_project needs the wandb package (pip install wandb)") from None
+    return wandb.init(project=cfg.wandb_project, name=os.path.basename(os.path.normpath(cfg.out_dir)),
+                      config=config_mod.as_dict(cfg))
 
 
 def train(cfg, log=print, loss_fn=objective):
     """Run one training job as configured; returns the final test metrics (master) or None.
     `loss_fn` has objective()'s signature (the study passes a variant of PRIOR)."""
     # ---- processes and devices ----
+    t_start = time.time()
     ddp, device, rank, world = setup_processes(cfg)
     master = rank == 0
     log = log if master else (lambda *a, **k: None)
     cuda = str(device).startswith('cuda')
-    ctx = precision_context(device)
+    ctx, scaler = precision_context(device, cfg.precision), grad_scaler(device, cfg.precision)
+    tracker = wandb_run(cfg) if master else None
     log(f"config: {json.dumps(config_mod.as_dict(cfg))}")
 
     # ---- data, vocabulary, reference ----
@@ -229,9 +223,11 @@ def train(cfg, log=print, loss_fn=objective):
     train_data = splits['train']
     log(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} captions, vocab {vocab.size}, "
         f"{time.time() - t0:.1f}s")
-    ref_ckpt = ref_probs = vision_ckpt = None
+    ref_ckpt = ref_probs = vision_ckpt = reference = None
     if cfg.loss == 'prior' or cfg.init_lm == 'ref':      # scores needed by PRIOR only
         ref_ckpt, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, master, cfg.loss == 'prior')
+        ref_ckpt = os.path.abspath(ref_ckpt)
+        reference = {k: v for k, v in load_checkpoint(ref_ckpt).items() if k in ('model', 'model_args', 'vocab')}
     if cfg.init_vision == 'clip':
         vision_ckpt = ensure_encoder(cfg, train_data, vocab, device, log, master, splits['val'])
 
@@ -246,7 +242,8 @@ def train(cfg, log=print, loss_fn=objective):
         f"{model.n_prefix} image tokens")
     global_batch = cfg.batch_size * cfg.grad_accum * world
     ckpt_path, log_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'log.jsonl')
-    step, ckpt = resume(cfg, model, optimizer, ckpt_path, global_batch, log)
+    fingerprint = train_data.fingerprint()
+    step, ckpt, cfg = resume(cfg, model, optimizer, scaler, ckpt_path, global_batch, fingerprint, log)
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         start_log(log_path, step)
@@ -255,43 +252,53 @@ def train(cfg, log=print, loss_fn=objective):
     if ddp:
         model = DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None)
 
+    def record(entry):                           # one log.jsonl line (and W&B point)
+        append_log(log_path, entry)
+        if tracker:
+            tracker.log({k: v for k, v in entry.items() if k != 'step'}, step=entry['step'])
+
     def save():
+        # Self-contained: eval.py needs no other file (the reference travels inside) and no working directory.
         save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                         'scaler': scaler.state_dict() if scaler else None,
                          'config': config_mod.as_dict(cfg), 'model_args': vars(raw_model.lm.config),
                          'vocab': vocab.state(), 'step': step, 'data_position': step * global_batch,
-                         'ref_ckpt': ref_ckpt, 'rng': {'cpu': torch.get_rng_state(),
-                                                       'cuda': torch.cuda.get_rng_state() if cuda else None}},
+                         'data_fingerprint': fingerprint, 'ref_ckpt': ref_ckpt, 'reference': reference,
+                         'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None}},
                         ckpt_path)
 
     # ---- the training loop ----
     peak = device_peak_flops(device)
     log(f"tokens per iteration: {global_batch} captions x ({raw_model.n_prefix} image + <= {cfg.block_size} text)"
         f" = global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} accum x {world} proc); "
-        f"peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s")
+        f"{resolve_precision(device, cfg.precision)}; peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s")
     if step == 0 and master:
-        validate(cfg, raw_model, splits['val'], vocab, device, ctx, step, log_path, log)
+        validate(cfg, raw_model, splits['val'], vocab, device, ctx, step, record, log)
     model.train()
     batches = iter(make_loader(train_data, micro_batches(len(train_data), cfg.batch_size, cfg.grad_accum, world,
                                                          rank, cfg.seed, step, cfg.max_iters), cfg.num_workers, cuda))
     if ckpt is not None:
         restore_rng(ckpt, cuda)
     ref_probs_of = target_weights_source(cfg, ref_probs, device)
+    progress = Progress(cfg.max_iters, done=step)
     t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
     while step < cfg.max_iters:
         loss_sum, lr, flops, tokens = train_step(cfg, model, raw_model, optimizer, train_data, batches, step,
-                                                 ref_probs_of, loss_fn, device, ctx, world)
+                                                 ref_probs_of, loss_fn, device, ctx, world, scaler)
         step, iters, flops_since, tokens_since = step + 1, iters + 1, flops_since + flops, tokens_since + tokens
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             if ddp:
                 dist.all_reduce(loss_sum)                  # the processes' parts of the step's loss
             loss_val = loss_sum.item()                     # syncs the device, so timing is real
             dt = time.time() - t_last
+            peak = device_peak_flops(device, flops_since / dt)
             mfu = flops_since / dt / peak if peak else float('nan')        # this process on its device
-            log(f"iter {step}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt / iters:.0f} ms/iter, "
-                f"{tokens_since * world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%")
+            mem = peak_memory(cuda) / 2 ** 20
+            log(f"iter {progress.line(step)}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt / iters:.0f} ms/iter, "
+                f"{tokens_since * world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%, peak mem {mem:,.0f} MiB")
             if master:
-                append_log(log_path, {'step': step, 'train_loss': loss_val, 'lr': lr,
-                                      'ms_per_iter': 1000 * dt / iters, 'mfu': mfu})
+                record({'step': step, 'train_loss': loss_val, 'lr': lr, 'ms_per_iter': 1000 * dt / iters,
+                        'mfu': mfu, 'peak_mem_mib': mem})
             t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
         do_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
         do_save = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters
@@ -300,7 +307,7 @@ def train(cfg, log=print, loss_fn=objective):
                 torch.cuda.synchronize()         # the step's queued GPU work is training time
             t_pause = time.time()
             if do_eval:
-                validate(cfg, raw_model, splits['val'], vocab, device, ctx, step, log_path, log)
+                validate(cfg, raw_model, splits['val'], vocab, device, ctx, step, record, log)
             if do_save:
                 save()
             t_last += time.time() - t_pause      # evaluation and checkpoints are not training time
@@ -308,21 +315,24 @@ def train(cfg, log=print, loss_fn=objective):
     # ---- the finish: curves, test metrics ----
     results = None
     if master:
-        plot_curves(log_path, os.path.join(cfg.out_dir, 'loss.png'))
+        plot_run(log_path, os.path.join(cfg.out_dir, 'loss.png'))
         if cfg.final_eval:
             results, captions = evaluation.evaluate(raw_model, splits['test'], vocab, device, ctx=ctx,
-                                                    ref_ckpt=ref_ckpt)
+                                                    reference=reference)
             with open(os.path.join(cfg.out_dir, 'eval_test.json'), 'w') as f:
                 json.dump(results, f, indent=1)
             log('\nsample captions (greedy, test):\n' + evaluation.sample_report(captions, splits['test']))
             log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n" +
                 evaluation.format_table({cfg.loss: results}))
         log(f"outputs in {cfg.out_dir}: ckpt.pt, log.jsonl, loss.png" + (', eval_test.json' if cfg.final_eval else ''))
+        log(f"wall time {hms(time.time() - t_start)}")
+        if tracker:
+            tracker.finish()
+    barrier()                                    # the other processes wait while rank 0 evaluates
     if ddp:
-        dist.barrier()
         dist.destroy_process_group()
     return results
 
 
 if __name__ == '__main__':
-    train(config_mod.load_config(sys.argv[1:]))
+    config_mod.cli(lambda argv: train(config_mod.load_config(argv)), sys.argv[1:], __doc__, config_mod.settings_help())

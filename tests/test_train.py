@@ -65,7 +65,7 @@ def test_eval_cli_and_figure(tiny_cfg, tmp_path):
     out = subprocess.run([sys.executable, 'eval.py', f'--ckpt={ckpt}', '--split=val', '--n_generate=8',
                           f'--figure={fig}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    metrics = json.load(open(os.path.join(tiny_cfg.out_dir, 'eval_val.json')))
+    metrics = json.load(open(os.path.join(tiny_cfg.out_dir, 'eval_val_step6.json')))
     assert metrics['n_captions'] == tiny_cfg.n_val and metrics['n_generated'] == 8
     assert '| attr_acc |' in out.stdout and fig.stat().st_size > 0
 
