@@ -12,6 +12,7 @@ booleans accept True/False (also true/false, 1/0, yes/no), never "any non-empty 
 
 import ast
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ class Config:
     val_frac: float = 0.05       # on-disk data: share of images in val / test (split by image)
     test_frac: float = 0.05
     skip_bad: bool = False       # on-disk data: skip (and count) bad entries instead of stopping
+    confine_images: bool = True  # on-disk data: image paths (symlinks resolved) must stay inside the image folder
+    max_image_pixels: int = 89_478_485   # on-disk data: refuse images that declare more pixels (PIL's bomb limit)
     vocab: str = 'compact'       # 'compact' (GPT-2 ids seen in training captions) or 'gpt2' (all 50257)
     data_seed: int = 1234        # the dataset is a pure function of this seed
     image_size: int = 24         # shapes: 24 px in 8 px patches = one patch per cell of the 3x3 grid
@@ -163,7 +166,38 @@ def load_config(argv):
     return cfg
 
 
+# The range of every numeric setting, as (lowest, highest) with None for no bound; "> 0" where
+# zero makes no sense but any small positive value does. Each float must also be finite.
+RANGES = {
+    'val_frac': (0, 1), 'test_frac': (0, 1), 'data_seed': (0, None), 'image_size': (1, None),
+    'n_train': (1, None), 'n_val': (1, None), 'n_test': (1, None), 'noise_rate': (0, 1), 'caption_noise': (0, 1),
+    'pixel_noise': (0, None), 'block_size': (3, None), 'max_image_pixels': (1, None),
+    'n_layer': (1, None), 'n_head': (1, None), 'n_embd': (1, None), 'dropout': (0, 0.99), 'patch_size': (1, None),
+    'vit_layer': (1, None), 'vit_embd': (1, None), 'clip_max_iters': (1, None), 'clip_batch_size': (2, None),
+    'clip_learning_rate': ('> 0', None), 'ref_max_iters': (1, None), 'ref_learning_rate': ('> 0', None),
+    'ref_batch_size': (1, None), 'alpha': (0, None), 'weight_floor': (0, 1),
+    'batch_size': (1, None), 'grad_accum': (1, None), 'max_iters': (1, None), 'learning_rate': ('> 0', None),
+    'min_lr_ratio': (0, 1), 'warmup_iters': (0, None), 'weight_decay': (0, None), 'beta1': (0, 0.9999),
+    'beta2': (0, 0.9999), 'grad_clip': (0, None), 'log_interval': (1, None), 'eval_interval': (1, None),
+    'eval_batches': (1, None), 'ckpt_interval': (0, None), 'seed': (0, None), 'num_workers': (0, None),
+}
+
+
+def check_ranges(cfg):
+    for key, (low, high) in RANGES.items():
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
+        if low == '> 0' and not value > 0:
+            raise ValueError(f"config key {key!r} must be > 0, got {value!r}")
+        if (low != '> 0' and value < low) or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"config key {key!r} must be {bounds}, got {value!r}")
+
+
 def check(cfg):
+    """Refuse settings that cannot make a sensible run, before anything is built or trained."""
+    check_ranges(cfg)
     choices = {'arch': ('h', 'u'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
                'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip')}
     for key, allowed in choices.items():
@@ -175,14 +209,16 @@ def check(cfg):
         raise ValueError("n_embd and vit_embd must be multiples of n_head")
     if cfg.loss == 'oracle' and cfg.dataset != 'shapes':
         raise ValueError("loss 'oracle' needs the true token classes, which only the built-in shapes data has")
-    if cfg.alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {cfg.alpha}")
     if cfg.init_vision == 'clip' and cfg.arch != 'h':
         raise ValueError("init_vision 'clip' pretrains the H-LVLM's ViT; arch 'u' has no vision encoder")
-    if not 0 <= cfg.caption_noise <= 1:
-        raise ValueError(f"caption_noise must be in [0, 1], got {cfg.caption_noise}")
-    if not 0 <= cfg.weight_floor <= 1:
-        raise ValueError(f"weight_floor must be in [0, 1], got {cfg.weight_floor}")
+    if cfg.val_frac + cfg.test_frac >= 1:
+        raise ValueError(f"val_frac + test_frac must be < 1 (the rest trains), got {cfg.val_frac + cfg.test_frac}")
+    if cfg.device.startswith('cuda'):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"config key 'device' is {cfg.device!r}, but this machine has no usable CUDA device")
+    elif cfg.device not in ('auto', 'cpu'):
+        raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
 
 
 def as_dict(cfg):
