@@ -166,7 +166,7 @@ class CaptionData:
 def make_caption_splits(cfg, names, log=print):
     """Splits of real image-caption data (see captions.py). Real captions carry no token
     classes; over-long captions are cut to block_size (with EOT) and counted."""
-    records = read_records(cfg.dataset, cfg.image_root, cfg.skip_bad, log)
+    records = read_records(cfg.dataset, cfg.image_root, cfg.skip_bad, log, cfg.confine_images, cfg.max_image_pixels)
     enc, limit = get_tokenizer(), cfg.block_size - 1
     by_split = {name: [] for name in names}
     for image_path, caption in records:
