@@ -34,6 +34,7 @@ import struct
 from collections import Counter
 
 import torch
+from torchvision.io import ImageReadMode, decode_image
 
 IMAGE_MAGIC = ((b'\xff\xd8\xff', 'jpeg'), (b'\x89PNG\r\n\x1a\n', 'png'), (b'GIF87a', 'gif'), (b'GIF89a', 'gif'),
                (b'RIFF', 'webp'))                # the formats torchvision.io.decode_image reads
@@ -257,7 +258,6 @@ def image_problem(path, max_pixels):
 def decode(path):
     """An image file as uint8 RGB [3,H,W] (grey, RGBA, palette, CMYK, 16-bit too; an animation's
     first frame)."""
-    from torchvision.io import ImageReadMode, decode_image
     image = decode_image(path, mode=ImageReadMode.RGB)
     return image[0] if image.dim() == 4 else image
 

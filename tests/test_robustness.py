@@ -1,13 +1,23 @@
 """Hostile and careless inputs: each either works or stops before training with one clear line
 naming the setting, file, row or entry (or, with skip_bad, is skipped and counted)."""
+import io
+import json
 import os
 import pickle
+import re
+import struct
+import zlib
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from config import load_config
+from captions import BadData, read_records
+from config import Config, load_config
+from data import load_splits
 from model import atomic_write, load_checkpoint, remove_stale_temps, save_checkpoint
+from test_captions import make_folder, records
 
 
 # ---- settings ----
@@ -80,3 +90,166 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         atomic_write(path, torn)
     assert open(path).read() == 'old\n' and os.listdir(tmp_path) == ['log.jsonl']
     remove_stale_temps(path)                                     # nothing to do, nothing breaks
+
+
+# ---- image files ----
+
+def png_chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+
+def png_bytes(size=(32, 32)):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, 'PNG')
+    return buf.getvalue()
+
+
+def damaged_png():
+    """A PNG whose signature, header, chunk CRCs and IEND are right but whose image data is cut short."""
+    b = png_bytes()
+    start = b.index(b'IDAT') - 4
+    n = struct.unpack('>I', b[start:start + 4])[0]
+    return b[:start] + png_chunk(b'IDAT', b[start + 8:start + 8 + n // 3]) + b[start + 12 + n:]
+
+
+def replace_image(folder, name, content):
+    (folder / 'images' / '3.jpg').unlink()
+    (folder / 'images' / name).write_bytes(content)
+    csv = re.sub(r'^3\.jpg,', f'{name},', (folder / 'captions.csv').read_text(), flags=re.M)
+    (folder / 'captions.csv').write_text(csv)
+
+
+def assert_refused(folder, kind, name, line='line 8'):
+    with pytest.raises(BadData) as e:
+        records(folder)
+    assert kind in str(e.value) and name in str(e.value) and line in str(e.value), str(e.value)
+    logs = []
+    assert len(read_records(str(folder), skip_bad=True, log=logs.append)) == 58      # both captions of it
+    assert f"'{kind}': 2" in logs[0]
+    return str(e.value)
+
+
+def test_damaged_png_is_named_up_front_not_a_segfault(tmp_path):
+    folder = make_folder(tmp_path)
+    replace_image(folder, 'bad.png', damaged_png())
+    assert 'decoder crashed' in assert_refused(folder, 'undecodable', 'bad.png')
+
+
+def test_corrupt_jpeg_body_is_named_up_front(tmp_path):
+    folder = make_folder(tmp_path)
+    b = bytearray((folder / 'images' / '3.jpg').read_bytes())
+    dht = b.index(b'\xff\xc4')
+    b[dht + 5:dht + 21] = b'\xff' * 16            # a Huffman table with more codes than there can be
+    (folder / 'images' / '3.jpg').write_bytes(bytes(b))
+    assert_refused(folder, 'undecodable', '3.jpg')
+
+
+def test_decompression_bomb_is_refused_from_its_header(tmp_path):
+    b = png_bytes()
+    ihdr = b.index(b'IHDR') - 4
+    bomb = b[:ihdr] + png_chunk(b'IHDR', struct.pack('>II', 50000, 50000) + b[ihdr + 16:ihdr + 21]) + b[ihdr + 25:]
+    folder = make_folder(tmp_path)
+    replace_image(folder, 'bomb.png', bomb)
+    assert '50000x50000' in assert_refused(folder, 'too_large', 'bomb.png')
+
+
+def test_animation_bomb_is_stopped_by_the_memory_cap(tmp_path):
+    frames = [Image.new('RGB', (1, 1), (5 * i, 0, 0)) for i in range(40)]
+    buf = io.BytesIO()
+    frames[0].save(buf, 'GIF', save_all=True, append_images=frames[1:], duration=10)
+    gif = bytearray(buf.getvalue())
+    gif[6:10] = struct.pack('<HH', 9000, 9000)   # 81M pixels (under the limit) x 40 frames
+    folder = make_folder(tmp_path)
+    replace_image(folder, 'many.gif', bytes(gif))
+    assert 'memory' in assert_refused(folder, 'undecodable', 'many.gif')
+
+
+@pytest.mark.parametrize('name, content', [('x.bmp', None), ('movie.jpg', b'RIFF\x10\x00\x00\x00AVI LIST' + bytes(64)),
+                                           ('tiff.jpg', b'II*\x00' + bytes(64))])
+def test_formats_torchvision_cannot_decode_are_refused(tmp_path, name, content):
+    if content is None:
+        buf = io.BytesIO()
+        Image.new('RGB', (8, 8)).save(buf, 'BMP')
+        content = buf.getvalue()
+    folder = make_folder(tmp_path)
+    replace_image(folder, name, content)
+    assert_refused(folder, 'not_an_image', name)
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new('RGB', (20, 16), (40 * i, 0, 0)) for i in range(3)]
+    folder = make_folder(tmp_path, n_images=12)
+    frames[0].save(folder / 'images' / 'anim.gif', save_all=True, append_images=frames[1:])
+    csv = re.sub(r'^3\.jpg,', 'anim.gif,', (folder / 'captions.csv').read_text(), flags=re.M)
+    (folder / 'captions.csv').write_text(csv)
+    cfg = Config(dataset=str(folder), image_size=8, val_frac=0.0001, test_frac=0.0001)
+    data = load_splits(cfg, names=('all',), log=lambda *a: None)['all']
+    images = data.image_batch(torch.arange(len(data)))           # torch.stack of every image
+    assert images.shape == (24, 3, 8, 8)
+
+
+# ---- paths that leave the dataset ----
+
+def test_paths_outside_the_image_folder_are_refused_without_echoing_them(tmp_path):
+    secret = tmp_path / 'secret.txt'
+    secret.write_text('SECRET-CONTENT')
+    folder = make_folder(tmp_path)
+    os.symlink(secret, folder / 'images' / 'link.jpg')
+    os.symlink(folder / 'images' / '0.jpg', folder / 'images' / 'inside.jpg')     # stays inside: fine
+    rows = ['../../secret.txt,"a dog"', f'{secret},"a dog"', 'link.jpg,"a dog"', 'inside.jpg,"a dog"']
+    (folder / 'captions.csv').write_text((folder / 'captions.csv').read_text() + '\n' + '\n'.join(rows))
+    with pytest.raises(BadData) as e:
+        records(folder)
+    msg = str(e.value)
+    assert "'outside_root': 3" in msg and 'SECRET' not in msg
+    for line in (62, 63, 64):
+        assert f'line {line}: image' in msg
+    assert len(records(folder, skip_bad=True)) == 61
+    allowed = records(folder, confine=False, skip_bad=True)       # opted out: the non-images still refused
+    assert len(allowed) == 61
+
+
+def test_outside_images_work_when_allowed(tmp_path):
+    folder = make_folder(tmp_path, n_images=3)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    os.replace(folder / 'images' / '2.jpg', elsewhere / '2.jpg')
+    os.symlink(elsewhere / '2.jpg', folder / 'images' / '2.jpg')
+    with pytest.raises(BadData, match='outside_root'):
+        records(folder)
+    assert len(records(folder, confine=False)) == 6
+
+
+# ---- wrongly typed JSON fields ----
+
+@pytest.mark.parametrize('entry', [{'image': 5, 'caption': 'a dog'}, {'image': ['0.jpg'], 'caption': 'a dog'},
+                                   {'image': {'a': 1}, 'caption': 'a dog'}, {'image': '0.jpg', 'caption': ['a']},
+                                   {'image': '0.jpg\u0000x', 'caption': 'a dog'}])
+def test_jsonl_fields_of_the_wrong_type(tmp_path, entry):
+    folder = make_folder(tmp_path, fmt='jsonl', rows=[json.dumps(entry)])
+    with pytest.raises(BadData, match='captions.jsonl line 61'):
+        records(folder)
+    assert len(records(folder, skip_bad=True)) == 60
+
+
+def test_coco_and_llava_fields_of_the_wrong_type(tmp_path):
+    folder = make_folder(tmp_path, n_images=3)
+    coco = {'images': [{'id': 0, 'file_name': '0.jpg'}, {'id': [1], 'file_name': '1.jpg'}, {'id': 2, 'file_name': 7}],
+            'annotations': [{'image_id': 0, 'caption': 'a dog'}, {'image_id': [0], 'caption': 'a cat'},
+                            {'image_id': 1, 'caption': 'a car'}, {'image_id': 2, 'caption': 'a mat'}]}
+    (folder / 'coco.json').write_text(json.dumps(coco))
+    llava = [{'image': '0.jpg', 'conversations': [{'from': 'gpt', 'value': 'a dog'}]},
+             {'image': '1.jpg', 'conversations': 3}, {'image': '2.jpg', 'conversations': [{'from': 'gpt', 'value': 4}]},
+             {'image': 2.5, 'conversations': [{'from': 'gpt', 'value': 'a dog'}]}]
+    (folder / 'llava.json').write_text(json.dumps(llava))
+    root = str(folder / 'images')
+    with pytest.raises(BadData) as e:
+        records(folder / 'coco.json', image_root=root)
+    assert 'annotation 1: image_id is a list' in str(e.value) and 'annotation 2' in str(e.value)
+    assert 'annotation 3: image name is a int' in str(e.value)
+    assert len(records(folder / 'coco.json', image_root=root, skip_bad=True)) == 1
+    with pytest.raises(BadData) as e:
+        records(folder / 'llava.json', image_root=root)
+    assert "entry 1: 'conversations' is a int" in str(e.value) and 'entry 2: caption is a int' in str(e.value)
+    assert 'entry 3: image name is a float' in str(e.value)
+    assert len(records(folder / 'llava.json', image_root=root, skip_bad=True)) == 1
