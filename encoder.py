@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import config as config_mod
 from data import batch_indices, load_splits, make_vocab, text_width
-from model import GPT, ViT, exclusive, gpt_config, load_checkpoint, save_checkpoint
+from model import GPT, ViT, check_origin, exclusive, gpt_config, load_checkpoint, save_checkpoint, weights_digest
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE
 
@@ -123,14 +123,21 @@ def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=Non
                     log(f"encoder: val image->caption R@1 {retrieval_r1(model, val, device):.3f} "
                         f"among {min(256, len(val))} (chance {1 / min(256, len(val)):.3f})")
                 save_checkpoint({'vision': model.vision.state_dict(), 'data_fingerprint': train.fingerprint(),
-                                 'config': config_mod.as_dict(cfg)}, path)
+                                 'image_fingerprint': train.image_fingerprint(), 'config': config_mod.as_dict(cfg),
+                                 'weights_sha256': weights_digest(model.vision.state_dict())}, path)
+            check_origin(load_checkpoint(path, required=('vision',)), path, 'vision',
+                         data_fingerprint=train.fingerprint(), image_fingerprint=train.image_fingerprint())
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return path
 
 
 def load_encoder_into(vision, path):
-    vision.load_state_dict(load_checkpoint(path)['vision'])
+    try:
+        vision.load_state_dict(load_checkpoint(path, required=('vision',))['vision'])
+    except RuntimeError as e:                    # names of missing or misshapen weights
+        raise ValueError(f"vision encoder {path} does not fit this ViT (vit_layer, vit_embd, image_size, "
+                         f"patch_size?): {' '.join(str(e).split())[:200]}") from None
 
 
 def main(argv):

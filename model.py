@@ -370,6 +370,18 @@ def weights_digest(state_dict):
     return h.hexdigest()
 
 
+def check_origin(ckpt, path, weights, **fingerprints):
+    """Refuse a built checkpoint (the reference, the pretrained encoder) whose weights `ckpt[weights]`
+    changed after it was saved, or that was made from other data than `fingerprints` describe.
+    Files saved before a digest or fingerprint was stored are not refused for lacking it."""
+    if 'weights_sha256' in ckpt and ckpt['weights_sha256'] != weights_digest(ckpt[weights]):
+        raise ValueError(f"{path}: its weights were changed after it was saved; delete it to have it rebuilt")
+    wrong = [name for name, value in fingerprints.items() if name in ckpt and ckpt[name] != value]
+    if wrong:
+        raise ValueError(f"{path} was made from other data than this run's ({', '.join(wrong)} differ); delete "
+                         f"it to have it rebuilt, or pass the one made for this data")
+
+
 @contextlib.contextmanager
 def exclusive(path):
     """Hold an exclusive lock beside `path` while building it, so that a second process asking for

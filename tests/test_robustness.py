@@ -1,5 +1,6 @@
 """Hostile and careless inputs: each either works or stops before training with one clear line
 naming the setting, file, row or entry (or, with skip_bad, is skipped and counted)."""
+import dataclasses
 import io
 import json
 import os
@@ -253,3 +254,66 @@ def test_coco_and_llava_fields_of_the_wrong_type(tmp_path):
     assert "entry 1: 'conversations' is a int" in str(e.value) and 'entry 2: caption is a int' in str(e.value)
     assert 'entry 3: image name is a float' in str(e.value)
     assert len(records(folder / 'llava.json', image_root=root, skip_bad=True)) == 1
+
+
+# ---- the reference, its score cache and the pretrained encoder ----
+
+@pytest.fixture
+def tiny_ref(tiny_cfg):
+    """A saved (untrained) reference and the encoded training captions it was made for."""
+    from data import make_vocab
+    from model import GPT, gpt_config
+    from reference import save_reference
+    cfg = dataclasses.replace(tiny_cfg, n_train=48, n_val=8, n_test=8)
+    splits = load_splits(cfg)
+    vocab = make_vocab(cfg, splits['train'])
+    for split in splits.values():
+        split.encode(vocab)
+    torch.manual_seed(0)
+    save_reference(GPT(gpt_config(cfg, vocab)), vocab, cfg, splits['train'], cfg.ref_ckpt)
+    return cfg, splits, vocab
+
+
+def test_reference_cache_of_the_wrong_shape_is_refused(tiny_ref):
+    from reference import cache_paths, ensure_reference, load_cache
+    cfg, splits, vocab = tiny_ref
+    _, probs = ensure_reference(cfg, splits['train'], vocab, 'cpu', log=lambda *a: None)
+    npy = cache_paths(cfg.ref_ckpt)[0]
+    good = np.array(probs)
+    for wrong in (np.concatenate([good, good]), good[:10]):               # doubled, short
+        np.save(npy, wrong)
+        with pytest.raises(ValueError, match=f'reference cache {npy} holds a float32 array of shape'):
+            load_cache(cfg.ref_ckpt, splits['train'], vocab)
+    open(npy, 'wb').write(b'\x93NUMPY torn')
+    with pytest.raises(ValueError, match='cannot be read'):
+        load_cache(cfg.ref_ckpt, splits['train'], vocab)
+
+
+def test_reference_from_other_data_or_with_changed_weights_is_refused(tiny_ref):
+    from reference import ensure_reference
+    cfg, splits, vocab = tiny_ref
+    quiet = dict(log=lambda *a: None, scored=False)
+    ensure_reference(cfg, splits['train'], vocab, 'cpu', **quiet)            # its own data: fine
+    with pytest.raises(ValueError, match='made from other data'):
+        ensure_reference(cfg, splits['val'], vocab, 'cpu', **quiet)
+    ckpt = torch.load(cfg.ref_ckpt, weights_only=True)
+    ckpt['model']['wte.weight'][0, 0] += 1
+    torch.save(ckpt, cfg.ref_ckpt)
+    with pytest.raises(ValueError, match='weights were changed'):
+        ensure_reference(cfg, splits['train'], vocab, 'cpu', **quiet)
+
+
+def test_pretrained_encoder_from_other_data_is_refused(tiny_ref):
+    from encoder import ensure_encoder, load_encoder_into
+    from model import ViT, weights_digest
+    cfg, splits, vocab = tiny_ref
+    cfg = dataclasses.replace(cfg, arch='h', init_vision='clip', vision_ckpt=os.path.join(os.path.dirname(cfg.ref_ckpt),
+                                                                                          'vit.pt'))
+    vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
+    save_checkpoint({'vision': vit.state_dict(), 'data_fingerprint': splits['val'].fingerprint(),
+                     'weights_sha256': weights_digest(vit.state_dict())}, cfg.vision_ckpt)
+    with pytest.raises(ValueError, match='made from other data'):
+        ensure_encoder(cfg, splits['train'], vocab, 'cpu', log=lambda *a: None)
+    small = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, 2 * cfg.vit_embd, cfg.dropout)
+    with pytest.raises(ValueError, match='does not fit this ViT'):
+        load_encoder_into(small, cfg.vision_ckpt)
