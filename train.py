@@ -27,7 +27,7 @@ import config as config_mod
 import eval as evaluation
 from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width
 from encoder import ensure_encoder, load_encoder_into
-from model import LVLM, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
+from model import LVLM, atomic_write, claim_dir, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import ntp_loss, prior_loss
 from reference import ensure_reference, load_reference
@@ -170,10 +170,25 @@ def restore_rng(ckpt, cuda):
 
 
 def start_log(log_path, step):
-    """Keep what was logged up to `step` (a resumed run drops what came after its checkpoint)."""
-    kept = [line for line in open(log_path)] if step and os.path.exists(log_path) else []
-    with open(log_path, 'w') as f:
-        f.writelines(line for line in kept if json.loads(line)['step'] <= step)
+    """Keep what was logged up to `step` (a resumed run drops what came after its checkpoint, and
+    a last line that a kill cut short). Replaced in one rename, so a kill meanwhile loses nothing."""
+    lines = open(log_path).readlines() if step and os.path.exists(log_path) else []
+    kept = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):                  # torn by a kill mid-write
+                break
+            raise ValueError(f"{log_path} line {n} is not JSON; repair or delete that line to resume") from None
+        if record['step'] <= step:
+            kept.append(line.rstrip('\n') + '\n')
+
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.writelines(kept)
+
+    atomic_write(log_path, write)
 
 
 def append_log(log_path, record):
@@ -209,7 +224,26 @@ def plot_curves(log_path, png_path):
 
 def train(cfg, log=print, loss_fn=objective):
     """Run one training job as configured; returns the final test metrics (master) or None.
-    `loss_fn` has objective()'s signature (the study passes a variant of PRIOR)."""
+    `loss_fn` has objective()'s signature (the study passes a variant of PRIOR).
+    One run per out_dir at a time: the master holds a lock on it until it returns or dies."""
+    master = int(os.environ.get('RANK', 0)) == 0
+    with claim_dir(cfg.out_dir) if master else contextlib.nullcontext():
+        if master:
+            check_out_dir(cfg)
+        return run_training(cfg, log, loss_fn)
+
+
+def check_out_dir(cfg):
+    """A new run must not overwrite a checkpoint, and a resumed one needs one: say so before any work."""
+    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if os.path.exists(ckpt_path) and not cfg.resume:
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume=True to continue that run, or another "
+                              f"--out_dir (or delete it) to start a new one")
+    if cfg.resume and not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"--resume=True, but there is no checkpoint at {ckpt_path}")
+
+
+def run_training(cfg, log, loss_fn):
     # ---- processes and devices ----
     ddp, device, rank, world = setup_processes(cfg)
     master = rank == 0

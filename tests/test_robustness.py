@@ -317,3 +317,59 @@ def test_pretrained_encoder_from_other_data_is_refused(tiny_ref):
     small = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, 2 * cfg.vit_embd, cfg.dropout)
     with pytest.raises(ValueError, match='does not fit this ViT'):
         load_encoder_into(small, cfg.vision_ckpt)
+
+
+# ---- out_dir: one run at a time, no overwrite, the log ----
+
+def test_one_run_per_out_dir_and_a_killed_holder_frees_it(tiny_cfg):
+    import signal
+    import subprocess
+    import sys
+    from train import train
+    os.makedirs(tiny_cfg.out_dir)
+    holder = subprocess.Popen([sys.executable, '-c', 'import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); '
+                               'fcntl.flock(fd, fcntl.LOCK_EX); print("held", flush=True); time.sleep(60)',
+                               tiny_cfg.out_dir], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == 'held\n'                 # another run holds out_dir
+    with pytest.raises(RuntimeError, match=f'{tiny_cfg.out_dir} is in use by another run'):
+        train(tiny_cfg, log=lambda *a: None)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    from model import claim_dir
+    with claim_dir(tiny_cfg.out_dir):                           # the dead holder left no stuck lock
+        pass
+    assert os.listdir(tiny_cfg.out_dir) == []
+
+
+def test_a_new_run_does_not_overwrite_a_checkpoint(tiny_cfg):
+    from train import train
+    ckpt = os.path.join(tiny_cfg.out_dir, 'ckpt.pt')
+    os.makedirs(tiny_cfg.out_dir)
+    with pytest.raises(FileNotFoundError, match='no checkpoint at'):          # resume needs one
+        train(dataclasses.replace(tiny_cfg, resume=True), log=lambda *a: None)
+    open(ckpt, 'wb').write(b'an earlier run')
+    with pytest.raises(FileExistsError, match='--resume=True'):
+        train(tiny_cfg, log=lambda *a: None)
+    assert open(ckpt, 'rb').read() == b'an earlier run' and not os.path.exists(tiny_cfg.ref_ckpt)   # nothing ran
+
+
+def test_resume_log_drops_a_torn_last_line_and_is_replaced_atomically(tmp_path):
+    from train import append_log, start_log
+    log = str(tmp_path / 'log.jsonl')
+    for step in range(1, 6):
+        append_log(log, {'step': step, 'train_loss': 1.0})
+    with open(log, 'a') as f:
+        f.write('{"step": 6, "train_lo')                         # a kill mid-write
+    inode = os.stat(log).st_ino
+    start_log(log, 4)
+    assert [json.loads(line)['step'] for line in open(log)] == [1, 2, 3, 4]
+    assert os.stat(log).st_ino != inode                          # a new file renamed over the old one
+    append_log(log, {'step': 5})
+    with open(log, 'a') as f:
+        f.write('{"step": 6}')                                   # whole JSON, but its newline was lost
+    start_log(log, 6)
+    append_log(log, {'step': 7})
+    assert [json.loads(line)['step'] for line in open(log)] == [1, 2, 3, 4, 5, 6, 7]
+    open(log, 'w').write('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match='log.jsonl line 2 is not JSON'):
+        start_log(log, 2)
