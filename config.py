@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 
 
@@ -213,12 +214,13 @@ def check(cfg):
         raise ValueError("init_vision 'clip' pretrains the H-LVLM's ViT; arch 'u' has no vision encoder")
     if cfg.val_frac + cfg.test_frac >= 1:
         raise ValueError(f"val_frac + test_frac must be < 1 (the rest trains), got {cfg.val_frac + cfg.test_frac}")
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
+        raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     if cfg.device.startswith('cuda'):
         import torch
-        if not torch.cuda.is_available():
-            raise ValueError(f"config key 'device' is {cfg.device!r}, but this machine has no usable CUDA device")
-    elif cfg.device not in ('auto', 'cpu'):
-        raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+        if int(cfg.device.partition(':')[2] or 0) >= torch.cuda.device_count():
+            raise ValueError(f"config key 'device' is {cfg.device!r}, but this machine has "
+                             f"{torch.cuda.device_count()} usable CUDA devices")
 
 
 def as_dict(cfg):

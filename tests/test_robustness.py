@@ -189,6 +189,15 @@ def test_animated_gif_gives_its_first_frame(tmp_path):
     assert images.shape == (24, 3, 8, 8)
 
 
+def test_animated_webp_is_refused_up_front(tmp_path):
+    frames = [Image.new('RGB', (20, 16), (40 * i, 0, 0)) for i in range(2)]
+    folder = make_folder(tmp_path)
+    buf = io.BytesIO()
+    frames[0].save(buf, 'WEBP', save_all=True, append_images=frames[1:])
+    replace_image(folder, 'anim.webp', buf.getvalue())
+    assert_refused(folder, 'undecodable', 'anim.webp')
+
+
 # ---- paths that leave the dataset ----
 
 def test_paths_outside_the_image_folder_are_refused_without_echoing_them(tmp_path):
@@ -373,3 +382,4 @@ def test_resume_log_drops_a_torn_last_line_and_is_replaced_atomically(tmp_path):
     open(log, 'w').write('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match='log.jsonl line 2 is not JSON'):
         start_log(log, 2)
+
