@@ -172,8 +172,10 @@ def restore_rng(ckpt, cuda):
 def start_log(log_path, step):
     """Keep what was logged up to `step` (a resumed run drops what came after its checkpoint, and
     a last line that a kill cut short). Replaced in one rename, so a kill meanwhile loses nothing."""
-    lines = open(log_path).readlines() if step and os.path.exists(log_path) else []
-    kept = []
+    lines, kept = [], []
+    if step and os.path.exists(log_path):
+        with open(log_path) as f:
+            lines = f.readlines()
     for n, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
@@ -244,6 +246,7 @@ def check_out_dir(cfg):
 
 
 def run_training(cfg, log, loss_fn):
+    """The job itself, in its out_dir (see train)."""
     # ---- processes and devices ----
     ddp, device, rank, world = setup_processes(cfg)
     master = rank == 0
