@@ -23,6 +23,7 @@ Splits are by image (a hash of its file name), so all captions of one image land
 
 import contextlib
 import csv
+import faulthandler
 import hashlib
 import json
 import multiprocessing
@@ -265,6 +266,7 @@ def decode(path):
 def _decode_each(paths, conn, memory):
     """Child process: decode each path, sending (index, error message or None) after each."""
     torch.set_num_threads(1)
+    faulthandler.disable()                                  # a crash here is expected, and reported by the parent
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)            # the decoders' own chatter; errors come back below
     with contextlib.suppress(OSError, ValueError):          # a memory cap where the OS has one
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -347,7 +349,8 @@ def read_records(path, image_root='', skip_bad=False, log=print, confine=True, m
         seen.add((image, caption))
         found.append((image_path, caption, where))
     broken = undecodable(sorted({p for p, _, _ in found}), max_pixels)
-    problems += [('undecodable', where, f"cannot be decoded ({broken[p]}): {p}") for p, _, where in found if p in broken]
+    problems += [('undecodable', where, f"cannot be decoded ({broken[p]}): {p}")
+                 for p, _, where in found if p in broken]
     records = [(p, caption) for p, caption, _ in found if p not in broken]
     if problems and not skip_bad:
         listed = '\n'.join(f"  {where}: {message}" for _, where, message in problems[:MAX_LISTED])

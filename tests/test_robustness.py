@@ -27,7 +27,8 @@ from test_captions import make_folder, records
     ('--grad_accum=0', 'grad_accum'), ('--max_iters=0', 'max_iters'), ('--eval_batches=0', 'eval_batches'),
     ('--alpha=1e309', 'alpha'), ('--batch_size=0', 'batch_size'), ('--log_interval=0', 'log_interval'),
     ('--n_embd=0', 'n_embd'), ('--image_size=0', 'image_size'), ('--patch_size=0', 'patch_size'),
-    ('--batch_size=-4', 'batch_size'), ('--learning_rate=0', 'learning_rate'), ('--learning_rate=-1e-3', 'learning_rate'),
+    ('--batch_size=-4', 'batch_size'), ('--learning_rate=0', 'learning_rate'),
+    ('--learning_rate=-1e-3', 'learning_rate'),
     ('--weight_floor=1.5', 'weight_floor'), ('--dropout=1.0', 'dropout'), ('--beta2=1.0', 'beta2'),
     ('--block_size=2', 'block_size'), ('--eval_interval=0', 'eval_interval'), ('--ckpt_interval=-1', 'ckpt_interval'),
     ('--num_workers=-1', 'num_workers'), ('--max_image_pixels=0', 'max_image_pixels'), ('--val_frac=0.7', 'test_frac'),
@@ -48,7 +49,7 @@ def test_nan_in_a_config_file_is_refused(tmp_path):
 # ---- checkpoints and temp files ----
 
 @pytest.mark.parametrize('content', [b'', b'PK\x03\x04 torn zip', os.urandom(64),
-                                     pickle.dumps(print, protocol=2)])       # print: a callable, refused by weights_only
+                                     pickle.dumps(print, protocol=2)])   # a callable: refused by weights_only
 def test_broken_checkpoint_is_one_clear_error(tmp_path, content):
     path = tmp_path / 'ckpt.pt'
     path.write_bytes(content)
@@ -336,8 +337,9 @@ def test_one_run_per_out_dir_and_a_killed_holder_frees_it(tiny_cfg):
     import sys
     from train import train
     os.makedirs(tiny_cfg.out_dir)
-    holder = subprocess.Popen([sys.executable, '-c', 'import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); '
-                               'fcntl.flock(fd, fcntl.LOCK_EX); print("held", flush=True); time.sleep(60)',
+    holder = subprocess.Popen([sys.executable, '-c', 'import fcntl, os, sys, time; '
+                               'fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); '
+                               'print("held", flush=True); time.sleep(60)',
                                tiny_cfg.out_dir], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == 'held\n'                 # another run holds out_dir
     with pytest.raises(RuntimeError, match=f'{tiny_cfg.out_dir} is in use by another run'):
