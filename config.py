@@ -15,7 +15,9 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -23,7 +25,12 @@ TORCHVISION_ENCODERS = ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')   #
 
 
 class ConfigError(ValueError):
-    """A settings mistake: entry points print its message as one line and exit with status 2."""
+    """A mistake in the settings or the input (data, checkpoints, caches): entry points print its
+    message as one line and exit with status 2."""
+
+
+class OutDirBusy(RuntimeError):
+    """Another run holds this out_dir (one run per out_dir at a time)."""
 
 
 @dataclass
@@ -35,6 +42,8 @@ class Config:
     val_frac: float = 0.05       # on-disk data: share of images in val / test (split by image)
     test_frac: float = 0.05
     skip_bad: bool = False       # on-disk data: skip (and count) bad entries instead of stopping
+    confine_images: bool = True  # on-disk data: image paths (symlinks resolved) must stay inside the image folder
+    max_image_pixels: int = 89_478_485   # on-disk data: refuse images that declare more pixels (PIL's bomb limit)
     vocab: str = 'compact'       # 'compact' (GPT-2 ids seen in training captions) or 'gpt2' (all 50257)
     data_seed: int = 1234        # the dataset is a pure function of this seed
     image_size: int = 24         # shapes: 24 px in 8 px patches = one patch per cell of the 3x3 grid
@@ -190,7 +199,39 @@ def load_config(argv):
     return cfg
 
 
+# The range of every numeric setting, as (lowest, highest) with None for no bound; "> 0" where
+# zero makes no sense but any small positive value does. Each float must also be finite.
+RANGES = {
+    'val_frac': (0, 1), 'test_frac': (0, 1), 'data_seed': (0, None), 'image_size': (1, None),
+    'n_train': (1, None), 'n_val': (1, None), 'n_test': (1, None), 'noise_rate': (0, 1), 'caption_noise': (0, 1),
+    'pixel_noise': (0, None), 'block_size': (3, None), 'max_image_pixels': (1, None),
+    'n_layer': (1, None), 'n_head': (1, None), 'n_embd': (1, None), 'dropout': (0, 0.99), 'patch_size': (1, None),
+    'vit_layer': (1, None), 'vit_embd': (1, None), 'clip_max_iters': (1, None), 'clip_batch_size': (2, None),
+    'clip_learning_rate': ('> 0', None), 'ref_max_iters': (1, None), 'ref_learning_rate': ('> 0', None),
+    'ref_batch_size': (1, None), 'alpha': (0, None), 'weight_floor': (0, 1),
+    'batch_size': (1, None), 'grad_accum': (1, None), 'max_iters': (1, None), 'learning_rate': ('> 0', None),
+    'min_lr_ratio': (0, 1), 'warmup_iters': (0, None), 'weight_decay': (0, None), 'beta1': (0, 0.9999),
+    'beta2': (0, 0.9999), 'grad_clip': (0, None), 'log_interval': (1, None), 'eval_interval': (1, None),
+    'eval_batches': (1, None), 'ckpt_interval': (0, None), 'seed': (0, None), 'num_workers': (0, None),
+    'lr_decay_iters': (0, None),
+}
+
+
+def check_ranges(cfg):
+    for key, (low, high) in RANGES.items():
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
+        if low == '> 0' and not value > 0:
+            raise ValueError(f"config key {key!r} must be > 0, got {value!r}")
+        if (low != '> 0' and value < low) or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"config key {key!r} must be {bounds}, got {value!r}")
+
+
 def check(cfg):
+    """Refuse settings that cannot make a sensible run, before anything is built or trained."""
+    check_ranges(cfg)
     choices = {'arch': ('h', 'u'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
                'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip', 'pretrained'),
                'vision': ('vit',) + TORCHVISION_ENCODERS}
@@ -203,8 +244,6 @@ def check(cfg):
         raise ValueError("n_embd and vit_embd must be multiples of n_head")
     if cfg.loss == 'oracle' and cfg.dataset != 'shapes':
         raise ValueError("loss 'oracle' needs the true token classes, which only the built-in shapes data has")
-    if cfg.alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {cfg.alpha}")
     if cfg.init_vision != 'scratch' and cfg.arch != 'h':
         raise ValueError(f"init_vision {cfg.init_vision!r} initialises the H-LVLM's encoder; arch 'u' has none")
     if cfg.init_vision == 'clip' and cfg.vision != 'vit':
@@ -213,10 +252,10 @@ def check(cfg):
     if cfg.init_vision == 'pretrained' and cfg.vision == 'vit':
         raise ValueError("init_vision 'pretrained' loads torchvision weights: set vision to one of "
                          f"{TORCHVISION_ENCODERS} (or use init_vision='clip' for the small ViT)")
-    if not 0 <= cfg.caption_noise <= 1:
-        raise ValueError(f"caption_noise must be in [0, 1], got {cfg.caption_noise}")
-    if not 0 <= cfg.weight_floor <= 1:
-        raise ValueError(f"weight_floor must be in [0, 1], got {cfg.weight_floor}")
+    if cfg.val_frac + cfg.test_frac >= 1:
+        raise ValueError(f"val_frac + test_frac must be < 1 (the rest trains), got {cfg.val_frac + cfg.test_frac}")
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
+        raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
 
 
 def as_dict(cfg):
@@ -242,6 +281,6 @@ def cli(main, argv, doc, flags_help=''):
         raise SystemExit(0)
     try:
         main(argv)
-    except ConfigError as e:
+    except (ConfigError, OutDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

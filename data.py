@@ -24,6 +24,7 @@ import torch
 
 import shapes
 from captions import ImageFiles, read_records, split_of
+from config import ConfigError
 from prior_loss import IGNORE
 from tokenizer import EOT, get_tokenizer
 
@@ -111,7 +112,7 @@ class CaptionData:
         for i, tokens in enumerate(self.gpt2_tokens):
             k = len(tokens) + 1                  # caption tokens + closing EOT
             if k > T:
-                raise ValueError(f"caption {i} has {k} tokens with EOT, block_size is {T}: {self.texts[i]!r}")
+                raise ConfigError(f"caption {i} has {k} tokens with EOT, block_size is {T}: {self.texts[i]!r}")
             ids = vocab.encode(list(tokens) + [EOT])
             idx[i, 1:k] = ids[:-1]               # idx[0] stays BOS
             targets[i, :k] = ids
@@ -171,7 +172,7 @@ class CaptionData:
 def make_caption_splits(cfg, names, log=print):
     """Splits of real image-caption data (see captions.py). Real captions carry no token
     classes; over-long captions are cut to block_size (with EOT) and counted."""
-    records = read_records(cfg.dataset, cfg.image_root, cfg.skip_bad, log)
+    records = read_records(cfg.dataset, cfg.image_root, cfg.skip_bad, log, cfg.confine_images, cfg.max_image_pixels)
     enc, limit = get_tokenizer(), cfg.block_size - 1
     by_split = {name: [] for name in names}
     for image_path, caption in records:
@@ -181,7 +182,7 @@ def make_caption_splits(cfg, names, log=print):
     out, cut = {}, 0
     for name, recs in by_split.items():
         if not recs:
-            raise ValueError(f"split {name!r} of {cfg.dataset} is empty (val_frac={cfg.val_frac}, "
+            raise ConfigError(f"split {name!r} of {cfg.dataset} is empty (val_frac={cfg.val_frac}, "
                              f"test_frac={cfg.test_frac})")
         paths = sorted({p for p, _ in recs})
         where = {p: i for i, p in enumerate(paths)}
@@ -206,7 +207,7 @@ def load_splits(cfg, names=('train', 'val', 'test'), log=print):
     sizes = {'train': cfg.n_train, 'val': cfg.n_val, 'test': cfg.n_test}
     unknown = set(names) - set(sizes)
     if unknown:
-        raise ValueError(f"shapes has no split {sorted(unknown)} (it has {list(sizes)})")
+        raise ConfigError(f"shapes has no split {sorted(unknown)} (it has {list(sizes)})")
     # caption noise is a property of the training captions; val and test describe what is there
     return {name: shapes_split(n, [cfg.data_seed, k], cfg.image_size, cfg.noise_rate, cfg.pixel_noise,
                                cfg.block_size, cfg.filler, cfg.caption_noise if name == 'train' else 0.0)

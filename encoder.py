@@ -26,9 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import config as config_mod
+from config import ConfigError
 from data import batch_indices, load_splits, make_vocab, text_width
 from device import barrier, resolve_device
-from model import GPT, TorchvisionEncoder, ViT, exclusive, gpt_config, load_checkpoint, save_checkpoint
+from model import (GPT, TorchvisionEncoder, ViT, check_origin, exclusive, gpt_config, load_checkpoint,
+                   save_checkpoint, weights_digest)
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE
 from progress import Progress
@@ -127,13 +129,20 @@ def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=Non
                     log(f"encoder: val image->caption R@1 {retrieval_r1(model, val, device):.3f} "
                         f"among {min(256, len(val))} (chance {1 / min(256, len(val)):.3f})")
                 save_checkpoint({'vision': model.vision.state_dict(), 'data_fingerprint': train.fingerprint(),
-                                 'config': config_mod.as_dict(cfg)}, path)
+                                 'image_fingerprint': train.image_fingerprint(), 'config': config_mod.as_dict(cfg),
+                                 'weights_sha256': weights_digest(model.vision.state_dict())}, path)
+            check_origin(load_checkpoint(path, required=('vision',)), path, 'vision',
+                         data_fingerprint=train.fingerprint(), image_fingerprint=train.image_fingerprint())
     barrier()
     return path
 
 
 def load_encoder_into(vision, path):
-    vision.load_state_dict(load_checkpoint(path)['vision'])
+    try:
+        vision.load_state_dict(load_checkpoint(path, required=('vision',))['vision'])
+    except RuntimeError as e:                    # names of missing or misshapen weights
+        raise ConfigError(f"vision encoder {path} does not fit this ViT (vit_layer, vit_embd, image_size, "
+                         f"patch_size?): {' '.join(str(e).split())[:200]}") from None
 
 
 def pretrained_torchvision(cfg):
@@ -162,14 +171,6 @@ class Features:
         return torch.from_numpy(np.array(self.array[i], dtype=np.float32))
 
 
-def weights_sha256(module):
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def compute_features(vision, data, device, batch_size=128):
     vision.eval()
@@ -187,7 +188,7 @@ def compute_features(vision, data, device, batch_size=128):
 def use_cached_features(splits, vision, device, log=print, is_master=True):
     """Replace every split's images by the frozen `vision` encoder's features, computed on first use
     into out/features/<hash of images + encoder weights>/ and checked against both when read."""
-    encoder_sha = weights_sha256(vision)
+    encoder_sha = weights_digest(vision.state_dict())
     for name, data in splits.items():
         manifest = {'images': data.image_fingerprint(), 'encoder_sha256': encoder_sha}
         key = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()[:12]
@@ -209,7 +210,7 @@ def use_cached_features(splits, vision, device, log=print, is_master=True):
         array = np.load(path, mmap_mode='r')
         if {k: found.get(k) for k in manifest} != manifest or list(array.shape) != found.get('shape') \
                 or len(array) != len(data.images):
-            raise ValueError(f"feature cache {path} does not match its images or encoder; delete its folder")
+            raise ConfigError(f"feature cache {path} does not match its images or encoder; delete its folder")
         data.images = Features(array)
 
 

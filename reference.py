@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 import config as config_mod
+from config import ConfigError
 from data import Vocab, batch_indices, load_splits, make_vocab, text_width
 from device import barrier, resolve_device
-from model import GPT, GPTConfig, exclusive, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
+from model import (GPT, GPTConfig, atomic_write, check_origin, exclusive, gpt_config, load_checkpoint,
+                   load_hf_gpt2_into, save_checkpoint, weights_digest)
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE, ntp_loss, token_nll
 from progress import Progress
@@ -94,11 +96,15 @@ def score_captions(model, data, device, batch_size=256, log=None):
 
 def save_reference(model, vocab, cfg, train, ref_ckpt):
     save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.config), 'vocab': vocab.state(),
-                     'config': config_mod.as_dict(cfg), 'data_fingerprint': train.fingerprint()}, ref_ckpt)
+                     'config': config_mod.as_dict(cfg), 'data_fingerprint': train.fingerprint(),
+                     'weights_sha256': weights_digest(model.state_dict())}, ref_ckpt)
 
 
-def load_reference(ref_ckpt, device):
-    ckpt = load_checkpoint(ref_ckpt)
+def load_reference(ref_ckpt, device, train=None):
+    """(GPT, vocabulary, checkpoint) of a reference; refused if its weights changed since it was
+    saved or (given `train`, the training captions it is for) it was trained on other captions."""
+    ckpt = load_checkpoint(ref_ckpt, map_location=device, required=('model', 'model_args', 'vocab'))
+    check_origin(ckpt, ref_ckpt, 'model', **({'data_fingerprint': train.fingerprint()} if train else {}))
     return (*reference_from(ckpt, device), ckpt)
 
 
@@ -118,15 +124,18 @@ def cache_paths(ref_ckpt):
 
 def write_cache(ref_probs, manifest, ref_ckpt):
     npy, meta = cache_paths(ref_ckpt)
-    tmp = npy + '.tmp.npy'
-    arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=ref_probs.shape)
-    arr[:] = ref_probs
-    arr.flush()
-    del arr
-    os.replace(tmp, npy)
-    with open(meta + '.tmp', 'w') as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(meta + '.tmp', meta)
+
+    def write_array(tmp):
+        arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=ref_probs.shape)
+        arr[:] = ref_probs
+        arr.flush()
+
+    def write_manifest(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(manifest, f, indent=1)
+
+    atomic_write(npy, write_array)
+    atomic_write(meta, write_manifest)
 
 
 def expected_manifest(data, vocab, ref_ckpt):
@@ -141,17 +150,23 @@ def load_cache(ref_ckpt, data, vocab):
     npy, meta = cache_paths(ref_ckpt)
     if not (os.path.isfile(npy) and os.path.isfile(meta)):
         raise FileNotFoundError(f"no reference score cache at {npy}")
-    with open(meta) as f:
-        found = json.load(f)
+    advice = f"Delete it and {meta} to have it rebuilt, or pass another --ref_ckpt."
+    try:
+        with open(meta) as f:
+            found = json.load(f)
+        ref_probs = np.load(npy, mmap_mode='r')
+    except (ValueError, OSError) as e:           # a torn or foreign file (JSONDecodeError is a ValueError)
+        raise ConfigError(f"reference cache {npy} or {meta} cannot be read ({type(e).__name__}). {advice}") from None
     expected = expected_manifest(data, vocab, ref_ckpt)
-    wrong = [k for k in expected if found.get(k) != expected[k]]
+    wrong = [k for k in expected if not isinstance(found, dict) or found.get(k) != expected[k]]
     if wrong:
-        raise ValueError(f"reference cache {npy} does not match: {', '.join(wrong)} differ "
-                         f"(it was made for other data or another reference). Delete it and {meta} "
-                         f"to have it rebuilt, or pass another --ref_ckpt.")
-    ref_probs = np.load(npy, mmap_mode='r')
+        raise ConfigError(f"reference cache {npy} does not match: {', '.join(wrong)} differ "
+                         f"(it was made for other data or another reference). {advice}")
+    if list(ref_probs.shape) != expected['shape'] or ref_probs.dtype != np.float32:
+        raise ConfigError(f"reference cache {npy} holds a {ref_probs.dtype} array of shape {list(ref_probs.shape)}, "
+                         f"its manifest and this data say float32 {expected['shape']}. {advice}")
     if not np.isfinite(ref_probs).all() or ref_probs.min() < 0 or ref_probs.max() > 1:
-        raise ValueError(f"reference cache {npy} holds values outside [0, 1] or NaN/inf")
+        raise ConfigError(f"reference cache {npy} holds values outside [0, 1] or NaN/inf. {advice}")
     return ref_probs
 
 
@@ -166,13 +181,13 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
             if not os.path.isfile(ref_ckpt):
                 log(f"reference: no checkpoint at {ref_ckpt}; training the text-only reference LM first")
                 save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, ref_ckpt)
+            model, ref_vocab, _ = load_reference(ref_ckpt, device, train)
+            if ref_vocab.gpt2_ids != vocab.gpt2_ids:
+                raise ConfigError(f"reference {ref_ckpt} uses another vocabulary than this data")
             if scored:
                 try:
                     ref_probs = load_cache(ref_ckpt, train, vocab)
                 except FileNotFoundError:
-                    model, ref_vocab, _ = load_reference(ref_ckpt, device)
-                    if ref_vocab.gpt2_ids != vocab.gpt2_ids:
-                        raise ValueError(f"reference {ref_ckpt} uses another vocabulary than this data")
                     t0 = time.time()
                     scores = score_captions(model, train, device, log=log)
                     write_cache(scores, expected_manifest(train, vocab, ref_ckpt), ref_ckpt)

@@ -29,7 +29,7 @@ from data import load_splits, make_loader, make_vocab, micro_batches, step_token
 from device import (barrier, device_peak_flops, grad_scaler, init_distributed, peak_memory, precision_context,
                     resolve_device, resolve_precision)
 from encoder import ensure_encoder, load_encoder_into, pretrained_torchvision, use_cached_features
-from model import LVLM, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
+from model import LVLM, atomic_write, claim_dir, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from plot import plot_run
 from prior_loss import ntp_loss, prior_loss
@@ -76,7 +76,7 @@ def build_model(cfg, vocab, device, ref_ckpt=None, vision_ckpt=None):
     if cfg.init_lm == 'ref':
         ref, ref_vocab, _ = load_reference(ref_ckpt, 'cpu')
         if ref_vocab.gpt2_ids != vocab.gpt2_ids:
-            raise ValueError(f"reference {ref_ckpt} was trained with another vocabulary")
+            raise ConfigError(f"reference {ref_ckpt} was trained with another vocabulary")
         model.lm.load_state_dict(ref.state_dict())
     elif cfg.init_lm == 'gpt2':
         load_hf_gpt2_into(model.lm, cfg.gpt2_model)
@@ -169,10 +169,27 @@ def restore_rng(ckpt, cuda):
 
 
 def start_log(log_path, step):
-    """Keep what was logged up to `step` (a resumed run drops what came after its checkpoint)."""
-    kept = [line for line in open(log_path)] if step and os.path.exists(log_path) else []
-    with open(log_path, 'w') as f:
-        f.writelines(line for line in kept if json.loads(line)['step'] <= step)
+    """Keep what was logged up to `step` (a resumed run drops what came after its checkpoint, and
+    a last line that a kill cut short). Replaced in one rename, so a kill meanwhile loses nothing."""
+    lines, kept = [], []
+    if step and os.path.exists(log_path):
+        with open(log_path) as f:
+            lines = f.readlines()
+    for n, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):                  # torn by a kill mid-write
+                break
+            raise ConfigError(f"{log_path} line {n} is not JSON; repair or delete that line to resume") from None
+        if record['step'] <= step:
+            kept.append(line.rstrip('\n') + '\n')
+
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.writelines(kept)
+
+    atomic_write(log_path, write)
 
 
 def append_log(log_path, record):
@@ -203,7 +220,28 @@ def wandb_run(cfg):
 
 def train(cfg, log=print, loss_fn=objective):
     """Run one training job as configured; returns the final test metrics (master) or None.
-    `loss_fn` has objective()'s signature (the study passes a variant of PRIOR)."""
+    `loss_fn` has objective()'s signature (the study passes a variant of PRIOR).
+    One run per out_dir at a time: the master holds a lock on it until it returns or dies."""
+    master = int(os.environ.get('RANK', 0)) == 0
+    resolve_device(cfg.device)                   # an absent device is refused before out_dir is claimed
+    with claim_dir(cfg.out_dir) if master else contextlib.nullcontext():
+        if master:
+            check_out_dir(cfg)
+        return run_training(cfg, log, loss_fn)
+
+
+def check_out_dir(cfg):
+    """A new run must not overwrite a checkpoint, and a resumed one needs one: say so before any work."""
+    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if os.path.exists(ckpt_path) and not cfg.resume:
+        raise ConfigError(f"{ckpt_path} exists: pass --resume=True to continue that run, or another "
+                              f"--out_dir (or delete it) to start a new one")
+    if cfg.resume and not os.path.exists(ckpt_path):
+        raise ConfigError(f"--resume=True, but there is no checkpoint at {ckpt_path}")
+
+
+def run_training(cfg, log, loss_fn):
+    """The job itself, in its out_dir (see train)."""
     # ---- processes and devices ----
     t_start = time.time()
     ddp, device, rank, world = setup_processes(cfg)

@@ -82,6 +82,8 @@ def execute(s, preset, out_root, runs_dir, data_seed):
         with open(path) as f:
             return json.load(f)
     cfg = make_config(s, preset, out_root, data_seed)
+    # a checkpoint without a record: the run was interrupted, and continues where it stopped
+    cfg = dataclasses.replace(cfg, resume=os.path.exists(os.path.join(cfg.out_dir, 'ckpt.pt')))
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as logf:

@@ -230,7 +230,7 @@ def test_wandb_is_optional(tiny_cfg, monkeypatch):
     assert any(step == 6 and 'train_loss' in data for step, data in calls[1:-1])
     monkeypatch.setitem(sys.modules, 'wandb', None)          # not installed
     with pytest.raises(ConfigError, match="pip install wandb"):
-        train(cfg, log=lambda *a: None)
+        train(dataclasses.replace(cfg, out_dir=cfg.out_dir + '_again'), log=lambda *a: None)
 
 
 # ---- precision and the GPU paths ----
