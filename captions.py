@@ -21,32 +21,16 @@ is dropped silently, and no byte of a refused file is printed.
 Splits are by image (a hash of its file name), so all captions of one image land in one split.
 """
 
-import contextlib
 import csv
-import faulthandler
 import hashlib
 import json
-import multiprocessing
 import os
-import re
-import resource
-import signal
-import struct
 from collections import Counter
 
-import torch
-from torchvision.io import ImageReadMode, decode_image
-
-from config import ConfigError
+from images import BadData, image_path_problem, image_problem, undecodable
 from progress import Progress
 
-IMAGE_MAGIC = ((b'\xff\xd8\xff', 'jpeg'), (b'\x89PNG\r\n\x1a\n', 'png'), (b'GIF87a', 'gif'), (b'GIF89a', 'gif'),
-               (b'RIFF', 'webp'))                # the formats torchvision.io.decode_image reads
 MAX_LISTED = 10                                  # problems spelled out in the error message
-
-
-class BadData(ConfigError):
-    pass
 
 
 # ---- reading the four formats: each yields (image path relative to the root, caption, where) ----
@@ -183,138 +167,6 @@ def detect(path, image_root=''):
     raise BadData(f"{path}: unknown dataset format (expected a folder, .csv, .jsonl or .json)")
 
 
-# ---- checking images: paths, headers, then one decode each ----
-
-def image_path_problem(root, image, confine):
-    """(path, None) for an image name inside the image folder `root`, else (None, (kind, message))."""
-    if not isinstance(image, str):
-        return None, ('bad_image_name', f"image name is a {type(image).__name__}, not text")
-    if '\0' in image:
-        return None, ('bad_image_name', "image name contains a NUL character")
-    path = os.path.join(root, image)
-    real_root = os.path.realpath(root)
-    if confine and os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
-        return None, ('outside_root', f"image {image!r} leads outside the image folder {root} (../, an absolute "
-                                      f"path or a symlink); --confine_images=False allows it")
-    return path, None
-
-
-def declared_size(f, kind):
-    """(width, height) that an image file's header declares, or None if its header is unreadable."""
-    head = f.read(30)
-    if kind == 'png':
-        return struct.unpack('>II', head[16:24]) if head[12:16] == b'IHDR' else None
-    if kind == 'gif':
-        return struct.unpack('<HH', head[6:10]) if len(head) >= 10 else None
-    if kind == 'webp':
-        chunk, body = head[12:16], head[20:30]
-        if chunk == b'VP8X' and len(body) == 10:
-            return 1 + int.from_bytes(body[4:7], 'little'), 1 + int.from_bytes(body[7:10], 'little')
-        if chunk == b'VP8L' and len(body) >= 5:
-            bits = int.from_bytes(body[1:5], 'little')
-            return 1 + (bits & 0x3fff), 1 + (bits >> 14 & 0x3fff)
-        if chunk == b'VP8 ' and len(body) == 10:
-            return int.from_bytes(body[6:8], 'little') & 0x3fff, int.from_bytes(body[8:10], 'little') & 0x3fff
-        return None
-    pos = 2                                      # JPEG: walk the segments to the frame header (SOFn)
-    while True:
-        f.seek(pos)
-        seg = f.read(9)
-        if len(seg) < 4 or seg[0] != 0xFF or seg[1] == 0xDA:            # no SOF before the scan data
-            return None
-        if seg[1] in (0xFF, 0x01) or 0xD0 <= seg[1] <= 0xD8:           # fill byte, markers without length
-            pos += 1 if seg[1] == 0xFF else 2
-        elif 0xC0 <= seg[1] <= 0xCF and seg[1] not in (0xC4, 0xC8, 0xCC):
-            return (struct.unpack('>H', seg[7:9])[0], struct.unpack('>H', seg[5:7])[0]) if len(seg) == 9 else None
-        else:
-            pos += 2 + struct.unpack('>H', seg[2:4])[0]
-
-
-def image_problem(path, max_pixels):
-    """None if the file looks like a whole image of a format torchvision decodes, no larger than
-    max_pixels, else (kind, message). Reads its header and last 32 bytes; never prints them."""
-    if not os.path.isfile(path):
-        return 'missing_image', "image file does not exist"
-    size = os.path.getsize(path)
-    if size == 0:
-        return 'empty_image', "image file is empty (0 bytes)"
-    with open(path, 'rb') as f:
-        head = f.read(16)
-        kind = next((k for magic, k in IMAGE_MAGIC if head.startswith(magic)), None)
-        if kind is None or (kind == 'webp' and head[8:12] != b'WEBP'):
-            return 'not_an_image', "not a JPEG, PNG, GIF or WebP file (the formats torchvision decodes)"
-        f.seek(0)
-        dims = declared_size(f, kind)
-        f.seek(max(0, size - 32))
-        tail = f.read()
-    if kind == 'jpeg' and b'\xff\xd9' not in tail:
-        return 'truncated_image', "JPEG without its end marker (truncated?)"
-    if kind == 'png' and b'IEND' not in tail:
-        return 'truncated_image', "PNG without its IEND chunk (truncated?)"
-    if dims is None or min(dims) == 0:
-        return 'bad_header', f"{kind.upper()} header without a readable, non-zero image size"
-    if dims[0] * dims[1] > max_pixels:
-        return 'too_large', (f"declares {dims[0]}x{dims[1]} = {dims[0] * dims[1]:,} pixels, more than "
-                             f"max_image_pixels {max_pixels:,}")
-    return None
-
-
-def decode(path):
-    """An image file as uint8 RGB [3,H,W] (grey, RGBA, palette, CMYK, 16-bit too; an animation's
-    first frame)."""
-    image = decode_image(path, mode=ImageReadMode.RGB)
-    return image[0] if image.dim() == 4 else image
-
-
-def _decode_each(paths, conn, memory):
-    """Child process: decode each path, sending (index, error message or None) after each."""
-    torch.set_num_threads(1)
-    faulthandler.disable()                                  # a crash here is expected, and reported by the parent
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)            # the decoders' own chatter; errors come back below
-    with contextlib.suppress(OSError, ValueError):          # a memory cap where the OS has one
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        used = os.sysconf('SC_PAGE_SIZE') * int(open('/proc/self/statm').read().split()[0])
-        resource.setrlimit(resource.RLIMIT_AS, (used + memory, hard))
-    for i, path in enumerate(paths):
-        try:
-            decode(path)
-            conn.send((i, None))
-        except Exception as e:                   # torchvision's messages start with its C++ source line
-            text = re.sub(r'^\w+, \S+:\d+, ', '', str(e)).strip()
-            if "can't allocate memory" in text or 'bad_alloc' in text:
-                text = "decoding it needs more memory than max_image_pixels allows (many animation frames?)"
-            conn.send((i, text[:200] or type(e).__name__))
-    conn.close()
-
-
-def undecodable(paths, max_pixels):
-    """{path: message} of the files torchvision cannot decode, each tried once in a child process:
-    a decoder crash takes down only the child and names the file it was on; the next child
-    carries on after that file. The child's memory is capped near what max_pixels needs."""
-    fork = multiprocessing.get_context('fork')
-    problems, start = {}, 0
-    while start < len(paths):
-        receive, send = fork.Pipe(duplex=False)
-        child = fork.Process(target=_decode_each, args=(paths[start:], send, (1 << 30) + 32 * max_pixels),
-                             daemon=True)
-        child.start()
-        send.close()
-        done = start
-        with receive, contextlib.suppress(EOFError):
-            while True:
-                i, message = receive.recv()
-                if message:
-                    problems[paths[start + i]] = message
-                done = start + i + 1
-        child.join()
-        if child.exitcode and done < len(paths):
-            how = signal.Signals(-child.exitcode).name if child.exitcode < 0 else f"exit code {child.exitcode}"
-            problems[paths[done]] = f"the image decoder crashed on it: {how}"
-            done += 1
-        start = done
-    return problems
-
-
 def read_records(path, image_root='', skip_bad=False, log=print, confine=True, max_pixels=89_478_485):
     """Validated (image path, caption) pairs of a dataset. Raises BadData naming the file and
     row of the first problems, or (skip_bad) skips them and logs how many of each kind."""
@@ -377,31 +229,3 @@ def split_of(image_path, val_frac, test_frac):
     """'train', 'val' or 'test' from a hash of the image's file name: stable across runs and machines."""
     u = int(hashlib.sha1(os.path.basename(image_path).encode()).hexdigest()[:8], 16) / 16 ** 8
     return 'val' if u < val_frac else 'test' if u < val_frac + test_frac else 'train'
-
-
-class ImageFiles:
-    """Images decoded on demand (decode() above), resized (shorter side) and centre-cropped to
-    size x size, as uint8 [3,H,W]. Small datasets are kept in memory once decoded, by the main
-    process only: DataLoader workers each hold a copy of this object, and a cache in each would
-    multiply the memory by their number."""
-
-    def __init__(self, paths, size):
-        from torchvision.transforms import v2
-        self.paths, self.size = paths, size
-        self.transform = v2.Compose([v2.ToDtype(torch.uint8, scale=True), v2.Resize(size, antialias=True),
-                                     v2.CenterCrop(size)])
-        self.cache = {} if len(paths) * 3 * size * size < 2 ** 31 else None
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
-        try:
-            image = self.transform(decode(self.paths[i]))
-        except Exception as e:
-            raise BadData(f"cannot decode image {self.paths[i]}: {e}") from e
-        if self.cache is not None and torch.utils.data.get_worker_info() is None:
-            self.cache[i] = image
-        return image

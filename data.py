@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 import shapes
-from captions import ImageFiles, read_records, split_of
+from captions import read_records, split_of
 from config import ConfigError
+from images import ImageFiles
 from prior_loss import IGNORE
 from tokenizer import EOT, get_tokenizer
 
@@ -90,7 +91,7 @@ class CaptionData:
     """One split: an image store and aligned text rows [N,T] (one row per caption).
 
     `images[image_index[row]]` is the uint8 [3,H,W] image of a row: a tensor for shapes,
-    captions.ImageFiles (decoded on demand) for data on disk."""
+    images.ImageFiles (decoded on demand) for data on disk."""
 
     def __init__(self, images, image_index, texts, gpt2_tokens, token_classes, token_attrs, block_size,
                  objects=None):

@@ -113,3 +113,17 @@ def reset_peak_memory(cuda):
 def peak_memory(cuda):
     """Bytes: allocated tensors on CUDA; the process's peak resident set on CPU (Linux KiB)."""
     return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def setup_processes(cfg):
+    """(ddp, device, rank, world): torchrun's environment means DDP, one process per device.
+    A device that is not there stops the run here, before any data or reference work."""
+    device = resolve_device(cfg.device)
+    resolve_precision(device, cfg.precision)
+    if int(os.environ.get('RANK', -1)) == -1:
+        return False, device, 0, 1
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if device.startswith('cuda') else 'cpu'
+    if device != 'cpu':
+        torch.cuda.set_device(device)
+    init_distributed('nccl' if device != 'cpu' else 'gloo')
+    return True, device, dist.get_rank(), dist.get_world_size()

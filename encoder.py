@@ -26,11 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import config as config_mod
+from checkpoint import check_origin, exclusive, load_checkpoint, save_checkpoint, weights_digest
 from config import ConfigError
 from data import batch_indices, load_splits, make_vocab, text_width
 from device import barrier, resolve_device
-from model import (GPT, TorchvisionEncoder, ViT, check_origin, exclusive, gpt_config, load_checkpoint,
-                   save_checkpoint, weights_digest)
+from model import GPT, TorchvisionEncoder, ViT, gpt_config
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE
 from progress import Progress

@@ -26,20 +26,19 @@ Free-running metrics (greedy captions, parsed back into (colour, shape, position
 
 import contextlib
 import json
-import math
 import os
-import re
 import sys
-from collections import Counter
 
 import matplotlib
 import numpy as np
 import torch
 
+from caption_scores import bleu4, cider_d, words
+from checkpoint import load_checkpoint
 from config import ConfigError, cli, from_dict, parse_flags
 from data import Vocab, load_splits
 from device import precision_context, resolve_device
-from model import LVLM, GPTConfig, load_checkpoint
+from model import LVLM, GPTConfig
 from prior_loss import IGNORE, token_nll, token_weights
 from reference import reference_from, score_captions
 from shapes import ATTR_NAMES, ATTRIBUTES, CLASS_NAMES, parse_objects
@@ -172,68 +171,6 @@ def caption_metrics(captions, true_objects):
     return {'hallucination': hallucinated / described if described else float('nan'),
             'recall': recalled / n_true, 'exact': exact / len(captions),
             'objects_per_caption': described / len(captions)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Captioning metrics as the COCO caption evaluation computes them (tests check parity with its
-# pycocoevalcap package): corpus BLEU-4 and CIDEr-D of one generated caption per image against
-# all of that image's reference captions. Text is lowercased and split into words, punctuation dropped.
-
-def words(text):
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
-
-
-def ngram_counts(tokens, n_max=4):
-    return Counter(tuple(tokens[i:i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
-
-
-def bleu4(hypotheses, references):
-    """Corpus BLEU-4: clipped n-gram precisions over all captions, geometric mean, brevity penalty
-    against the reference length closest to each hypothesis (COCO's 'closest')."""
-    correct, total, hyp_len, ref_len = np.zeros(4), np.zeros(4), 0, 0
-    for hyp, refs in zip(hypotheses, references):
-        counts = ngram_counts(hyp)
-        best = Counter()
-        for ref in refs:
-            best |= ngram_counts(ref)                       # per n-gram, its most frequent use in one reference
-        for gram, c in counts.items():
-            correct[len(gram) - 1] += min(c, best[gram])
-            total[len(gram) - 1] += c
-        hyp_len += len(hyp)
-        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
-    precisions = (correct + 1e-15) / (total + 1e-9)
-    brevity = min(1.0, math.exp(1 - (ref_len + 1e-9) / (hyp_len + 1e-15)))
-    return float(brevity * np.exp(np.log(precisions).mean()))
-
-
-def cider_d(hypotheses, references, sigma=6.0):
-    """CIDEr-D: per image, the mean over its references of the cosine similarity of tf-idf n-gram
-    vectors (n = 1..4; idf from the references of all evaluated images), with the hypothesis's
-    counts clipped at the reference's and a Gaussian penalty on the length difference; x10."""
-    ref_counts = [[ngram_counts(r) for r in refs] for refs in references]
-    df = Counter(g for refs in ref_counts for g in set().union(*refs))
-    log_n = math.log(len(references))
-
-    def vectors(counts):
-        vec = [{} for _ in range(4)]
-        for gram, c in counts.items():
-            vec[len(gram) - 1][gram] = c * (log_n - math.log(max(1.0, df[gram])))
-        norms = [math.sqrt(sum(v * v for v in d.values())) for d in vec]
-        length = sum(c for g, c in counts.items() if len(g) == 2)   # COCO's length term counts bigrams
-        return vec, norms, length
-
-    scores = []
-    for hyp, refs in zip(hypotheses, ref_counts):
-        vh, nh, lh = vectors(ngram_counts(hyp))
-        total = np.zeros(4)
-        for ref in refs:
-            vr, nr, lr = vectors(ref)
-            for n in range(4):
-                dot = sum(min(v, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, v in vh[n].items())
-                cos = dot / (nh[n] * nr[n]) if nh[n] and nr[n] else 0.0
-                total[n] += cos * math.exp(-(lh - lr) ** 2 / (2 * sigma ** 2))
-        scores.append(10.0 * total.mean() / len(refs))
-    return float(np.mean(scores))
 
 
 @torch.no_grad()

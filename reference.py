@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 import config as config_mod
+from checkpoint import (atomic_write, check_origin, exclusive, load_checkpoint, load_hf_gpt2_into, save_checkpoint,
+                        weights_digest)
 from config import ConfigError
 from data import Vocab, batch_indices, load_splits, make_vocab, text_width
 from device import barrier, resolve_device
-from model import (GPT, GPTConfig, atomic_write, check_origin, exclusive, gpt_config, load_checkpoint,
-                   load_hf_gpt2_into, save_checkpoint, weights_digest)
+from model import GPT, GPTConfig, gpt_config
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE, ntp_loss, token_nll
 from progress import Progress

@@ -17,11 +17,11 @@ import sys
 
 import torch
 
-from captions import BadData, ImageFiles
+from checkpoint import load_checkpoint
 from config import ConfigError, cli, parse_flags
 from device import resolve_device
 from eval import load_trained, reference_of
-from model import load_checkpoint
+from images import BadData, ImageFiles
 from prior_loss import token_nll, token_weights
 from reference import reference_from, target_probs
 from tokenizer import EOT, get_tokenizer

@@ -24,12 +24,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config as config_mod
 import eval as evaluation
+from checkpoint import (append_log, check_out_dir, claim_dir, load_checkpoint, load_hf_gpt2_into, save_checkpoint,
+                        start_log)
 from config import ConfigError
 from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width, to_device
-from device import (barrier, device_peak_flops, grad_scaler, init_distributed, peak_memory, precision_context,
-                    resolve_device, resolve_precision)
+from device import (barrier, device_peak_flops, grad_scaler, peak_memory, precision_context, resolve_device,
+                    resolve_precision, setup_processes)
 from encoder import ensure_encoder, load_encoder_into, pretrained_torchvision, use_cached_features
-from model import LVLM, atomic_write, claim_dir, gpt_config, load_checkpoint, load_hf_gpt2_into, save_checkpoint
+from model import LVLM, gpt_config
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from plot import plot_run
 from prior_loss import ntp_loss, prior_loss
@@ -48,20 +50,6 @@ def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
     if ref_probs is None:
         return ntp_loss(logits, targets, n_tokens)
     return prior_loss(logits, targets, ref_probs, cfg.alpha, cfg.weight_floor, n_tokens)
-
-
-def setup_processes(cfg):
-    """(ddp, device, rank, world): torchrun's environment means DDP, one process per device.
-    A device that is not there stops the run here, before any data or reference work."""
-    device = resolve_device(cfg.device)
-    resolve_precision(device, cfg.precision)
-    if int(os.environ.get('RANK', -1)) == -1:
-        return False, device, 0, 1
-    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if device.startswith('cuda') else 'cpu'
-    if device != 'cpu':
-        torch.cuda.set_device(device)
-    init_distributed('nccl' if device != 'cpu' else 'gloo')
-    return True, device, dist.get_rank(), dist.get_world_size()
 
 
 def build_model(cfg, vocab, device, ref_ckpt=None, vision_ckpt=None):
@@ -136,9 +124,7 @@ def resume(cfg, model, optimizer, scaler, ckpt_path, global_batch, data_fingerpr
     the run first planned (lr_decay_iters) and the added steps run at its minimum rate."""
     if not cfg.resume:
         return 0, None, cfg
-    if not os.path.isfile(ckpt_path):
-        raise ConfigError(f"--resume=True, but there is no checkpoint at {ckpt_path}")
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)            # there is one: train() checked before any work
     saved = {**config_mod.as_dict(config_mod.Config()), **ckpt['config']}   # keys added since: defaults
     saved['lr_decay_iters'] = saved['lr_decay_iters'] or saved['max_iters']
     cfg = dataclasses.replace(cfg, lr_decay_iters=cfg.lr_decay_iters or saved['lr_decay_iters'])
@@ -168,35 +154,6 @@ def restore_rng(ckpt, cuda):
         torch.cuda.set_rng_state(ckpt['rng']['cuda'])
 
 
-def start_log(log_path, step):
-    """Keep what was logged up to `step` (a resumed run drops what came after its checkpoint, and
-    a last line that a kill cut short). Replaced in one rename, so a kill meanwhile loses nothing."""
-    lines, kept = [], []
-    if step and os.path.exists(log_path):
-        with open(log_path) as f:
-            lines = f.readlines()
-    for n, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):                  # torn by a kill mid-write
-                break
-            raise ConfigError(f"{log_path} line {n} is not JSON; repair or delete that line to resume") from None
-        if record['step'] <= step:
-            kept.append(line.rstrip('\n') + '\n')
-
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.writelines(kept)
-
-    atomic_write(log_path, write)
-
-
-def append_log(log_path, record):
-    with open(log_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-
 def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
     rows = torch.arange(min(len(val_data), cfg.eval_batches * cfg.batch_size))
     m = evaluation.teacher_forced_metrics(model, val_data, vocab, rows, device, ctx=ctx)
@@ -220,7 +177,7 @@ def wandb_run(cfg):
 
 def train(cfg, log=print, loss_fn=objective):
     """Run one training job as configured; returns the final test metrics (master) or None.
-    `loss_fn` has objective()'s signature (the study passes a variant of PRIOR).
+    `loss_fn` has objective()'s signature: a loss variant under study goes in here (see README).
     One run per out_dir at a time: the master holds a lock on it until it returns or dies."""
     master = int(os.environ.get('RANK', 0)) == 0
     resolve_device(cfg.device)                   # an absent device is refused before out_dir is claimed
@@ -228,16 +185,6 @@ def train(cfg, log=print, loss_fn=objective):
         if master:
             check_out_dir(cfg)
         return run_training(cfg, log, loss_fn)
-
-
-def check_out_dir(cfg):
-    """A new run must not overwrite a checkpoint, and a resumed one needs one: say so before any work."""
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
-    if os.path.exists(ckpt_path) and not cfg.resume:
-        raise ConfigError(f"{ckpt_path} exists: pass --resume=True to continue that run, or another "
-                              f"--out_dir (or delete it) to start a new one")
-    if cfg.resume and not os.path.exists(ckpt_path):
-        raise ConfigError(f"--resume=True, but there is no checkpoint at {ckpt_path}")
 
 
 def run_training(cfg, log, loss_fn):

@@ -228,6 +228,14 @@ def summary_text(agg, preset, preset_name, data_seed, runtime):
     return '\n'.join(lines) + '\n'
 
 
+def save_figure(fig, title, path):
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_curves(runs, agg, preset, path):
     fig, axes = plt.subplots(len(SETTINGS), len(CONDITIONS), figsize=(11, 7.5), squeeze=False)
     for i, st in enumerate(SETTINGS):
@@ -245,10 +253,7 @@ def plot_curves(runs, agg, preset, path):
             ax.set_title(f"{st.upper()}-LVLM, {cond} training captions", fontsize=10)
             ax.set_xlabel('step'), ax.set_ylabel('val attr_acc'), ax.set_ylim(0.25, 1.0), ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle('Validation attribute accuracy (mean over seeds; band = min..max)')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, 'Validation attribute accuracy (mean over seeds; band = min..max)', path)
 
 
 def plot_scaling(agg, path):
@@ -266,10 +271,7 @@ def plot_scaling(agg, path):
                     label=f"{obj}: k = {f['k']:.3f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]")
         ax.set_xscale('log'), ax.set_yscale('log'), ax.set_xlabel(label), ax.set_ylabel('test 1 - attr_acc')
         ax.grid(alpha=0.3, which='both'), ax.legend(fontsize=8)
-    fig.suptitle('Scaling, U-LVLM (points: seeds; lines: power-law fits with bootstrap 95% CI of k)')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, 'Scaling, U-LVLM (points: seeds; lines: power-law fits with bootstrap 95% CI of k)', path)
 
 
 def plot_weak_spot(agg, path):
@@ -289,9 +291,7 @@ def plot_weak_spot(agg, path):
     axes[1].set_xticks(np.arange(3) + 0.27), axes[1].set_xticklabels(classes)
     axes[1].set_ylabel('test loss (nats/token)'), axes[1].set_title('Loss per token class (U, clean)', fontsize=10)
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, None, path)
 
 
 def write_report(preset, preset_name, runs, results_dir, data_seed, runtime=None):

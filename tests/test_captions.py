@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from captions import BadData, ImageFiles, read_records, split_of
+from captions import read_records, split_of
 from config import Config
 from data import load_splits
+from images import BadData, ImageFiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLICKR = os.path.join(ROOT, '..', 'shared', 'data', 'flickr8k')

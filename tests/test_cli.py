@@ -13,7 +13,7 @@ import torch
 
 import device as device_mod
 from config import ConfigError
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from optim import lr_at
 from progress import Progress, hms
 
@@ -271,7 +271,7 @@ def test_step_reads_reference_probabilities_before_the_forward(tiny_cfg):
 
 
 def test_no_image_cache_in_dataloader_workers(tmp_path, monkeypatch):
-    from captions import ImageFiles
+    from images import ImageFiles
     from test_captions import write_image
     write_image(tmp_path / '0.jpg', 0)
     files = ImageFiles([str(tmp_path / '0.jpg')], 16)

@@ -13,7 +13,7 @@ import torchvision
 
 import encoder
 from data import load_splits, make_vocab
-from eval import bleu4, cider_d, words
+from caption_scores import bleu4, cider_d, words
 from model import LVLM, TorchvisionEncoder, ViT, gpt_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

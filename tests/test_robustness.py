@@ -14,10 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from captions import BadData, read_records
+from captions import read_records
+from checkpoint import (append_log, atomic_write, claim_dir, load_checkpoint, remove_stale_temps, save_checkpoint,
+                        start_log, weights_digest)
 from config import Config, ConfigError, load_config
 from data import load_splits
-from model import atomic_write, load_checkpoint, remove_stale_temps, save_checkpoint
+from images import BadData
 from test_captions import make_folder, records
 
 
@@ -315,7 +317,7 @@ def test_reference_from_other_data_or_with_changed_weights_is_refused(tiny_ref):
 
 def test_pretrained_encoder_from_other_data_is_refused(tiny_ref):
     from encoder import ensure_encoder, load_encoder_into
-    from model import ViT, weights_digest
+    from model import ViT
     cfg, splits, vocab = tiny_ref
     cfg = dataclasses.replace(cfg, arch='h', init_vision='clip', vision_ckpt=os.path.join(os.path.dirname(cfg.ref_ckpt),
                                                                                           'vit.pt'))
@@ -346,7 +348,6 @@ def test_one_run_per_out_dir_and_a_killed_holder_frees_it(tiny_cfg):
         train(tiny_cfg, log=lambda *a: None)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    from model import claim_dir
     with claim_dir(tiny_cfg.out_dir):                           # the dead holder left no stuck lock
         pass
     assert os.listdir(tiny_cfg.out_dir) == []
@@ -365,7 +366,6 @@ def test_a_new_run_does_not_overwrite_a_checkpoint(tiny_cfg):
 
 
 def test_resume_log_drops_a_torn_last_line_and_is_replaced_atomically(tmp_path):
-    from train import append_log, start_log
     log = str(tmp_path / 'log.jsonl')
     for step in range(1, 6):
         append_log(log, {'step': step, 'train_loss': 1.0})

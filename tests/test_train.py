@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eval import TABLE_KEYS
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
