@@ -22,7 +22,7 @@ import sys
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')   # before torch: worker processes inherit it
 
-from config import parse_flags  # noqa: E402
+from config import ConfigError, cli, parse_flags  # noqa: E402
 from study.plan import PRESETS, ROOT, load_runs, run_protocol  # noqa: E402
 from study.report import write_report  # noqa: E402
 
@@ -31,12 +31,9 @@ FLAGS = {'preset': 'full', 'report': False, 'jobs': 2, 'threads': 1, 'seeds': ''
 
 
 def main(argv):
-    if '--help' in argv or '-h' in argv:
-        print(__doc__)
-        return
     args = parse_flags(argv, FLAGS)
     if args['preset'] not in PRESETS:
-        raise SystemExit(f"--preset must be one of {list(PRESETS)}, got {args['preset']!r}")
+        raise ConfigError(f"--preset must be one of {list(PRESETS)}, got {args['preset']!r}")
     preset = dict(PRESETS[args['preset']])
     if args['seeds']:
         preset['seeds'] = [int(s) for s in str(args['seeds']).split(',')]
@@ -53,4 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    cli(main, sys.argv[1:], __doc__, f"Flags (--key=value) and their defaults: {FLAGS}")

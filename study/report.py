@@ -252,7 +252,8 @@ def plot_curves(runs, agg, preset, path):
                 ax.fill_between(steps, ys.min(0), ys.max(0), color=COLOURS[obj], alpha=0.2)
             ax.set_title(f"{st.upper()}-LVLM, {cond} training captions", fontsize=10)
             ax.set_xlabel('step'), ax.set_ylabel('val attr_acc'), ax.set_ylim(0.25, 1.0), ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     save_figure(fig, 'Validation attribute accuracy (mean over seeds; band = min..max)', path)
 
 
@@ -270,7 +271,9 @@ def plot_scaling(agg, path):
             ax.plot(grid, f['a'] * grid ** -f['k'], color=COLOURS[obj],
                     label=f"{obj}: k = {f['k']:.3f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]")
         ax.set_xscale('log'), ax.set_yscale('log'), ax.set_xlabel(label), ax.set_ylabel('test 1 - attr_acc')
-        ax.grid(alpha=0.3, which='both'), ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which='both')
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     save_figure(fig, 'Scaling, U-LVLM (points: seeds; lines: power-law fits with bootstrap 95% CI of k)', path)
 
 
