@@ -15,7 +15,8 @@ shifts all three alike, and each figure is the median over the timed iterations.
 It prints figures and asserts nothing. Speed does not depend on weight values, so the LM
 starts from scratch, the reference is a fresh GPT and the cached P_r are random: nothing
 is trained or loaded (--init_lm=gpt2 reads only the checkpoint's config, for its shape, and
-uses GPT-2's vocabulary).
+uses GPT-2's vocabulary; a pretrained encoder starts from scratch too, and a frozen one runs
+every step, as train.py does with --cache_features=False).
 Bench-only flags: --bench_iters (timed iterations), --bench_warmup (untimed ones first).
 n_train defaults to 2048 here (quick data); a config file or flag overrides it. Every train.py
 setting applies (--precision=fp16 times the loss-scaled step).
@@ -68,7 +69,8 @@ def main(argv):
         data.encode(vocab)
     train = splits['train']
     lm = gpt_config(cfg, vocab)
-    build_cfg = dataclasses.replace(cfg, init_lm='scratch', n_layer=lm.n_layer, n_head=lm.n_head, n_embd=lm.n_embd)
+    build_cfg = dataclasses.replace(cfg, init_lm='scratch', init_vision='scratch', n_layer=lm.n_layer, n_head=lm.n_head,
+                                    n_embd=lm.n_embd)          # weights do not change speed; frozen parts stay frozen
     raw_model = build_model(build_cfg, vocab, device)
     optimizer = make_optimizer(raw_model, cfg.learning_rate, cfg)
     torch.manual_seed(cfg.seed + 1)
