@@ -180,7 +180,7 @@ def train(cfg, log=print, loss_fn=objective):
     `loss_fn` has objective()'s signature: a loss variant under study goes in here (see README).
     One run per out_dir at a time: the master holds a lock on it until it returns or dies."""
     master = int(os.environ.get('RANK', 0)) == 0
-    resolve_device(cfg.device)                   # an absent device is refused before out_dir is claimed
+    resolve_precision(resolve_device(cfg.device), cfg.precision)    # refused before out_dir is claimed
     with claim_dir(cfg.out_dir) if master else contextlib.nullcontext():
         if master:
             check_out_dir(cfg)
