@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import config as config_mod
-from checkpoint import check_origin, exclusive, load_checkpoint, save_checkpoint, weights_digest
+from checkpoint import atomic_write, check_origin, exclusive, load_checkpoint, save_checkpoint, weights_digest
 from config import ConfigError
 from data import batch_indices, load_splits, make_vocab, text_width
 from device import barrier, resolve_device
@@ -185,6 +185,14 @@ def compute_features(vision, data, device, batch_size=128):
     return out
 
 
+def write_bytes(path, write):
+    """Atomically write `path` with write(binary file)."""
+    def to_temp(tmp):
+        with open(tmp, 'wb') as f:
+            write(f)
+    atomic_write(path, to_temp)
+
+
 def use_cached_features(splits, vision, device, log=print, is_master=True):
     """Replace every split's images by the frozen `vision` encoder's features, computed on first use
     into out/features/<hash of images + encoder weights>/ and checked against both when read."""
@@ -198,11 +206,9 @@ def use_cached_features(splits, vision, device, log=print, is_master=True):
                 if not os.path.isfile(path):
                     t0 = time.time()
                     features = compute_features(vision, data, device)
-                    tmp = f"{path}.tmp{os.getpid()}.npy"
-                    np.save(tmp, features)
-                    os.replace(tmp, path)
-                    with open(path[:-4] + '.json', 'w') as f:
-                        json.dump({**manifest, 'shape': list(features.shape)}, f)
+                    write_bytes(path, lambda f: np.save(f, features))
+                    write_bytes(path[:-4] + '.json', lambda f: f.write(json.dumps(
+                        {**manifest, 'shape': list(features.shape)}).encode()))
                     log(f"encoder: {name} features {features.shape} in {time.time() - t0:.1f}s -> {path}")
         barrier()
         with open(path[:-4] + '.json') as f:
