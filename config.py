@@ -68,10 +68,10 @@ class Config:
                                  # ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')
     vit_layer: int = 2           # vision=vit: its shape
     vit_embd: int = 128
-    init_vision: str = 'scratch' # arch=h: 'scratch'; 'clip' (vision=vit, pretrained contrastively on the
+    init_vision: str = 'scratch' # arch=h: 'scratch'; 'clip' (any vision, pretrained contrastively on the
                                  # training pairs by encoder.py, cached: our CLIP stand-in); 'pretrained'
                                  # (a torchvision model's ImageNet weights, via torchvision's weights=)
-    vision_ckpt: str = ''        # clip: '' = out/encoder/<hash of data + recipe>/vit.pt; pretrained: a
+    vision_ckpt: str = ''        # clip: '' = out/encoder/<hash of data + recipe>/encoder.pt; pretrained: a
                                  # state_dict file of the torchvision model ('' = torchvision's download)
     cache_features: bool = True  # a frozen pretrained encoder: compute its features once, train on them
     clip_max_iters: int = 400
@@ -246,9 +246,6 @@ def check(cfg):
         raise ValueError("loss 'oracle' needs the true token classes, which only the built-in shapes data has")
     if cfg.init_vision != 'scratch' and cfg.arch != 'h':
         raise ValueError(f"init_vision {cfg.init_vision!r} initialises the H-LVLM's encoder; arch 'u' has none")
-    if cfg.init_vision == 'clip' and cfg.vision != 'vit':
-        raise ValueError(f"init_vision 'clip' pretrains the small ViT (vision='vit'), not {cfg.vision!r}; "
-                         f"torchvision encoders take init_vision='pretrained'")
     if cfg.init_vision == 'pretrained' and cfg.vision == 'vit':
         raise ValueError("init_vision 'pretrained' loads torchvision weights: set vision to one of "
                          f"{TORCHVISION_ENCODERS} (or use init_vision='clip' for the small ViT)")

@@ -5,9 +5,10 @@ models, and the cached features of a frozen encoder.
 The paper's H-LVLM reads images through a pretrained, frozen CLIP ViT and first trains only
 the projector (LLaVA's first stage). We cannot download CLIP, so we pretrain model.py's ViT
 the way CLIP was made, on the training split's own image-caption pairs: an image encoder (the
-ViT, mean-pooled) and a text encoder (a GPT read at the caption's last token, as CLIP reads its
-causal text transformer at end-of-text) learn to place each image nearest to its own caption
-among the batch (symmetric InfoNCE with a learned temperature). Only the ViT is kept. Like
+ViT, or a torchvision CNN from scratch with --vision; mean-pooled) and a text encoder (a GPT
+read at the caption's last token, as CLIP reads its causal text transformer at end-of-text)
+learn to place each image nearest to its own caption among the batch (symmetric InfoNCE with a
+learned temperature). Only the image encoder is kept. Like
 the reference, it is trained on first use and cached, keyed by the data and the recipe:
 
     python encoder.py configs/shapes_h.py       # only pretrain it, and print val retrieval (settings: --help)
@@ -30,7 +31,7 @@ from checkpoint import atomic_write, check_origin, exclusive, load_checkpoint, s
 from config import ConfigError
 from data import batch_indices, load_splits, make_vocab, text_width
 from device import barrier, resolve_device
-from model import GPT, TorchvisionEncoder, ViT, gpt_config
+from model import GPT, TorchvisionEncoder, gpt_config, vision_encoder
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE
 from progress import Progress
@@ -39,9 +40,9 @@ from progress import Progress
 class CLIP(nn.Module):
     def __init__(self, cfg, vocab):
         super().__init__()
-        self.vision = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
+        self.vision, _, width = vision_encoder(cfg)     # the LVLM's encoder: model.py's ViT or a torchvision CNN
         self.text = GPT(gpt_config(cfg, vocab))
-        self.image_proj = nn.Linear(cfg.vit_embd, cfg.vit_embd, bias=False)
+        self.image_proj = nn.Linear(width, cfg.vit_embd, bias=False)
         self.text_proj = nn.Linear(self.text.config.n_embd, cfg.vit_embd, bias=False)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))     # CLIP's initial temperature
 
@@ -109,21 +110,21 @@ def retrieval_r1(model, data, device, n=256):
 
 
 def default_vision_ckpt(cfg, train):
-    recipe = [train.fingerprint(), train.image_fingerprint(), cfg.image_size, cfg.patch_size, cfg.vit_layer,
+    recipe = [train.fingerprint(), train.image_fingerprint(), cfg.vision, cfg.image_size, cfg.patch_size, cfg.vit_layer,
               cfg.vit_embd, cfg.n_head, cfg.n_layer, cfg.n_embd, cfg.clip_max_iters, cfg.clip_batch_size,
               cfg.clip_learning_rate, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
-    return os.path.join('out', 'encoder', key, 'vit.pt')
+    return os.path.join('out', 'encoder', key, 'encoder.pt')
 
 
 def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=None):
-    """Path of the pretrained ViT for this data and recipe (cfg.vision_ckpt, or trained on first use).
+    """Path of the pretrained encoder for this data and recipe (cfg.vision_ckpt, or trained on first use).
     Under DDP only the master process builds it; the others wait at a barrier."""
     path = cfg.vision_ckpt or default_vision_ckpt(cfg, train)
     if is_master:
         with exclusive(path):                    # a second run asking for the same encoder waits for it
             if not os.path.isfile(path):
-                log(f"encoder: no checkpoint at {path}; pretraining the ViT contrastively (CLIP-style) first")
+                log(f"encoder: no checkpoint at {path}; pretraining the {cfg.vision} contrastively (CLIP-style) first")
                 model = pretrain(cfg, train, vocab, device, log)
                 if val is not None:
                     log(f"encoder: val image->caption R@1 {retrieval_r1(model, val, device):.3f} "
@@ -141,8 +142,8 @@ def load_encoder_into(vision, path):
     try:
         vision.load_state_dict(load_checkpoint(path, required=('vision',))['vision'])
     except RuntimeError as e:                    # names of missing or misshapen weights
-        raise ConfigError(f"vision encoder {path} does not fit this ViT (vit_layer, vit_embd, image_size, "
-                         f"patch_size?): {' '.join(str(e).split())[:200]}") from None
+        raise ConfigError(f"vision encoder {path} does not fit this {type(vision).__name__} (vision, vit_layer, "
+                          f"vit_embd, image_size, patch_size?): {' '.join(str(e).split())[:200]}") from None
 
 
 def pretrained_torchvision(cfg):

@@ -237,6 +237,15 @@ class TorchvisionEncoder(nn.Module):
 
 
 
+def vision_encoder(cfg):
+    """The H-LVLM's encoder with random weights, its number of output tokens and their width."""
+    if cfg.vision == 'vit':
+        vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
+        return vit, (cfg.image_size // cfg.patch_size) ** 2, cfg.vit_embd
+    encoder = TorchvisionEncoder(cfg.vision, cfg.image_size)
+    return encoder, encoder.n_tokens, encoder.width
+
+
 class LVLM(nn.Module):
     def __init__(self, cfg, lm_config):
         super().__init__()
@@ -247,12 +256,7 @@ class LVLM(nn.Module):
             self.projector = nn.Identity()
             self.n_prefix = (cfg.image_size // cfg.patch_size) ** 2
             return
-        if cfg.vision == 'vit':
-            self.vision = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
-            self.n_prefix, features = (cfg.image_size // cfg.patch_size) ** 2, cfg.vit_embd
-        else:                                    # pretrained weights, if any, are loaded by train.build_model
-            self.vision = TorchvisionEncoder(cfg.vision, cfg.image_size)
-            self.n_prefix, features = self.vision.n_tokens, self.vision.width
+        self.vision, self.n_prefix, features = vision_encoder(cfg)   # pretrained weights: train.build_model
         self.projector = nn.Sequential(nn.Linear(features, width), nn.GELU(), nn.Linear(width, width))
         init_weights(self.projector, 1)
 
