@@ -17,7 +17,6 @@ LVLM start from (or stay frozen at) the reference without shifting every caption
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
