@@ -68,15 +68,16 @@ class Config:
                                  # ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')
     vit_layer: int = 2           # vision=vit: its shape
     vit_embd: int = 128
-    init_vision: str = 'scratch' # arch=h: 'scratch'; 'clip' (any vision, pretrained contrastively on the
-                                 # training pairs by encoder.py, cached: our CLIP stand-in); 'pretrained'
+    init_vision: str = 'scratch' # arch=h: 'scratch'; pretrained offline on the training split by encoder.py
+                                 # and cached (any vision): 'clip' (contrastively, our CLIP stand-in) or
+                                 # 'words' (to tell which caption words describe the image); 'pretrained'
                                  # (a torchvision model's ImageNet weights, via torchvision's weights=)
-    vision_ckpt: str = ''        # clip: '' = out/encoder/<hash of data + recipe>/encoder.pt; pretrained: a
-                                 # state_dict file of the torchvision model ('' = torchvision's download)
+    vision_ckpt: str = ''        # clip/words: '' = out/encoder/<hash of data + recipe>/encoder.pt;
+                                 # pretrained: a state_dict file of the torchvision model ('' = download)
     cache_features: bool = True  # a frozen pretrained encoder: compute its features once, train on them
-    clip_max_iters: int = 400
-    clip_batch_size: int = 128
-    clip_learning_rate: float = 2e-3
+    enc_max_iters: int = 400     # clip/words: the encoder's pretraining steps, batch (pairs for clip,
+    enc_batch_size: int = 128    # images for words) and peak learning rate
+    enc_learning_rate: float = 2e-3
     # ---- reference LM (text only) ----
     ref_ckpt: str = ''           # '' = out/ref/<hash of data + recipe>/ref.pt; trained on first use,
                                  # its score cache sits beside it
@@ -206,8 +207,8 @@ RANGES = {
     'n_train': (1, None), 'n_val': (1, None), 'n_test': (1, None), 'noise_rate': (0, 1), 'caption_noise': (0, 1),
     'pixel_noise': (0, None), 'block_size': (3, None), 'max_image_pixels': (1, None),
     'n_layer': (1, None), 'n_head': (1, None), 'n_embd': (1, None), 'dropout': (0, 0.99), 'patch_size': (1, None),
-    'vit_layer': (1, None), 'vit_embd': (1, None), 'clip_max_iters': (1, None), 'clip_batch_size': (2, None),
-    'clip_learning_rate': ('> 0', None), 'ref_max_iters': (1, None), 'ref_learning_rate': ('> 0', None),
+    'vit_layer': (1, None), 'vit_embd': (1, None), 'enc_max_iters': (1, None), 'enc_batch_size': (2, None),
+    'enc_learning_rate': ('> 0', None), 'ref_max_iters': (1, None), 'ref_learning_rate': ('> 0', None),
     'ref_batch_size': (1, None), 'alpha': (0, None), 'weight_floor': (0, 1),
     'batch_size': (1, None), 'grad_accum': (1, None), 'max_iters': (1, None), 'learning_rate': ('> 0', None),
     'min_lr_ratio': (0, 1), 'warmup_iters': (0, None), 'weight_decay': (0, None), 'beta1': (0, 0.9999),
@@ -233,7 +234,7 @@ def check(cfg):
     """Refuse settings that cannot make a sensible run, before anything is built or trained."""
     check_ranges(cfg)
     choices = {'arch': ('h', 'u'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
-               'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip', 'pretrained'),
+               'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip', 'words', 'pretrained'),
                'vision': ('vit',) + TORCHVISION_ENCODERS}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -248,7 +249,7 @@ def check(cfg):
         raise ValueError(f"init_vision {cfg.init_vision!r} initialises the H-LVLM's encoder; arch 'u' has none")
     if cfg.init_vision == 'pretrained' and cfg.vision == 'vit':
         raise ValueError("init_vision 'pretrained' loads torchvision weights: set vision to one of "
-                         f"{TORCHVISION_ENCODERS} (or use init_vision='clip' for the small ViT)")
+                         f"{TORCHVISION_ENCODERS} (or init_vision='clip' or 'words' for the small ViT)")
     if cfg.val_frac + cfg.test_frac >= 1:
         raise ValueError(f"val_frac + test_frac must be < 1 (the rest trains), got {cfg.val_frac + cfg.test_frac}")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):

@@ -1,17 +1,25 @@
 """
-The H-LVLM's pretrained vision encoder: a small CLIP made offline, torchvision's pretrained
-models, and the cached features of a frozen encoder.
+The H-LVLM's pretrained vision encoder: small encoders pretrained offline, torchvision's
+pretrained models, and the cached features of a frozen encoder.
 
 The paper's H-LVLM reads images through a pretrained, frozen CLIP ViT and first trains only
-the projector (LLaVA's first stage). We cannot download CLIP, so we pretrain model.py's ViT
-the way CLIP was made, on the training split's own image-caption pairs: an image encoder (the
-ViT, or a torchvision CNN from scratch with --vision; mean-pooled) and a text encoder (a GPT
-read at the caption's last token, as CLIP reads its causal text transformer at end-of-text)
-learn to place each image nearest to its own caption among the batch (symmetric InfoNCE with a
-learned temperature). Only the image encoder is kept. Like
-the reference, it is trained on first use and cached, keyed by the data and the recipe:
+the projector (LLaVA's first stage). We cannot download CLIP, so we pretrain the encoder here,
+on the training split alone, in one of two ways (--init_vision); both work for any --vision
+(model.py's ViT or a torchvision model from scratch), and only the image encoder is kept:
 
-    python encoder.py configs/shapes_h.py       # only pretrain it, and print val retrieval (settings: --help)
+  clip   the way CLIP was made: the image encoder (mean-pooled) and a text encoder (a GPT read
+         at the caption's last token, as CLIP reads its causal text transformer at end-of-text)
+         learn to place each image nearest to its own caption among the batch (symmetric
+         InfoNCE with a learned temperature).
+  words  tagging, as in VirTex/ICMLM-style caption pretraining: a linear head on the pooled
+         features predicts, for each of the commonest caption tokens, the share of the image's
+         captions that use it (binary cross-entropy), on randomly cropped and flipped images.
+         One image's several captions make one soft target, so small data goes further than
+         with a contrastive batch: on Flickr8k this is the one of the two that generalises.
+
+Like the reference, the encoder is trained on first use and cached, keyed by the data and recipe:
+
+    python encoder.py configs/flickr_cpu.py     # only pretrain it, print its val score (settings: --help)
 """
 
 import hashlib
@@ -78,23 +86,98 @@ def batch(data, rows, device):
     return images, idx[:, :T], targets[:, :T]
 
 
-def pretrain(cfg, train, vocab, device, log=print):
-    """Train the small CLIP on the training pairs with the project's optimiser; returns it."""
-    torch.manual_seed(0)                         # one encoder per data and recipe, whatever the run's seed
-    model = CLIP(cfg, vocab).to(device).train()
-    optimizer = make_optimizer(model, cfg.clip_learning_rate, cfg)
-    warmup, progress = max(1, cfg.clip_max_iters // 20), Progress(cfg.clip_max_iters)
-    for it in range(cfg.clip_max_iters):
-        set_lr(optimizer, lr_at(it, cfg.clip_learning_rate, warmup, cfg.clip_max_iters, cfg.min_lr_ratio))
-        rows = batch_indices(len(train), cfg.clip_batch_size, it * cfg.clip_batch_size, 0)
-        # a second caption of an image in the batch would be a false negative: keep one per image
-        rows = rows[first_of_each_image(train.image_index[rows])]
-        loss = model(*batch(train, rows, device))
+class WordTagger(nn.Module):
+    """The encoder (mean-pooled) and a linear head: which of the words does each image show?"""
+
+    def __init__(self, cfg, words):
+        super().__init__()
+        self.vision, _, width = vision_encoder(cfg)
+        self.words = words                       # token ids, one per output
+        self.head = nn.Linear(width, len(words))
+
+    def forward(self, images, targets):
+        return F.binary_cross_entropy_with_logits(self.head(self.vision(images).mean(dim=1)), targets)
+
+
+N_WORDS = 1000           # the tagger's vocabulary: the caption tokens found with the most images
+
+
+def word_targets(data, words=None):
+    """([n_images, n_words] share of each image's captions that use each word, the words). The words
+    (token ids) are the N_WORDS tokens used for the most images of `data`, leaving out those of more
+    than half of them ('a', '.', end-of-text): they would say little about any one image."""
+    V = int(max(data.targets.max(), -1 if words is None else words.max())) + 1
+    image_word = torch.cat([int(data.image_index[r]) * V + t[t != IGNORE].unique() for r, t in enumerate(data.targets)])
+    pairs, n_captions_with = torch.unique(image_word, return_counts=True)    # one caption counts a word once
+    if words is None:
+        n_images_with = torch.bincount(pairs % V, minlength=V)
+        n_images_with[n_images_with > len(data.image_index.unique()) / 2] = 0
+        words = n_images_with.argsort(descending=True, stable=True)[:N_WORDS]
+        words = words[n_images_with[words] > 0]
+    column = torch.full((V,), -1)
+    column[words] = torch.arange(len(words))
+    image, word = pairs // V, pairs % V
+    keep = column[word] >= 0
+    n_captions = torch.bincount(data.image_index, minlength=len(data.images)).clamp(min=1)
+    targets = torch.zeros(len(data.images), len(words))
+    targets[image[keep], column[word[keep]]] = n_captions_with[keep] / n_captions[image[keep]]
+    return targets, words
+
+
+def random_crop_flip(images, generator, min_scale=0.7):
+    """Each image cropped to a random min_scale..1 of its sides, resized back and mirrored half the
+    time: the same photo is never seen twice alike, which keeps a small dataset from being learned by heart."""
+    _, _, H, W = images.shape
+    out = torch.empty_like(images)
+    for i, image in enumerate(images):
+        scale = min_scale + (1 - min_scale) * torch.rand(1, generator=generator).item()
+        h, w = max(1, round(H * scale)), max(1, round(W * scale))
+        top = torch.randint(0, H - h + 1, (1,), generator=generator).item()
+        left = torch.randint(0, W - w + 1, (1,), generator=generator).item()
+        crop = F.interpolate(image[None, :, top:top + h, left:left + w], size=(H, W), mode='bilinear',
+                             align_corners=False)[0]
+        out[i] = crop.flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else crop
+    return out
+
+
+def pixels(data, image_ids):
+    return torch.stack([data.images[i] for i in image_ids.tolist()]).float().div_(127.5).sub_(1.0)
+
+
+def optimise(model, cfg, loss_at, log, what):
+    """cfg.enc_max_iters steps of the project's optimiser on loss_at(step)."""
+    optimizer = make_optimizer(model, cfg.enc_learning_rate, cfg)
+    warmup, progress = max(1, cfg.enc_max_iters // 20), Progress(cfg.enc_max_iters)
+    for it in range(cfg.enc_max_iters):
+        set_lr(optimizer, lr_at(it, cfg.enc_learning_rate, warmup, cfg.enc_max_iters, cfg.min_lr_ratio))
+        loss = loss_at(it)
         loss.backward()
         optimizer_step(model, optimizer, cfg.grad_clip)
-        if it % 100 == 0 or it == cfg.clip_max_iters - 1:
-            log(f"encoder iter {progress.line(it + 1)}: contrastive loss {loss.item():.4f}")
+        if it % 100 == 0 or it == cfg.enc_max_iters - 1:
+            log(f"encoder iter {progress.line(it + 1)}: {what} loss {loss.item():.4f}")
     return model.eval()
+
+
+def pretrain_clip(cfg, train, vocab, device, log=print):
+    model = CLIP(cfg, vocab).to(device).train()
+
+    def loss_at(it):
+        rows = batch_indices(len(train), cfg.enc_batch_size, it * cfg.enc_batch_size, 0)
+        # a second caption of an image in the batch would be a false negative: keep one per image
+        rows = rows[first_of_each_image(train.image_index[rows])]
+        return model(*batch(train, rows, device))
+    return optimise(model, cfg, loss_at, log, 'contrastive')
+
+
+def pretrain_words(cfg, train, device, log=print):
+    targets, words = word_targets(train)
+    model = WordTagger(cfg, words).to(device).train()
+    image_ids, augment = train.image_index.unique(), torch.Generator().manual_seed(0)
+
+    def loss_at(it):
+        ids = image_ids[batch_indices(len(image_ids), cfg.enc_batch_size, it * cfg.enc_batch_size, 0)]
+        return model(random_crop_flip(pixels(train, ids), augment).to(device), targets[ids].to(device))
+    return optimise(model, cfg, loss_at, log, 'word')
 
 
 @torch.no_grad()
@@ -109,10 +192,31 @@ def retrieval_r1(model, data, device, n=256):
     return (sims.argmax(dim=1) == torch.arange(len(rows), device=sims.device)).float().mean().item()
 
 
+@torch.no_grad()
+def word_loss(model, train, val, device):
+    """(the tagger's loss on val images, the loss of predicting each word by its training frequency alone)."""
+    train_targets, _ = word_targets(train, model.words)
+    targets, _ = word_targets(val, model.words)
+    ids = val.image_index.unique()
+    targets = targets[ids]
+    loss = sum(model(pixels(val, chunk).to(device), targets[k:k + 256].to(device)).item() * len(chunk)
+               for k, chunk in zip(range(0, len(ids), 256), ids.split(256))) / len(ids)
+    prior = train_targets[train.image_index.unique()].mean(0).clamp(1e-6, 1 - 1e-6).expand_as(targets)
+    return loss, F.binary_cross_entropy(prior, targets).item()
+
+
+def val_report(cfg, model, train, val, device):
+    if cfg.init_vision == 'clip':
+        n = min(256, len(val.image_index.unique()))
+        return f"val image->caption R@1 {retrieval_r1(model, val, device):.3f} among {n} (chance {1 / n:.3f})"
+    loss, prior = word_loss(model, train, val, device)
+    return f"val word loss {loss:.4f} (by word frequency alone, not looking: {prior:.4f})"
+
+
 def default_vision_ckpt(cfg, train):
-    recipe = [train.fingerprint(), train.image_fingerprint(), cfg.vision, cfg.image_size, cfg.patch_size, cfg.vit_layer,
-              cfg.vit_embd, cfg.n_head, cfg.n_layer, cfg.n_embd, cfg.clip_max_iters, cfg.clip_batch_size,
-              cfg.clip_learning_rate, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
+    recipe = [train.fingerprint(), train.image_fingerprint(), cfg.init_vision, cfg.vision, cfg.image_size, cfg.patch_size, cfg.vit_layer,
+              cfg.vit_embd, cfg.n_head, cfg.n_layer, cfg.n_embd, cfg.enc_max_iters, cfg.enc_batch_size,
+              cfg.enc_learning_rate, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
     return os.path.join('out', 'encoder', key, 'encoder.pt')
 
@@ -124,11 +228,13 @@ def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=Non
     if is_master:
         with exclusive(path):                    # a second run asking for the same encoder waits for it
             if not os.path.isfile(path):
-                log(f"encoder: no checkpoint at {path}; pretraining the {cfg.vision} contrastively (CLIP-style) first")
-                model = pretrain(cfg, train, vocab, device, log)
+                how = 'contrastively (CLIP-style)' if cfg.init_vision == 'clip' else 'to tag caption words'
+                log(f"encoder: no checkpoint at {path}; pretraining the {cfg.vision} {how} first")
+                torch.manual_seed(0)             # one encoder per data and recipe, whatever the run's seed
+                model = pretrain_clip(cfg, train, vocab, device, log) if cfg.init_vision == 'clip' \
+                    else pretrain_words(cfg, train, device, log)
                 if val is not None:
-                    log(f"encoder: val image->caption R@1 {retrieval_r1(model, val, device):.3f} "
-                        f"among {min(256, len(val))} (chance {1 / min(256, len(val)):.3f})")
+                    log(f"encoder: {val_report(cfg, model, train, val, device)}")
                 save_checkpoint({'vision': model.vision.state_dict(), 'data_fingerprint': train.fingerprint(),
                                  'image_fingerprint': train.image_fingerprint(), 'config': config_mod.as_dict(cfg),
                                  'weights_sha256': weights_digest(model.vision.state_dict())}, path)

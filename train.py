@@ -57,7 +57,7 @@ def build_model(cfg, vocab, device, ref_ckpt=None, vision_ckpt=None):
     say, and parts frozen as asked."""
     torch.manual_seed(cfg.seed)                  # same seed -> same init for every loss
     model = LVLM(cfg, gpt_config(cfg, vocab))
-    if cfg.init_vision == 'clip':
+    if cfg.init_vision in ('clip', 'words'):
         load_encoder_into(model.vision, vision_ckpt)
     elif cfg.init_vision == 'pretrained':
         model.vision = pretrained_torchvision(cfg)
@@ -213,7 +213,7 @@ def run_training(cfg, log, loss_fn):
         ref_ckpt, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, master, cfg.loss == 'prior')
         ref_ckpt = os.path.abspath(ref_ckpt)
         reference = {k: v for k, v in load_checkpoint(ref_ckpt).items() if k in ('model', 'model_args', 'vocab')}
-    if cfg.init_vision == 'clip':
+    if cfg.init_vision in ('clip', 'words'):
         vision_ckpt = ensure_encoder(cfg, train_data, vocab, device, log, master, splits['val'])
 
     # ---- model, optimiser, resume ----

@@ -36,7 +36,7 @@ def train_quiet(cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize('script, shows', [('train.py', 'max_iters: int'), ('eval.py', '--ckpt='),
                                            ('bench.py', '--bench_iters'), ('reference.py', 'ref_max_iters'),
-                                           ('encoder.py', 'clip_max_iters'), ('plot.py', 'side by side')])
+                                           ('encoder.py', 'enc_max_iters'), ('plot.py', 'side by side')])
 def test_every_entry_point_has_help(script, shows):
     out = run([script, '--help'])
     assert out.returncode == 0 and shows in out.stdout and out.stderr == ''

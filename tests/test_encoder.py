@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def shapes_h(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                  # encoder and feature caches go to ./out
     cfg = dataclasses.replace(tiny_cfg, arch='h', init_vision='clip', freeze_vision=True, image_size=24,
-                              clip_max_iters=30, clip_batch_size=64, clip_learning_rate=3e-3)
+                              enc_max_iters=30, enc_batch_size=64, enc_learning_rate=3e-3)
     splits = load_splits(cfg)
     vocab = make_vocab(cfg, splits['train'])
     for d in splits.values():
@@ -42,8 +42,54 @@ def test_clip_pretraining_learns_and_is_cached(shapes_h):
     assert encoder.ensure_encoder(cfg, splits['train'], vocab, 'cpu', log=again.append) == path and not again
     vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, 0.0)
     encoder.load_encoder_into(vit, path)                            # the LVLM's ViT takes its weights
-    other = dataclasses.replace(cfg, clip_max_iters=31)             # another recipe, another encoder
+    other = dataclasses.replace(cfg, enc_max_iters=31)             # another recipe, another encoder
     assert encoder.default_vision_ckpt(other, splits['train']) != path
+
+
+def test_word_targets_are_each_images_share_of_captions_using_each_word(shapes_h):
+    _, splits, _ = shapes_h
+    train = splits['train']
+    targets, words = encoder.word_targets(train)
+    n_images = len(train.image_index.unique())
+    assert 0 < len(words) <= encoder.N_WORDS and targets.shape == (len(train.images), len(words))
+    for img in train.image_index.unique()[:5].tolist():            # recount by hand
+        rows = (train.image_index == img).nonzero().flatten().tolist()
+        for col, word in enumerate(words.tolist()):
+            uses = sum(word in train.targets[r].tolist() for r in rows)
+            assert targets[img, col].item() == pytest.approx(uses / len(rows))
+    images_with = (targets[train.image_index.unique()] > 0).sum(0)
+    assert (images_with <= n_images / 2).all() and (images_with[:-1] >= images_with[1:]).all()   # commonest first
+    again, same = encoder.word_targets(splits['val'], words)       # val scored on train's words
+    assert torch.equal(same, words) and again.shape[1] == len(words)
+
+
+def test_random_crop_flip_keeps_the_image_at_full_scale():
+    images = torch.rand(6, 3, 8, 8)
+    out = encoder.random_crop_flip(images, torch.Generator().manual_seed(0), min_scale=1.0)
+    for a, b in zip(images, out):                                   # the image itself, or its mirror
+        assert torch.allclose(a, b) or torch.allclose(a.flip(-1), b)
+    one = encoder.random_crop_flip(images, torch.Generator().manual_seed(1))
+    assert one.shape == images.shape and not torch.allclose(one, images)
+    assert torch.equal(one, encoder.random_crop_flip(images, torch.Generator().manual_seed(1)))   # seeded
+
+
+def test_word_pretraining_learns_and_is_cached_apart_from_clip(shapes_h):
+    cfg, _, _ = shapes_h
+    cfg = dataclasses.replace(cfg, init_vision='words', n_train=1024, enc_max_iters=300, enc_batch_size=64)
+    splits = load_splits(cfg, names=('train', 'val'))
+    vocab = make_vocab(cfg, splits['train'])
+    for d in splits.values():
+        d.encode(vocab)
+    logs = []
+    path = encoder.ensure_encoder(cfg, splits['train'], vocab, 'cpu', log=logs.append, val=splits['val'])
+    losses = [float(line.split('loss ')[1].split()[0]) for line in logs if 'word loss' in line and 'iter' in line]
+    assert losses[-1] < losses[0]
+    report = [line for line in logs if 'val word loss' in line][0]
+    val_loss, alone = float(report.split('loss ')[1].split()[0]), float(report.rstrip(')').split()[-1])
+    assert val_loss < alone                                         # it sees shapes and colours in val images
+    assert path != encoder.default_vision_ckpt(dataclasses.replace(cfg, init_vision='clip'), splits['train'])
+    vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, 0.0)
+    encoder.load_encoder_into(vit, path)
 
 
 def test_cached_features_stand_in_for_pixels(shapes_h):

@@ -66,3 +66,32 @@ def test_paired_statistics():
     assert stats.first_step_reaching([(0, 0.2), (5, 0.6), (10, 0.9)], 0.5) == 5
     assert stats.first_step_reaching([(0, 0.2)], 0.5) is None
     assert stats.relative_change(0.9, 0.8, True) == pytest.approx(0.125) and stats.relative_change(1, 0, True) is None
+
+
+@pytest.mark.slow
+def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
+    """study.flickr on a tiny photo folder with the words-pretrained encoder: every (loss, seed) runs,
+    the table pairs them, and a rerun trains nothing."""
+    from test_captions import make_folder
+    data = make_folder(tmp_path, n_images=40)
+    config = tmp_path / 'tiny_photos.py'
+    config.write_text(f"dataset = {str(data)!r}\nimage_size = 16\npatch_size = 8\narch = 'h'\nvision = 'vit'\n"
+                      "vit_layer = 1\nvit_embd = 16\ninit_vision = 'words'\nfreeze_vision = True\nenc_max_iters = 4\n"
+                      "enc_batch_size = 8\nn_layer = 1\nn_head = 2\nn_embd = 16\nref_max_iters = 4\nbatch_size = 8\n"
+                      "max_iters = 4\nwarmup_iters = 1\neval_interval = 2\neval_batches = 1\nval_frac = 0.25\n"
+                      "test_frac = 0.25\ndevice = 'cpu'\n")
+    cmd = [sys.executable, '-m', 'study.flickr', f'--config={config}', '--seeds=1,2', '--jobs=2',
+           f'--results={tmp_path / "results"}', f'--out={tmp_path / "out"}']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / 'results' / 'runs').glob('*.json'))
+    assert runs == ['ntp_seed1.json', 'ntp_seed2.json', 'prior_seed1.json', 'prior_seed2.json']
+    table = (tmp_path / 'results' / 'summary.md').read_text()
+    for metric in ('retrieval_r1', 'retrieval_r5', 'loss_top_weight', 'bleu4', 'cider'):
+        assert f'| {metric}' in table
+    record = json.loads((tmp_path / 'results' / 'runs' / 'ntp_seed1.json').read_text())
+    assert math.isfinite(record['test']['loss_top_weight'])      # an NTP run is scored on the reference's tokens too
+    assert len(os.listdir(tmp_path / 'out' / 'encoder')) == 1  # one encoder for all runs, whatever the seed
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and 'seed1:' not in again.stdout and '| retrieval_r1' in again.stdout
