@@ -9,8 +9,9 @@ eval), prints the table and writes eval_<split>_step<N>.json beside the checkpoi
 never train.py's own eval_test.json.
 
 On data on disk (captions.py): loss (caption NLL), loss_top_weight (NLL on the quarter of
-tokens with the highest PRIOR weight), retrieval_r1/r5 (see retrieval_metrics), and a few
-greedy captions. On the built-in shapes data:
+tokens with the highest PRIOR weight), retrieval_r1/r5 (see retrieval_metrics), BLEU-4 and
+CIDEr-D of greedy captions, and `distinct`, the share of those captions that differ (a model
+that ignores the image says the same thing for every photo). On the built-in shapes data:
 
 Teacher-forced metrics (one forward pass over every caption):
   loss, loss_relevant, loss_filler, loss_noise   mean NLL per true token class
@@ -190,7 +191,7 @@ def evaluate(model, data, vocab, device, n_generate=200, ctx=None, reference=Non
     on every caption, greedy on the first n_generate. Data on disk: caption loss, loss on the
     top-weighted quarter (needs `reference`, a reference checkpoint's dict), retrieval, and
     BLEU-4 / CIDEr-D of a greedy caption for each of the first n_generate images against all of
-    its captions."""
+    its captions, and the share of those captions that are distinct."""
     rows = torch.arange(len(data))
     if data.objects is None:
         nll = caption_nlls(model, data, rows, device, ctx)
@@ -204,7 +205,8 @@ def evaluate(model, data, vocab, device, n_generate=200, ctx=None, reference=Non
         captions = generate_captions(model, data, vocab, gen_rows, device)
         hyps = [words(c) for c in captions]
         refs = [[words(data.texts[r]) for r in by_image[int(data.image_index[row])]] for row in gen_rows.tolist()]
-        metrics.update(bleu4=bleu4(hyps, refs), cider=cider_d(hyps, refs))
+        metrics.update(bleu4=bleu4(hyps, refs), cider=cider_d(hyps, refs),
+                       distinct=len(set(captions)) / len(captions))     # 1/n: one caption whatever the image
     else:
         metrics = teacher_forced_metrics(model, data, vocab, rows, device, ctx=ctx)
         gen_rows = rows[:n_generate]
@@ -216,7 +218,7 @@ def evaluate(model, data, vocab, device, n_generate=200, ctx=None, reference=Non
 
 TABLE_KEYS = ('loss', 'loss_relevant', 'loss_filler', 'loss_noise', 'attr_acc', 'acc_count', 'acc_colour',
               'acc_shape', 'acc_position', 'hallucination', 'recall', 'exact')
-CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5', 'bleu4', 'cider')
+CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5', 'bleu4', 'cider', 'distinct')
 
 
 def format_table(results):

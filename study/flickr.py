@@ -27,7 +27,7 @@ from study.plan import ROOT
 
 FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3', 'jobs': 1, 'threads': 0,
          'results': 'study/results/flickr', 'out': 'out/flickr_study'}
-METRICS = ('retrieval_r1', 'retrieval_r5', 'loss_top_weight', 'loss', 'bleu4', 'cider')
+METRICS = ('retrieval_r1', 'retrieval_r5', 'loss_top_weight', 'loss', 'bleu4', 'cider', 'distinct')
 LOWER_BETTER = {'loss_top_weight', 'loss'}
 
 

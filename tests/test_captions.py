@@ -265,3 +265,21 @@ def test_flickr8k_reads_with_its_duplicates_counted():
     pairs = read_records(FLICKR, skip_bad=True, log=logs.append)
     assert len(pairs) == 35315 - 7 and "{'duplicate': 7}" in logs[0]
     assert ImageFiles([pairs[0][0]], 32)[0].shape == (3, 32, 32)
+
+
+def test_caption_metrics_count_distinct_greedy_captions(tmp_path, monkeypatch):
+    import eval as evaluation
+    from data import make_vocab
+    from model import LVLM, gpt_config
+    cfg = Config(dataset=str(make_folder(tmp_path, n_images=40)), val_frac=0.25, test_frac=0.25, image_size=16,
+                 n_layer=1, n_head=2, n_embd=16)
+    splits = load_splits(cfg, names=('train', 'test'), log=lambda *a: None)
+    vocab = make_vocab(cfg, splits['train'])
+    test = splits['test'].encode(vocab)
+    model = LVLM(cfg, gpt_config(cfg, vocab))
+    n_images = len(set(test.image_index.tolist()))
+    for said, expected in ((lambda i: 'a dog runs', 1 / n_images), (lambda i: f'a dog {i}', 1.0)):
+        monkeypatch.setattr(evaluation, 'generate_captions',
+                            lambda model, data, vocab, rows, device: [said(i) for i in range(len(rows))])
+        metrics, captions = evaluation.evaluate(model, test, vocab, 'cpu')
+        assert len(captions) == n_images and metrics['distinct'] == pytest.approx(expected)

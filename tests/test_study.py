@@ -88,7 +88,7 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     runs = sorted(p.name for p in (tmp_path / 'results' / 'runs').glob('*.json'))
     assert runs == ['ntp_seed1.json', 'ntp_seed2.json', 'prior_seed1.json', 'prior_seed2.json']
     table = (tmp_path / 'results' / 'summary.md').read_text()
-    for metric in ('retrieval_r1', 'retrieval_r5', 'loss_top_weight', 'bleu4', 'cider'):
+    for metric in ('retrieval_r1', 'retrieval_r5', 'loss_top_weight', 'bleu4', 'cider', 'distinct'):
         assert f'| {metric}' in table
     record = json.loads((tmp_path / 'results' / 'runs' / 'ntp_seed1.json').read_text())
     assert math.isfinite(record['test']['loss_top_weight'])      # an NTP run is scored on the reference's tokens too
