@@ -8,7 +8,8 @@ Each run is `python train.py CONFIG --loss=L --seed=S --out_dir=OUT/L_seedS`, in
 and in this directory (its caches go to ./out, as train.py's do).
 Both objectives of one seed share the initialisation and batches, so they are compared in pairs.
 The reference and the pretrained encoder depend on the data and recipe, not the seed: the first
-run builds them, alone, and every other run reads them from the cache. Each run's test metrics
+run builds them, alone and on every core, and every other run reads them from the cache
+(--jobs=2 --threads=1 then runs two at a time, one core each). Each run's test metrics
 and wall time go to <results>/runs/<name>.json (an existing one is not re-run, so an interrupted
 comparison resumes); the table, with paired differences, their bootstrap 95% intervals and
 paired t, goes to <results>/summary.md.
@@ -25,7 +26,7 @@ from config import ConfigError, cli, parse_flags
 from study import stats
 from study.plan import ROOT
 
-FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3', 'jobs': 1, 'threads': 0,
+FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3', 'jobs': 2, 'threads': 1,
          'results': 'study/results/flickr', 'out': 'out/flickr_study'}
 METRICS = ('retrieval_r1', 'retrieval_r5', 'loss_top_weight', 'loss', 'bleu4', 'cider', 'distinct')
 LOWER_BETTER = {'loss_top_weight', 'loss'}
@@ -94,7 +95,7 @@ def main(argv):
     results, out_root = args['results'], args['out']          # relative to here, like train.py's out/
     runs_dir = os.path.join(results, 'runs')
     todo = [(loss, seed) for seed in seeds for loss in ('ntp', 'prior')]
-    first = run(args['config'], *todo[0], out_root, runs_dir, args['threads'])     # builds the shared caches
+    first = run(args['config'], *todo[0], out_root, runs_dir, 0)      # alone, on every core: builds the caches
     with concurrent.futures.ThreadPoolExecutor(args['jobs']) as pool:
         rest = list(pool.map(lambda job: run(args['config'], *job, out_root, runs_dir, args['threads']), todo[1:]))
     text = summary([first] + rest, args['config'])
