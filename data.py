@@ -166,7 +166,7 @@ class CaptionData:
         encoder's cached features (encoder.use_cached_features) serves those instead."""
         images = self.image_batch(rows) if images is None else images
         images = to_device(images, device)
-        images = images.float().div_(127.5).sub_(1.0) if images.dtype == torch.uint8 else images.float()  # or features
+        images = to_unit_range(images) if images.dtype == torch.uint8 else images.float()  # or features
         return (images, *self.text_batch(rows, device))
 
 
@@ -250,6 +250,11 @@ def to_device(tensor, device):
     if str(device).startswith('cuda'):
         return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def to_unit_range(images):
+    """uint8 pixels [..., 3, H, W] as float in [-1, 1], the range every vision model here reads."""
+    return images.float().div_(127.5).sub_(1.0)
 
 
 def text_width(targets):

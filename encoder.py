@@ -11,11 +11,12 @@ on the training split alone, in one of two ways (--init_vision); both work for a
          at the caption's last token, as CLIP reads its causal text transformer at end-of-text)
          learn to place each image nearest to its own caption among the batch (symmetric
          InfoNCE with a learned temperature).
-  words  tagging, as in VirTex/ICMLM-style caption pretraining: a linear head on the pooled
-         features predicts, for each of the commonest caption tokens, the share of the image's
-         captions that use it (binary cross-entropy), on randomly cropped and flipped images.
-         One image's several captions make one soft target, so small data goes further than
-         with a contrastive batch: on Flickr8k this is the one of the two that generalises.
+  words  tagging, as Joulin et al. (2016) learned visual features from the words of photos'
+         captions: a linear head on the pooled features predicts, for each of the commonest
+         caption tokens, the share of the image's captions that use it (binary cross-entropy),
+         on randomly cropped and flipped images. An image's several captions make one soft
+         target. On Flickr8k the contrastive encoders learned the 6,400 training photos by
+         heart; this one generalises, a little (README: Real data).
 
 Like the reference, the encoder is trained on first use and cached, keyed by the data and recipe:
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 import config as config_mod
 from checkpoint import atomic_write, check_origin, exclusive, load_checkpoint, save_checkpoint, weights_digest
 from config import ConfigError
-from data import batch_indices, load_splits, make_vocab, text_width
+from data import batch_indices, load_splits, make_vocab, text_width, to_unit_range
 from device import barrier, resolve_device
 from model import GPT, TorchvisionEncoder, gpt_config, vision_encoder
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
@@ -141,7 +142,7 @@ def random_crop_flip(images, generator, min_scale=0.7):
 
 
 def pixels(data, image_ids):
-    return torch.stack([data.images[i] for i in image_ids.tolist()]).float().div_(127.5).sub_(1.0)
+    return to_unit_range(torch.stack([data.images[i] for i in image_ids.tolist()]))
 
 
 def optimise(model, cfg, loss_at, log, what):
@@ -284,7 +285,7 @@ def compute_features(vision, data, device, batch_size=128):
     out = None
     for start in range(0, len(data.images), batch_size):
         rows = range(start, min(start + batch_size, len(data.images)))
-        pixels = torch.stack([data.images[i] for i in rows]).to(device).float().div_(127.5).sub_(1.0)
+        pixels = to_unit_range(torch.stack([data.images[i] for i in rows]).to(device))
         f = vision(pixels).float().cpu().numpy()
         if out is None:
             out = np.empty((len(data.images), *f.shape[1:]), dtype=np.float16)

@@ -19,6 +19,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from config import ConfigError, cli, parse_flags
+from data import to_unit_range
 from device import resolve_device
 from eval import load_trained, reference_of
 from images import BadData, ImageFiles
@@ -77,7 +78,7 @@ def main(argv):
     paths = image_paths([a for a in argv if not a.startswith('--')])
     files = ImageFiles(paths, cfg.image_size)
     try:
-        images = torch.stack([files[i] for i in range(len(paths))]).to(device).float().div_(127.5).sub_(1.0)
+        images = to_unit_range(torch.stack([files[i] for i in range(len(paths))]).to(device))
     except BadData as e:
         raise ConfigError(str(e))
     torch.manual_seed(args['seed'])

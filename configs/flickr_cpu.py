@@ -3,9 +3,9 @@
 # the training photos to tell which caption words describe each one (encoder.py's 'words': 15
 # epochs of cropped and flipped photos; CLIP-style pretraining did not generalise from 6,400
 # photos), then frozen with its features cached; an MLP projector feeds them to a 4x128 GPT that
-# starts from the text-only reference. Chosen on val: 4,000 steps gave val R@1 0.19 against 0.175
-# for 2,000. Compare --loss=ntp and --loss=prior (same seed: same init and batches), or run
-# `python -m study.flickr` for several seeds.
+# starts from the text-only reference. 4,000 steps, chosen on val: with an exploratory copy of this
+# encoder they gave val R@1 0.19 against 0.175 for 2,000. Compare --loss=ntp and --loss=prior
+# (same seed: same init and batches), or run `python -m study.flickr` for several seeds.
 dataset = '../shared/data/flickr8k'
 skip_bad = True              # Flickr8k has 7 duplicate rows: skipped and counted
 image_size = 64

@@ -1,7 +1,7 @@
 """
 NTP vs PRIOR on real photos: configs/flickr_cpu.py (Flickr8k, H-LVLM) with several seeds.
 
-    python -m study.flickr                       # seeds 1,2,3, into study/results/flickr/
+    python -m study.flickr                       # seeds 1,2,3,4, into study/results/flickr/
     python -m study.flickr --seeds=1,2,3,4,5 --jobs=2 --results=DIR --config=configs/flickr_cpu.py
 
 Each run is `python train.py CONFIG --loss=L --seed=S --out_dir=OUT/L_seedS`, in its own process
@@ -26,7 +26,7 @@ from config import ConfigError, cli, parse_flags
 from study import stats
 from study.plan import ROOT
 
-FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3', 'jobs': 2, 'threads': 1,
+FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3,4', 'jobs': 2, 'threads': 1,
          'results': 'study/results/flickr', 'out': 'out/flickr_study'}
 METRICS = ('retrieval_r1', 'retrieval_r5', 'loss_top_weight', 'loss', 'bleu4', 'cider', 'distinct')
 LOWER_BETTER = {'loss_top_weight', 'loss'}
@@ -60,7 +60,7 @@ def run(config, loss, seed, out_root, runs_dir, threads):
     return record
 
 
-def summary(records, config):
+def summary(records, config, jobs, threads):
     """The markdown table: per metric, each objective's mean ± std over seeds, and PRIOR - NTP paired."""
     by = {(r['loss'], r['seed']): r for r in records}
     seeds = sorted(s for (loss, s) in by if loss == 'ntp' and ('prior', s) in by)
@@ -78,9 +78,11 @@ def summary(records, config):
                      f"{mp:.4f} ± {sp:.4f} | {md:+.4f} [{lo:+.4f}, {hi:+.4f}] | {t:.2f} | "
                      f"{'yes, ' + better if significant else 'no'} |")
     walls = [r['wall_s'] for r in records]
-    lines += ['', f"Wall time per run: {min(walls) / 60:.1f} to {max(walls) / 60:.1f} min (the first run also "
-              f"builds the reference and the encoder). Commit: {records[0]['commit']}. ± is the std over seeds; "
-              f"intervals are percentile bootstraps over the seed pairs; t is the paired t over them."]
+    lines += ['', f"Wall time: the first run {walls[0] / 60:.1f} min, alone on every core and building the reference "
+              f"and the encoder; the others {min(walls[1:]) / 60:.1f} to {max(walls[1:]) / 60:.1f} min each, {jobs} at a "
+              f"time on {threads or 'all'} thread(s) each. Commit: {records[0]['commit']}. ± is the std over seeds; "
+              f"intervals are percentile bootstraps over the seed pairs; t is the paired t over them (significant: "
+              f"|t| above the two-sided 95% critical value)."]
     return '\n'.join(lines) + '\n'
 
 
@@ -98,7 +100,7 @@ def main(argv):
     first = run(args['config'], *todo[0], out_root, runs_dir, 0)      # alone, on every core: builds the caches
     with concurrent.futures.ThreadPoolExecutor(args['jobs']) as pool:
         rest = list(pool.map(lambda job: run(args['config'], *job, out_root, runs_dir, args['threads']), todo[1:]))
-    text = summary([first] + rest, args['config'])
+    text = summary([first] + rest, args['config'], args['jobs'], args['threads'])
     with open(os.path.join(results, 'summary.md'), 'w') as f:
         f.write(text)
     print(text)
