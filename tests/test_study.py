@@ -73,7 +73,7 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     """study.flickr on a tiny photo folder with the words-pretrained encoder: every (loss, seed) runs,
     the table pairs them, and a rerun trains nothing."""
     from test_captions import make_folder
-    data = make_folder(tmp_path, n_images=40)
+    data = make_folder(tmp_path, n_images=60)
     config = tmp_path / 'tiny_photos.py'
     config.write_text(f"dataset = {str(data)!r}\nimage_size = 16\npatch_size = 8\narch = 'h'\nvision = 'vit'\n"
                       "vit_layer = 1\nvit_embd = 16\ninit_vision = 'words'\nfreeze_vision = True\nenc_max_iters = 4\n"
@@ -95,3 +95,8 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     assert len(os.listdir(tmp_path / 'out' / 'encoder')) == 1  # one encoder for all runs, whatever the seed
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and 'seed1:' not in again.stdout and '| retrieval_r1' in again.stdout
+    margin = subprocess.run([sys.executable, '-m', 'study.retrieval_margin', f'--ckpt={tmp_path}/out/ntp_seed1/ckpt.pt',
+                             '--split=test'], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert margin.returncode == 0, margin.stderr[-2000:]
+    r1 = float(margin.stdout.split('R@1 ')[1].split(';')[0])   # the same candidates as eval's retrieval
+    assert math.isfinite(record['test']['retrieval_r1']) and r1 == pytest.approx(record['test']['retrieval_r1'], abs=1e-3)
