@@ -29,7 +29,7 @@ from tokenizer import EOT, get_tokenizer
 
 FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'temperature': 0.0, 'top_k': 0, 'num_samples': 1, 'max_new_tokens': 0,
          'seed': 1337, 'device': 'auto', 'weights': '', 'ref_ckpt': ''}
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.webp')     # what torchvision.io decodes
 
 
 def image_paths(args):

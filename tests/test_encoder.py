@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 import encoder
+import sample
 from data import load_splits, make_vocab
 from caption_scores import bleu4, cider_d, words
 from model import LVLM, TorchvisionEncoder, ViT, gpt_config
@@ -194,3 +195,9 @@ def test_caption_metrics_match_the_coco_evaluation():
     assert bleu4([['a', 'dog']], [[['a', 'dog']]]) < 0.01          # no 3-/4-grams: ~0 (COCO smooths to 1e-3)
     perfect = [words('a man rides a red bike on the street')]
     assert bleu4(perfect, [perfect]) == pytest.approx(1.0)
+
+
+def test_sample_takes_from_a_folder_only_what_the_decoder_reads(tmp_path):
+    for name in ('b.png', 'a.JPG', 'c.bmp', 'notes.txt'):
+        (tmp_path / name).write_bytes(b'x')
+    assert [os.path.basename(p) for p in sample.image_paths([str(tmp_path)])] == ['a.JPG', 'b.png']
