@@ -112,26 +112,37 @@ def caption_nlls(model, data, rows, device, ctx=None):
                       for _, logits, targets, _ in forward_batches(model, data, rows, device, ctx)])
 
 
-def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0, ctx=None):
-    """For each of n_images images, rank its caption among n_candidates (the true one and
-    captions of other images) by the LVLM's mean per-token NLL given the image (length-
-    normalised, so short captions are not favoured). Chance R@1 is 1/n_candidates."""
+def retrieval_candidates(data, n_images=200, n_candidates=10, seed=0):
+    """For each of the first n_images images: its first caption's row, then the rows of
+    n_candidates - 1 captions of other images (seeded), as a tensor; and its image batch
+    repeated for every candidate. None when the split has fewer than n_candidates images."""
     first_row = {}
     for row, img in enumerate(data.image_index.tolist()):
         first_row.setdefault(img, row)
-    chosen = list(first_row)[:n_images]
     if len(first_row) < n_candidates:
-        return {'retrieval_r1': float('nan'), 'retrieval_r5': float('nan')}
+        return None
     g = torch.Generator().manual_seed(seed)
-    ranks = []
-    was_training = model.training
-    model.eval()
-    for img in chosen:
+    out = []
+    for img in list(first_row)[:n_images]:
         others = [r for i, r in first_row.items() if i != img]
         pick = torch.randperm(len(others), generator=g)[:n_candidates - 1].tolist()
         rows = torch.tensor([first_row[img]] + [others[p] for p in pick])
         one = data.image_batch(rows[:1])                 # pixels [1,3,H,W] or cached features [1,P,F]
-        same_image = one.expand(len(rows), *one.shape[1:])
+        out.append((rows, one.expand(len(rows), *one.shape[1:])))
+    return out
+
+
+def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0, ctx=None):
+    """For each of n_images images, rank its caption among n_candidates (the true one and
+    captions of other images) by the LVLM's mean per-token NLL given the image (length-
+    normalised, so short captions are not favoured). Chance R@1 is 1/n_candidates."""
+    candidates = retrieval_candidates(data, n_images, n_candidates, seed)
+    if candidates is None:
+        return {'retrieval_r1': float('nan'), 'retrieval_r5': float('nan')}
+    ranks = []
+    was_training = model.training
+    model.eval()
+    for rows, same_image in candidates:
         images, idx, targets, _ = data.batch(rows, device, same_image)
         with torch.no_grad(), ctx or contextlib.nullcontext():
             nll = token_nll(model(images, idx), targets)
@@ -140,7 +151,7 @@ def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0
     model.train(was_training)
     ranks = torch.tensor(ranks, dtype=torch.float)
     return {'retrieval_r1': (ranks == 1).float().mean().item(), 'retrieval_r5': (ranks <= 5).float().mean().item(),
-            'retrieval_images': len(chosen), 'retrieval_candidates': n_candidates}
+            'retrieval_images': len(candidates), 'retrieval_candidates': n_candidates}
 
 
 def reference_weights(reference, data, device, alpha=1.0, weight_floor=0.0):

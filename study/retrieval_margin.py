@@ -15,7 +15,7 @@ import torch
 
 from config import ConfigError, cli, parse_flags
 from data import load_splits
-from eval import load_trained, reference_of
+from eval import load_trained, reference_of, retrieval_candidates
 from prior_loss import IGNORE, token_nll
 from reference import reference_from
 
@@ -26,17 +26,12 @@ FLAGS = {'ckpt': '', 'split': 'val', 'n_images': 200, 'n_candidates': 10, 'seed'
 def margins(model, ref, data, n_images, n_candidates, seed):
     """Per image: (the best other caption's mean NLL minus the true one's, the true caption's gain over
     the reference minus the others' mean gain), both in nats/token; and every candidate's mean NLL."""
-    first = {}
-    for row, img in enumerate(data.image_index.tolist()):
-        first.setdefault(img, row)
-    g = torch.Generator().manual_seed(seed)               # the candidates eval.retrieval_metrics draws
+    candidates = retrieval_candidates(data, n_images, n_candidates, seed)     # eval's own candidates
+    if candidates is None:
+        raise ConfigError(f"the split has fewer than {n_candidates} images")
     out, all_nll = [], []
-    for img in list(first)[:n_images]:
-        others = [r for i, r in first.items() if i != img]
-        pick = torch.randperm(len(others), generator=g)[:n_candidates - 1].tolist()
-        rows = torch.tensor([first[img]] + [others[p] for p in pick])
-        one = data.image_batch(rows[:1])
-        images, idx, targets, _ = data.batch(rows, 'cpu', one.expand(len(rows), *one.shape[1:]))
+    for rows, same_image in candidates:
+        images, idx, targets, _ = data.batch(rows, 'cpu', same_image)
         n = (targets != IGNORE).sum(1)
         lvlm = token_nll(model(images, idx), targets).sum(1) / n
         text = token_nll(ref(idx), targets).sum(1) / n
