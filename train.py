@@ -30,7 +30,7 @@ from config import ConfigError
 from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width, to_device
 from device import (barrier, device_peak_flops, grad_scaler, peak_memory, precision_context, resolve_device,
                     resolve_precision, setup_processes)
-from encoder import ensure_encoder, load_encoder_into, pretrained_torchvision, use_cached_features
+from encoder import ensure_encoder, load_encoder_into, pretrained_vision, use_cached_features
 from model import LVLM, gpt_config
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from plot import plot_run
@@ -60,7 +60,7 @@ def build_model(cfg, vocab, device, ref_ckpt=None, vision_ckpt=None):
     if cfg.init_vision in ('clip', 'words'):
         load_encoder_into(model.vision, vision_ckpt)
     elif cfg.init_vision == 'pretrained':
-        model.vision = pretrained_torchvision(cfg)
+        model.vision = pretrained_vision(cfg)
     if cfg.init_lm == 'ref':
         ref, ref_vocab, _ = load_reference(ref_ckpt, 'cpu')
         if ref_vocab.gpt2_ids != vocab.gpt2_ids:

@@ -283,3 +283,29 @@ def test_caption_metrics_count_distinct_greedy_captions(tmp_path, monkeypatch):
                             lambda model, data, vocab, rows, device: [said(i) for i in range(len(rows))])
         metrics, captions = evaluation.evaluate(model, test, vocab, 'cpu')
         assert len(captions) == n_images and metrics['distinct'] == pytest.approx(expected)
+
+
+def test_retrieval_by_likelihood_ratio_ranks_what_the_image_adds(tiny_cfg):
+    """log p(c | image) - log P_r(c). With P_r = 1 it is the summed log-likelihood, so its R@1 equals a
+    count made here from the model's logits; a reference that finds one caption far likelier than the
+    others makes that caption lose, wherever it stood."""
+    from data import make_vocab
+    from eval import retrieval_candidates, retrieval_metrics
+    from model import LVLM, gpt_config
+    cfg = dataclasses.replace(tiny_cfg, arch='h')
+    data = load_splits(cfg, names=('train',))['train'].subset(range(40))
+    data.encode(make_vocab(cfg, data))
+    torch.manual_seed(0)
+    model = LVLM(cfg, gpt_config(cfg, make_vocab(cfg, data))).eval()
+    got = retrieval_metrics(model, data, 'cpu', n_images=30, ref_probs=torch.ones(data.targets.shape))
+    hits = 0
+    for rows, same_image in retrieval_candidates(data, 30):
+        images, idx, targets, _ = data.batch(rows, 'cpu', same_image)
+        with torch.no_grad():
+            nll = torch.nn.functional.cross_entropy(model(images, idx).transpose(1, 2), targets,
+                                                    ignore_index=-1, reduction='none').sum(1)
+        hits += bool((nll[1:] > nll[0]).all())
+    assert got['retrieval_ratio_r1'] == pytest.approx(hits / 30) and 0 < hits < 30
+    probs = torch.full(data.targets.shape, 0.5)
+    probs[retrieval_candidates(data, 30)[0][0][0]] = 1.0                  # the first image's true caption
+    assert retrieval_metrics(model, data, 'cpu', n_images=1, ref_probs=probs)['retrieval_ratio_r1'] == 0

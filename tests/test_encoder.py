@@ -15,7 +15,8 @@ import encoder
 import sample
 from data import load_splits, make_vocab
 from caption_scores import bleu4, cider_d, words
-from model import LVLM, TorchvisionEncoder, ViT, gpt_config
+from model import LVLM, ViT, gpt_config
+from vision import TorchvisionEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,7 +127,7 @@ def test_torchvision_encoder_loads_weights_through_torchvision(tmp_path):
     torch.save(reference.state_dict(), path)
     cfg = dataclasses.replace(__import__('config').Config(), arch='h', vision='resnet18', init_vision='pretrained',
                               vision_ckpt=str(path), image_size=64)
-    enc = encoder.pretrained_torchvision(cfg).eval()
+    enc = encoder.pretrained_vision(cfg).eval()
     assert (enc.n_tokens, enc.width) == (4, 512) and enc.forward_flops > 1e8
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     trunk = torch.nn.Sequential(*list(reference.children())[:-2])
