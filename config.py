@@ -91,9 +91,12 @@ class Config:
     ref_learning_rate: float = 3e-3
     ref_batch_size: int = 64
     # ---- objective ----
-    loss: str = 'prior'          # 'ntp', 'prior', or 'oracle' (PRIOR weights from the true token
-                                 # classes: 1 on image-relevant tokens, 0 elsewhere; a ceiling)
-    alpha: float = 1.0           # w = (1 - P_r)^alpha; alpha=0 is NTP
+    loss: str = 'prior'          # 'ntp', 'prior', beyond PRIOR (prior_loss.py): 'gain' (NTP, up to doubled
+                                 # where the image raises the token's probability above the reference's)
+                                 # and 'prior_gain' (PRIOR gated by that gain); ceilings from the true
+                                 # token classes (shapes only): 'oracle' (weight 1 on image-relevant
+                                 # tokens, 0 elsewhere) and 'label' (relevant tokens weigh twice the rest)
+    alpha: float = 1.0           # w = (1 - P_r)^alpha (prior, prior_gain); alpha=0 is NTP
     weight_floor: float = 0.0    # w = floor + (1 - floor) * (1 - P_r)^alpha; 0 is the paper's PRIOR
     # ---- initialisation and freezing ----
     init_lm: str = 'ref'         # 'scratch', 'ref' (the trained reference), or 'gpt2' (HF weights)
@@ -239,7 +242,7 @@ def check_ranges(cfg):
 def check(cfg):
     """Refuse settings that cannot make a sensible run, before anything is built or trained."""
     check_ranges(cfg)
-    choices = {'arch': ('h', 'u'), 'loss': ('ntp', 'prior', 'oracle'), 'init_lm': ('scratch', 'ref', 'gpt2'),
+    choices = {'arch': ('h', 'u'), 'loss': ('ntp', 'prior', 'gain', 'prior_gain', 'oracle', 'label'), 'init_lm': ('scratch', 'ref', 'gpt2'),
                'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip', 'words', 'pretrained'),
                'vision': ('vit',) + LITE_ENCODERS + TORCHVISION_ENCODERS, 'vision_features': ('head', 'blocks')}
     for key, allowed in choices.items():
@@ -249,8 +252,8 @@ def check(cfg):
         raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     if cfg.n_embd % cfg.n_head or cfg.vit_embd % cfg.n_head:
         raise ValueError("n_embd and vit_embd must be multiples of n_head")
-    if cfg.loss == 'oracle' and cfg.dataset != 'shapes':
-        raise ValueError("loss 'oracle' needs the true token classes, which only the built-in shapes data has")
+    if cfg.loss in ('oracle', 'label') and cfg.dataset != 'shapes':
+        raise ValueError(f"loss {cfg.loss!r} needs the true token classes, which only the built-in shapes data has")
     if cfg.init_vision != 'scratch' and cfg.arch != 'h':
         raise ValueError(f"init_vision {cfg.init_vision!r} initialises the H-LVLM's encoder; arch 'u' has none")
     if cfg.init_vision == 'pretrained' and cfg.vision == 'vit':

@@ -22,14 +22,28 @@ data.py) and IGNORE marks positions that are not caption tokens (image prefix, p
 The loss divides by the number of caption tokens in the batch, or by `n_tokens` when the
 batch is one micro-batch of a larger step (gradient accumulation, DDP): dividing every part
 by the whole step's count makes the step's loss the same however it is cut.
+
+Beyond PRIOR (not in the paper; the study tests them, README: Results). A weight of (1 - P_r)
+cannot tell a token that needs the image from one that nothing predicts (a photographer's name):
+both are hard for the text alone. What the LVLM itself already gets from the image can:
+
+    g_i = log p(t_i | image, t_<i) - log P_r(t_i | t_<i)      the image's gain at token i (detached)
+
+is positive where the image makes the token likelier than the text alone does, and near 0 both
+for tokens the text predicts and for tokens nothing predicts. Two weightings use it, in PRIOR's
+cost class (the step's own logits and the cached P_r; no extra forward pass), each normalised
+to mean 1 per caption like PRIOR:
+
+    gain        w_i = 1 + min(max(g_i, 0), 1)             NTP, up to doubled where the image helps
+    prior_gain  w_i = (1 - P_r(t_i))^alpha * 2 sigmoid(g_i)   PRIOR, gated by the image's gain
 """
 
 import torch
 import torch.nn.functional as F
 
 IGNORE = -1           # the one ignore index of the project: targets that are not caption tokens
-FALLBACK_EPS = 1e-6   # a caption whose weights sum below this (the reference is sure of
-                      # every token) falls back to NTP weights instead of dividing by ~0
+FALLBACK_EPS = 1e-6   # a caption whose raw weights sum below this (for PRIOR: the reference is
+                      # sure of every token) falls back to NTP weights instead of dividing by ~0
 
 
 def token_nll(logits, targets):
@@ -53,12 +67,18 @@ def token_weights(ref_probs, targets, alpha=1.0, weight_floor=0.0):
 
     weight_floor (not in the paper; 0 is the paper's PRIOR) mixes NTP back in before normalising,
     w = floor + (1 - floor) * (1 - P_r)^alpha, so no caption token is ever abandoned; 1 is NTP."""
-    mask = targets != IGNORE
     w = (1.0 - ref_probs.float().clamp(0.0, 1.0)) ** alpha             # the paper's line
-    w = (weight_floor + (1.0 - weight_floor) * w) * mask
+    return per_caption_mean_one(weight_floor + (1.0 - weight_floor) * w, targets)
+
+
+@torch.no_grad()
+def per_caption_mean_one(w, targets):
+    """Raw weights [B,T] scaled to mean 1 over each caption's tokens, 0 elsewhere."""
+    mask = targets != IGNORE
+    w = w * mask
     k = mask.sum(dim=1, keepdim=True)                                   # caption tokens per row
     total = w.sum(dim=1, keepdim=True)
-    fallback = total < FALLBACK_EPS                                     # reference sure of everything: NTP row
+    fallback = total < FALLBACK_EPS                                     # every raw weight ~0: NTP row
     w = torch.where(fallback, mask.float(), w)
     total = torch.where(fallback, k.float(), total)
     return w * k / total.clamp(min=FALLBACK_EPS)
@@ -66,5 +86,25 @@ def token_weights(ref_probs, targets, alpha=1.0, weight_floor=0.0):
 
 def prior_loss(logits, targets, ref_probs, alpha=1.0, weight_floor=0.0, n_tokens=None):
     """sum(w * nll) / (caption tokens, or n_tokens). logits [B,T,V], targets/ref_probs [B,T] -> 0-dim."""
-    weights = token_weights(ref_probs, targets, alpha, weight_floor)
+    return weighted_loss(logits, targets, token_weights(ref_probs, targets, alpha, weight_floor), n_tokens)
+
+
+@torch.no_grad()
+def gain_weights(nll, targets, ref_probs, loss, alpha=1.0):
+    """The weights [B,T] of loss 'gain' or 'prior_gain' (see the top of this file), mean 1 per caption,
+    from the LVLM's own per-token NLL of this step and the reference's probabilities."""
+    gain = -nll.float() - ref_probs.float().clamp(min=1e-30).log()     # log p(t | image) - log P_r(t)
+    if loss == 'gain':
+        return per_caption_mean_one(1.0 + gain.clamp(0.0, 1.0), targets)
+    return per_caption_mean_one((1.0 - ref_probs.float().clamp(0.0, 1.0)) ** alpha * 2 * torch.sigmoid(gain), targets)
+
+
+def gain_loss(logits, targets, ref_probs, loss, alpha=1.0, n_tokens=None):
+    """The 'gain' or 'prior_gain' objective: one NLL pass gives both the loss and (detached) the weights."""
+    nll = token_nll(logits, targets)
+    return (gain_weights(nll.detach(), targets, ref_probs, loss, alpha) * nll).sum() / _count(targets, n_tokens)
+
+
+def weighted_loss(logits, targets, weights, n_tokens=None):
+    """sum(weights * nll) / (caption tokens, or n_tokens)."""
     return (weights * token_nll(logits, targets)).sum() / _count(targets, n_tokens)

@@ -34,10 +34,12 @@ from encoder import ensure_encoder, load_encoder_into, pretrained_vision, use_ca
 from model import LVLM, gpt_config
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from plot import plot_run
-from prior_loss import ntp_loss, prior_loss
+from prior_loss import gain_loss, ntp_loss, prior_loss
 from progress import Progress, hms
 from reference import ensure_reference, load_reference
 from shapes import CLASS_NAMES, RELEVANT
+
+REFERENCE_LOSSES = ('prior', 'gain', 'prior_gain')        # the objectives that read the reference's P_r
 
 # What a resume may change: how long, how often, where and how fast, never what is computed.
 RESUMABLE = ('max_iters', 'log_interval', 'eval_interval', 'ckpt_interval', 'final_eval', 'num_workers',
@@ -45,10 +47,14 @@ RESUMABLE = ('max_iters', 'log_interval', 'eval_interval', 'ckpt_interval', 'fin
 
 
 def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
-    """The training loss: NTP without reference probabilities, else PRIOR with cfg's alpha and weight floor.
-    n_tokens: caption tokens of the whole step, when this is one micro-batch of it."""
+    """The training loss: NTP without reference probabilities; else 'gain' or 'prior_gain' (prior_loss.py),
+    or PRIOR with cfg's alpha and weight floor (also the oracle and label ceilings, whose P_r stand-in
+    comes from the true token classes). n_tokens: caption tokens of the whole step, when this is one
+    micro-batch of it."""
     if ref_probs is None:
         return ntp_loss(logits, targets, n_tokens)
+    if cfg.loss in ('gain', 'prior_gain'):
+        return gain_loss(logits, targets, ref_probs, cfg.loss, cfg.alpha, n_tokens)
     return prior_loss(logits, targets, ref_probs, cfg.alpha, cfg.weight_floor, n_tokens)
 
 
@@ -75,13 +81,16 @@ def build_model(cfg, vocab, device, ref_ckpt=None, vision_ckpt=None):
 
 def target_weights_source(cfg, ref_probs, device):
     """What the objective reads besides the targets, per micro-batch: the cached P_r rows for
-    PRIOR, the true token classes for the oracle (as if the reference knew every non-visual
-    token), nothing for NTP. A function (rows, idx, targets, classes) -> [B,T] or None."""
-    if cfg.loss == 'prior':
+    PRIOR and the gain losses; for the ceilings, a P_r made from the true token classes: the
+    oracle's (P_r = 1 on every non-visual token: weight 1 on image-relevant tokens, 0 elsewhere)
+    and the label ceiling's (P_r = 1/2 on non-visual tokens: relevant tokens weigh twice the
+    others, which keep NTP's share); nothing for NTP. A function (rows, idx, targets, classes) -> [B,T] or None."""
+    if cfg.loss in ('prior', 'gain', 'prior_gain'):
         return lambda rows, idx, targets, classes: to_device(
             torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]), device)
-    if cfg.loss == 'oracle':
-        return lambda rows, idx, targets, classes: (classes != RELEVANT).float()
+    if cfg.loss in ('oracle', 'label'):
+        p_other = 1.0 if cfg.loss == 'oracle' else 0.5
+        return lambda rows, idx, targets, classes: (classes != RELEVANT).float() * p_other
     return lambda rows, idx, targets, classes: None
 
 
@@ -209,8 +218,8 @@ def run_training(cfg, log, loss_fn):
     log(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} captions, vocab {vocab.size}, "
         f"{time.time() - t0:.1f}s")
     ref_ckpt = ref_probs = vision_ckpt = reference = None
-    if cfg.loss == 'prior' or cfg.init_lm == 'ref':      # scores needed by PRIOR only
-        ref_ckpt, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, master, cfg.loss == 'prior')
+    if cfg.loss in REFERENCE_LOSSES or cfg.init_lm == 'ref':      # scores needed by those losses only
+        ref_ckpt, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, master, cfg.loss in REFERENCE_LOSSES)
         ref_ckpt = os.path.abspath(ref_ckpt)
         reference = {k: v for k, v in load_checkpoint(ref_ckpt).items() if k in ('model', 'model_args', 'vocab')}
     if cfg.init_vision in ('clip', 'words'):

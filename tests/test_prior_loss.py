@@ -1,7 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from prior_loss import IGNORE, ntp_loss, prior_loss, token_weights
+from prior_loss import IGNORE, gain_loss, gain_weights, ntp_loss, prior_loss, token_nll, token_weights
 
 
 def make_batch(B=3, T=7, V=11, seed=0):
@@ -91,3 +92,75 @@ def test_weight_floor_mixes_in_ntp():
     w = token_weights(torch.ones_like(ref_probs) * 0.999, targets, 1.0, weight_floor=0.2)
     m = targets != IGNORE
     torch.testing.assert_close(w[m], torch.ones(int(m.sum())))      # equal p -> equal weights
+
+
+# ---- beyond PRIOR: the gain weightings ----
+
+def own_probs(logits, targets):
+    """The model's own probability of each target: a reference that knows exactly what the LVLM knows."""
+    return torch.softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+
+
+def test_gain_is_ntp_where_the_image_adds_nothing():
+    logits, targets, _ = make_batch()
+    # the reference as good as the LVLM (gain 0) or better (gain < 0): every weight 1
+    torch.testing.assert_close(gain_loss(logits, targets, own_probs(logits, targets), 'gain'), ntp_loss(logits, targets))
+    assert torch.equal(gain_loss(logits, targets, torch.ones(targets.shape), 'gain'), ntp_loss(logits, targets))
+
+
+def test_prior_gain_is_prior_where_the_image_adds_nothing():
+    logits, targets, _ = make_batch()
+    ref = own_probs(logits, targets)
+    torch.testing.assert_close(gain_loss(logits, targets, ref, 'prior_gain'), prior_loss(logits, targets, ref))
+    torch.testing.assert_close(gain_loss(logits, targets, ref, 'prior_gain', alpha=0.0), ntp_loss(logits, targets))
+
+
+def test_gain_weights_follow_their_formulas():
+    logits, targets, ref_probs = make_batch()
+    nll = token_nll(logits, targets)
+    gain = -nll - ref_probs.log()
+    for loss, raw in (('gain', 1 + gain.clamp(0, 1)), ('prior_gain', (1 - ref_probs) * 2 * torch.sigmoid(gain))):
+        w = gain_weights(nll, targets, ref_probs, loss)
+        for b in range(targets.size(0)):
+            m = targets[b] != IGNORE
+            torch.testing.assert_close(w[b][m], m.sum() * raw[b][m] / raw[b][m].sum())
+            assert (w[b][~m] == 0).all()
+
+
+def test_gain_upweights_what_the_image_explains_not_what_nothing_predicts():
+    """Three tokens the reference finds equally hard (P_r = 0.1); the image makes the first certain and
+    leaves the second and third as hard as without it (a name nothing predicts). PRIOR weighs them
+    alike; both gain weightings put the first above the others."""
+    targets = torch.tensor([[0, 1, 2]])
+    logits = torch.full((1, 3, 10), -10.0)
+    logits[0, 0, 0] = 10.0                                   # p(t_0 | image) ~ 1
+    logits[0, 1, :] = 0.0
+    logits[0, 1, 1] = torch.log(torch.tensor(0.1 * 9 / 0.9))     # p(t_1 | image) = 0.1 = P_r
+    logits[0, 2] = logits[0, 1].roll(1)                      # the same for t_2
+    ref = torch.full((1, 3), 0.1)
+    nll = token_nll(logits, targets)
+    for loss in ('gain', 'prior_gain'):
+        w = gain_weights(nll, targets, ref, loss)
+        assert w[0, 0] > w[0, 1] and w[0, 1] == pytest.approx(w[0, 2].item(), rel=1e-5)
+    assert torch.allclose(token_weights(ref, targets), torch.ones(1, 3))
+
+
+def test_gain_weights_carry_no_gradient():
+    logits, targets, ref_probs = make_batch()
+    logits.requires_grad_(True)
+    gain_loss(logits, targets, ref_probs, 'gain').backward()
+    constant = gain_weights(token_nll(logits, targets).detach(), targets, ref_probs, 'gain')
+    expected = torch.autograd.grad((constant * token_nll(logits, targets)).sum() / (targets != IGNORE).sum(), logits)[0]
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_micro_batches_add_up_to_the_whole_step():
+    """Each caption's weights depend on that caption alone, so with the step's token count the parts
+    of a batch (accumulation, DDP) add up to the whole batch's loss, for every weighting."""
+    logits, targets, ref_probs = make_batch(B=6, seed=1)
+    n = (targets != IGNORE).sum()
+    for loss in (lambda *a, **k: ntp_loss(a[0], a[1], **k), prior_loss,
+                 lambda *a, **k: gain_loss(*a, 'gain', **k), lambda *a, **k: gain_loss(*a, 'prior_gain', **k)):
+        whole = loss(logits, targets, ref_probs, n_tokens=n)
+        parts = sum(loss(logits[i:i + 2], targets[i:i + 2], ref_probs[i:i + 2], n_tokens=n) for i in (0, 2, 4))
+        torch.testing.assert_close(parts, whole)

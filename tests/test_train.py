@@ -12,7 +12,10 @@ import torch
 
 from eval import TABLE_KEYS
 from checkpoint import load_checkpoint
-from train import train
+from data import load_splits, make_vocab
+from prior_loss import IGNORE, token_weights
+from shapes import RELEVANT
+from train import target_weights_source, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -40,7 +43,7 @@ def train_losses(out_dir):
 
 
 @pytest.mark.parametrize('arch, loss', [('h', 'ntp'), ('h', 'prior'), ('u', 'ntp'), ('u', 'prior'),
-                                        ('u', 'oracle')])
+                                        ('u', 'oracle'), ('u', 'label'), ('u', 'gain'), ('h', 'prior_gain')])
 def test_short_train_and_eval(tiny_cfg, arch, loss):
     cfg = dataclasses.replace(tiny_cfg, arch=arch, loss=loss, freeze_lm=arch == 'h')
     results = train(cfg, log=lambda *a: None)
@@ -129,3 +132,21 @@ def test_init_lm_gpt2_from_a_local_folder(tiny_cfg, tmp_path):
     assert ref.config.n_layer == 1 and vocab.size == 50257
     model = build_model(cfg, vocab, 'cpu')
     assert all(torch.equal(model.lm.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_the_label_ceiling_weighs_relevant_tokens_twice(tiny_cfg):
+    """Inside every caption: label gives image-relevant tokens twice the weight of the others, the
+    oracle gives the others none."""
+    data = load_splits(tiny_cfg, names=('val',))['val']
+    data.encode(make_vocab(tiny_cfg, data))
+    rows = torch.arange(8)
+    _, idx, targets, classes = data.batch(rows, 'cpu')
+    for loss in ('label', 'oracle'):
+        p_r = target_weights_source(dataclasses.replace(tiny_cfg, loss=loss), None, 'cpu')(rows, idx, targets, classes)
+        w = token_weights(p_r, targets)
+        for b in range(len(rows)):
+            relevant, other = w[b][classes[b] == RELEVANT], w[b][(classes[b] != RELEVANT) & (targets[b] != IGNORE)]
+            assert len(relevant) and len(other)
+            expected = torch.zeros_like(other) if loss == 'oracle' else relevant[0] / 2 * torch.ones_like(other)
+            torch.testing.assert_close(other, expected)
+            assert torch.allclose(relevant, relevant[0].expand_as(relevant))
