@@ -162,7 +162,7 @@ def make_shapes(n, seed, image_size, noise_rate, pixel_noise, filler='default', 
     return images, texts, tokens, classes, attrs, scenes
 
 
-OBJECT_RE = re.compile(r"\b({})\s+({})\s+(?:(?:in|at|on)\s+the\s+)?({})\b".format(
+OBJECT_RE = re.compile(r"\b({})\s+({})\s+(?:(?:in|at|on)\s+(?:the\s+)?)?({})\b".format(
     '|'.join(COLOURS), '|'.join(SHAPES), '|'.join(POSITIONS)))
 
 

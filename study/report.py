@@ -66,10 +66,20 @@ def compare(new, base):
 
 
 def summarise(values):
+    """Paired differences over seeds: mean, std, t-based 95% interval, t and its two-sided p-value."""
     mean, std, n = stats.mean_std(values)
-    t, crit, significant = stats.paired_t(values)
-    return {'mean': mean, 'std': std, 'n': n, 'ci95': stats.bootstrap_ci(values), 't': t, 't_crit': crit,
-            'significant': significant, 'values': [v for v in values]}
+    test = stats.t_test(values)
+    return {'mean': mean, 'std': std, 'n': n, 'ci95': test['ci'], 't': test['t'], 'p': test['p'],
+            'significant': test['p'] < 0.05, 'values': [v for v in values]}
+
+
+def correct_for_the_table(comparisons):
+    """Holm's correction across the table's headline tests (each comparison's relative gain): stores the
+    adjusted p-value and whether the test survives it."""
+    keys = list(comparisons)
+    adjusted, survives = stats.holm([comparisons[k]['relative_gain']['p'] for k in keys])
+    for k, p, ok in zip(keys, adjusted, survives):
+        comparisons[k]['relative_gain'].update(p_holm=p, significant_holm=ok)
 
 
 def sample_efficiency(prior, ntp, key='attr_acc'):
@@ -111,6 +121,7 @@ def aggregate(preset, runs):
                     agg['class_weights'][f'{tag}/{obj}'] = {
                         c: stats.mean_std([r['class_weights'][c] for r in group[obj].values()])[0]
                         for c in ('relevant', 'filler', 'noise')}
+    correct_for_the_table(agg['comparisons'])
     agg['scaling'] = scaling(preset, runs, agg['best_lr'])
     for obj in ('ntp', 'prior'):
         g = by_seed(runs, 'h', obj, agg['best_lr'][f'h/{obj}'], seeds[:preset['frozen_lm_seeds']], freeze_lm=True)
@@ -161,7 +172,11 @@ def pts(s):
 
 
 def verdict(s):
-    return (f"paired t = {s['t']:.2f} (|t| > {s['t_crit']:.2f} needed, n = {s['n']}): "
+    """t, p and the verdict; for a headline test, after Holm's correction across the table."""
+    if 'p_holm' in s:
+        return (f"paired t = {s['t']:.2f}, p = {s['p']:.3f}, Holm-adjusted p = {s['p_holm']:.3f} (n = {s['n']}): "
+                + ('**significant**' if s['significant_holm'] else 'not significant') + ' after correction')
+    return (f"paired t = {s['t']:.2f}, p = {s['p']:.3f} (n = {s['n']}, uncorrected): "
             + ('**significant**' if s['significant'] else 'not significant'))
 
 
@@ -206,8 +221,9 @@ def summary_text(agg, preset, preset_name, data_seed, runtime):
              f"{seeds[0]} from a sweep that is extended until the chosen rate has a neighbour on both sides. "
              f"Test split: teacher-forced metrics on every caption, free-running metrics on "
              f"{preset['n_generate']} greedy captions. Relative gain = mean over {', '.join(REL_METRICS)} of the "
-             f"relative change vs NTP (+ is better), paired by seed; 95% CIs by bootstrap over seeds; "
-             f"significance by a paired t-test." + (f" Protocol wall time {runtime / 60:.0f} min." if runtime else ''), '',
+             f"relative change vs NTP (+ is better), paired by seed; 95% CIs t-based over seeds; "
+             f"significance by a paired t-test, with Holm's correction across the table's headline tests "
+             f"(the relative gains)." + (f" Protocol wall time {runtime / 60:.0f} min." if runtime else ''), '',
              '## Learning-rate sweep (val attr_acc, seed %d)' % seeds[0], '',
              '| setting/objective | rates tried: val attr_acc | chosen |', '|---|---|---|']
     for key, sweep in agg['sweep'].items():

@@ -128,3 +128,9 @@ def test_subset_is_those_rows(small):
     full, part = d.batch(torch.tensor([7, 2, 30]), 'cpu'), sub.batch(torch.arange(3), 'cpu')
     assert all(torch.equal(a, b) for a, b in zip(full, part))
     assert sub.objects == [d.objects[7], d.objects[2], d.objects[30]]
+
+
+def test_the_caption_parser_reads_objects_with_or_without_the():
+    from shapes import parse_objects
+    text = 'two shapes: a red circle in northwest, and a blue square at the south. a green cross'
+    assert parse_objects(text) == [('red', 'circle', 'northwest'), ('blue', 'square', 'south')]

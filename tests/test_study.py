@@ -59,8 +59,12 @@ def test_paired_statistics():
     t, crit, significant = stats.paired_t([0.1, 0.12, 0.09, 0.11, 0.1])
     assert t > 10 and crit == 2.78 and significant
     assert not stats.paired_t([0.1, -0.1, 0.05, -0.06])[2]
-    lo, hi = stats.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert 1.0 <= lo < 3.0 < hi <= 5.0
+    test = stats.t_test([-2.6, -3.8, -3.6, -7.2, -6.5])              # Student's t, df 4: 2.776
+    assert test['ci'] == pytest.approx((-7.216, -2.264), abs=1e-3) and test['p'] == pytest.approx(0.00603, abs=1e-4)
+    assert stats.t_critical(1) == pytest.approx(12.706, abs=1e-3) and stats.t_critical(30) == pytest.approx(2.042, abs=1e-3)
+    assert stats.t_sf2(1.95996, 10 ** 6) == pytest.approx(0.05, abs=1e-5) and stats.t_sf2(0.0, 3) == 1.0
+    adjusted, survives = stats.holm([0.01, 0.04, 0.03, 0.2])
+    assert adjusted == pytest.approx([0.04, 0.09, 0.09, 0.2]) and survives == [True, False, False, False]
     k, a, r2 = stats.fit_power_law([1, 10, 100], [1.0, 0.5, 0.25])
     assert k == pytest.approx(math.log10(2)) and r2 == pytest.approx(1.0)
     assert stats.first_step_reaching([(0, 0.2), (5, 0.6), (10, 0.9)], 0.5) == 5
