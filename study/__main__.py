@@ -4,6 +4,7 @@ The replication study: does PRIOR beat NTP on the shapes data, where, why, and a
     python -m study                    # the full protocol (about 2 hours on 2 CPU cores), into study/results/
     python -m study --report           # only rebuild the report from the run JSONs
     python -m study --preset=tiny      # the same phases at toy size (about a minute; the tests use it)
+    python -m study --preset=beyond    # beyond PRIOR: the gain weightings and the label ceiling, into study/results_beyond/
 
 Options: --jobs=N runs at a time (default 2, one per core) with --threads=N torch threads each
 (default 1); --seeds=1,2,3,4,5 and --data_seed=N re-run the protocol on other seeds or other data
@@ -12,9 +13,10 @@ Every run writes <results>/runs/<name>.json, and a run whose JSON exists is skip
 interrupted study resumes where it stopped.
 
 The protocol (study/plan.py): for each setting (configs/shapes_u.py, configs/shapes_h.py) and
-objective (NTP, PRIOR, PRIOR + weight floor), a learning-rate sweep on val; then every objective
-at its rate with every seed, on clean and on noisy training captions; scaling in compute and in
-data (U); the H-LVLM with its LM frozen too. The report (study/report.py) holds the statistics.
+objective of the preset (full: NTP, PRIOR, PRIOR + weight floor), a learning-rate sweep on val;
+then every objective at its rate with every seed, on clean and on noisy training captions; scaling
+in compute and in data (U); the H-LVLM with its LM frozen too. The report (study/report.py) holds
+the statistics.
 """
 
 import os

@@ -1,39 +1,95 @@
 """
-NTP vs PRIOR on real photos: configs/flickr_cpu.py (Flickr8k, H-LVLM) with several seeds.
+NTP vs PRIOR (and other objectives) on real photos: configs/flickr_cpu.py (Flickr8k, EfficientNet-Lite0
+frozen) with several seeds, in three conditions:
 
-    python -m study.flickr                       # seeds 1,2,3,4, into study/results/flickr/
-    python -m study.flickr --seeds=1,2,3,4,5 --jobs=2 --results=DIR --config=configs/flickr_cpu.py
+  frozen   the paper's first stage: encoder and LM frozen (the LM is the text-only reference),
+           only the projector trains
+  full     projector and LM train
+  noisy    as full, on training captions of which a share carries web alt-text noise: boilerplate
+           that the text predicts ("Stock photo: ...") and attributions that nothing predicts
+           ("... Photo by Ana Silva."); val and test captions stay clean
 
-Each run is `python train.py CONFIG --loss=L --seed=S --out_dir=OUT/L_seedS`, in its own process
-and in this directory (its caches go to ./out, as train.py's do).
-Both objectives of one seed share the initialisation and batches, so they are compared in pairs.
-The reference and the pretrained encoder depend on the data and recipe, not the seed: the first
-run builds them, alone and on every core, and every other run reads them from the cache
-(--jobs=2 --threads=1 then runs two at a time, one core each). Each run's test metrics
-and wall time go to <results>/runs/<name>.json (an existing one is not re-run, so an interrupted
-comparison resumes); the table, with paired differences, their bootstrap 95% intervals and
-paired t, goes to <results>/summary.md.
+    python -m study.flickr                                   # all three, ntp and prior, seeds 1-5
+    python -m study.flickr --conditions=full --losses=ntp,prior,gain --seeds=1,2,3 --results=DIR
+
+Each run is `python train.py CONFIG --loss=L --seed=S ...` in its own process, in this directory
+(its caches go to ./out, as train.py's do). All objectives of one seed share the initialisation
+and batches, so they are compared in pairs. The first run builds the reference and the encoder's
+features alone on every core; the rest run --jobs at a time with --threads each. Each run's test
+metrics, command, commit and wall time go to <results>/runs/<name>.json (an existing one is not
+re-run: an interrupted comparison resumes); <results>/summary.md holds the tables: mean ± std per
+objective, the paired difference to NTP with its t-based 95% interval and p-value, and Holm's
+correction across every test of the summary. For the noisy condition it also gives PRIOR's mean
+training weight on the real caption tokens and on each kind of added noise.
 """
 
 import concurrent.futures
+import csv
 import json
 import os
+import random
 import subprocess
 import sys
 import time
 
-from config import ConfigError, cli, parse_flags
+import numpy as np
+import torch
+
+from captions import split_of
+from config import ConfigError, cli, load_config, parse_flags
+from data import load_splits
+from eval import load_trained
+from prior_loss import IGNORE, token_weights
+from reference import load_cache
 from study import stats
 from study.plan import ROOT
+from tokenizer import get_tokenizer
 
-FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3,4', 'jobs': 2, 'threads': 1,
-         'results': 'study/results/flickr', 'out': 'out/flickr_study'}
-METRICS = ('retrieval_r1', 'retrieval_r5', 'loss_top_weight', 'loss', 'bleu4', 'cider', 'distinct')
+FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3,4,5', 'conditions': 'frozen,full,noisy',
+         'losses': 'ntp,prior', 'jobs': 2, 'threads': 1, 'results': 'study/results/flickr', 'out': 'out/flickr_study'}
+CONDITIONS = {'frozen': ['--freeze_lm=True'], 'full': [], 'noisy': []}
+METRICS = ('retrieval_r1', 'retrieval_r5', 'retrieval_ratio_r1', 'retrieval_ratio_r5', 'bleu4', 'cider', 'distinct',
+           'loss', 'loss_top_weight')
 LOWER_BETTER = {'loss_top_weight', 'loss'}
 
+# The noisy condition's alt-text, fixed before any run (seeded; a share of training captions each).
+BOILERPLATE = ('Stock photo:', 'Image of', 'Photo:', 'Free stock photo:', 'High resolution image:')
+FIRST = ('Ana', 'Ben', 'Chen', 'Dara', 'Eli', 'Farah', 'Goran', 'Hana', 'Ivo', 'Jun', 'Kofi', 'Lena', 'Mateo',
+         'Nia', 'Omar', 'Pia', 'Quinn', 'Ravi', 'Sofia', 'Tomas', 'Uma', 'Viktor', 'Wen', 'Xavi', 'Yara', 'Zane')
+LAST = ('Silva', 'Novak', 'Okafor', 'Tanaka', 'Berg', 'Haddad', 'Kowalski', 'Moreau', 'Petrov', 'Quispe', 'Rossi',
+        'Sato', 'Weber', 'Yilmaz', 'Zhou', 'Dubois', 'Garcia', 'Ivanova', 'Jensen', 'Larsen')
+NOISE_SHARE = {'boilerplate': 0.3, 'attribution': 0.3}     # of training captions, independently
 
-def run(config, loss, seed, out_root, runs_dir, threads):
-    name = f"{loss}_seed{seed}"
+
+def noisy_dataset(config, out_root):
+    """A copy of the recipe's captions.csv where a share of the training split's captions carry alt-text
+    noise (val and test rows unchanged), pointing at the same images; and its noise spans per row."""
+    cfg = load_config([config])
+    folder = os.path.join(out_root, 'noisy_data')
+    path, spans_path = os.path.join(folder, 'captions.csv'), os.path.join(folder, 'noise.json')
+    if os.path.isfile(spans_path):
+        return folder, os.path.join(cfg.dataset, 'images')
+    rng, rows, spans = random.Random(0), [], {}
+    with open(os.path.join(cfg.dataset, 'captions.csv'), newline='') as f:
+        for row in csv.DictReader(f):
+            prefix = suffix = ''
+            if split_of(row['image'], cfg.val_frac, cfg.test_frac) == 'train':
+                if rng.random() < NOISE_SHARE['boilerplate']:
+                    prefix = rng.choice(BOILERPLATE) + ' '
+                if rng.random() < NOISE_SHARE['attribution']:
+                    suffix = f" Photo by {rng.choice(FIRST)} {rng.choice(LAST)}."
+            spans[f"{row['image']}\t{prefix}{row['caption']}{suffix}"] = [prefix.strip(), suffix.strip()]
+            rows.append((row['image'], prefix + row['caption'] + suffix))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, 'w', newline='') as f:
+        csv.writer(f).writerows([('image', 'caption')] + rows)
+    with open(spans_path, 'w') as f:
+        json.dump(spans, f)
+    return folder, os.path.join(cfg.dataset, 'images')
+
+
+def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
+    name = f"{condition}_{loss}_seed{seed}"
     path = os.path.join(runs_dir, name + '.json')
     if os.path.isfile(path):
         with open(path) as f:
@@ -41,7 +97,8 @@ def run(config, loss, seed, out_root, runs_dir, threads):
     out_dir = os.path.join(out_root, name)
     env = dict(os.environ, PYTHONUNBUFFERED='1', **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), config, f'--loss={loss}', f'--seed={seed}',
-           f'--out_dir={out_dir}'] + (['--resume=True'] if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')) else [])
+           f'--out_dir={out_dir}'] + CONDITIONS[condition] + extra + \
+        (['--resume=True'] if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')) else [])
     t0 = time.time()
     os.makedirs(out_root, exist_ok=True)
     with open(os.path.join(out_root, name + '.log'), 'w') as log:
@@ -50,9 +107,9 @@ def run(config, loss, seed, out_root, runs_dir, threads):
         raise ConfigError(f"run {name} failed (exit {done.returncode}); see {out_root}/{name}.log")
     with open(os.path.join(out_dir, 'eval_test.json')) as f:
         test = json.load(f)
-    record = dict(name=name, loss=loss, seed=seed, command=' '.join(cmd[1:]), wall_s=round(time.time() - t0, 1),
-                  test=test, commit=subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
-                                                   text=True).stdout.strip())
+    record = dict(name=name, condition=condition, loss=loss, seed=seed, command=' '.join(cmd[1:]),
+                  wall_s=round(time.time() - t0, 1), test=test, commit=subprocess.run(
+                      ['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip())
     os.makedirs(runs_dir, exist_ok=True)
     with open(path, 'w') as f:
         json.dump(record, f, indent=1)
@@ -60,47 +117,107 @@ def run(config, loss, seed, out_root, runs_dir, threads):
     return record
 
 
-def summary(records, config, jobs, threads):
-    """The markdown table: per metric, each objective's mean ± std over seeds, and PRIOR - NTP paired."""
-    by = {(r['loss'], r['seed']): r for r in records}
-    seeds = sorted(s for (loss, s) in by if loss == 'ntp' and ('prior', s) in by)
-    lines = [f"# NTP vs PRIOR on real photos ({config}, seeds {', '.join(map(str, seeds))})", '',
-             '| metric | NTP | PRIOR | PRIOR - NTP [95% CI] | paired t | significant? |', '|---|---|---|---|---|---|']
-    for m in METRICS:
-        ntp, prior = [by['ntp', s]['test'][m] for s in seeds], [by['prior', s]['test'][m] for s in seeds]
-        diffs = [p - n for p, n in zip(prior, ntp)]
-        (mn, sn, _), (mp, sp, _) = stats.mean_std(ntp), stats.mean_std(prior)
-        md, _, _ = stats.mean_std(diffs)
-        lo, hi = stats.bootstrap_ci(diffs)
-        t, _, significant = stats.paired_t(diffs)
-        better = 'PRIOR' if (md < 0) == (m in LOWER_BETTER) else 'NTP'
-        lines.append(f"| {m}{' (lower is better)' if m in LOWER_BETTER else ''} | {mn:.4f} ± {sn:.4f} | "
-                     f"{mp:.4f} ± {sp:.4f} | {md:+.4f} [{lo:+.4f}, {hi:+.4f}] | {t:.2f} | "
-                     f"{'yes, ' + better if significant else 'no'} |")
-    walls = [r['wall_s'] for r in records]
-    lines += ['', f"Wall time: the first run {walls[0] / 60:.1f} min, alone on every core and building the reference "
-              f"and the encoder; the others {min(walls[1:]) / 60:.1f} to {max(walls[1:]) / 60:.1f} min each, {jobs} at a "
-              f"time on {threads or 'all'} thread(s) each. Commit: {records[0]['commit']}. ± is the std over seeds; "
-              f"intervals are percentile bootstraps over the seed pairs; t is the paired t over them (significant: "
-              f"|t| above the two-sided 95% critical value)."]
+def noise_weights(out_root, noisy_folder, images):
+    """PRIOR's mean training weight (alpha 1, mean 1 per caption) on real caption tokens and on each kind
+    of added noise, from the reference that the noisy runs trained with (it does not depend on the seed)."""
+    ckpt_dirs = [d for d in sorted(os.listdir(out_root)) if d.startswith('noisy_prior_')]
+    if not ckpt_dirs:
+        return None
+    _, vocab, cfg, ckpt = load_trained(os.path.join(out_root, ckpt_dirs[0], 'ckpt.pt'), 'cpu')
+    train = load_splits(cfg, names=('train',), log=lambda *a: None)['train'].encode(vocab)
+    weights = token_weights(torch.from_numpy(np.asarray(load_cache(ckpt['ref_ckpt'], train, vocab))), train.targets)
+    with open(os.path.join(noisy_folder, 'noise.json')) as f:
+        spans = json.load(f)
+    enc = get_tokenizer()
+    sums = {'caption': [0.0, 0], 'boilerplate': [0.0, 0], 'attribution': [0.0, 0]}
+    for row, text in enumerate(train.texts):
+        prefix, suffix = spans[f"{os.path.basename(train.images.paths[int(train.image_index[row])])}\t{text}"]
+        tokens, pre, suf = enc.encode(text), enc.encode(prefix), enc.encode(' ' + suffix) if suffix else []
+        n = int((train.targets[row] != IGNORE).sum()) - 1          # caption tokens before the closing EOT
+        if n != len(tokens) or tokens[:len(pre)] != pre or tokens[n - len(suf):] != suf:
+            continue                             # truncated to block_size, or a merge across the seam: not counted
+        n_pre, n_suf = len(pre), len(suf)
+        w = weights[row, :n].tolist()
+        for kind, part in (('boilerplate', w[:n_pre]), ('caption', w[n_pre:n - n_suf]), ('attribution', w[n - n_suf:n])):
+            sums[kind][0] += sum(part)
+            sums[kind][1] += len(part)
+    return {k: (s / c if c else float('nan'), c) for k, (s, c) in sums.items()}
+
+
+def summary(records, conditions, losses, config, weights=None):
+    """The tables: per condition and metric, each objective's mean ± std and its paired difference to NTP."""
+    by = {(r['condition'], r['loss'], r['seed']): r for r in records}
+    tests = {}
+    for cond in conditions:
+        for loss in losses[1:]:
+            seeds = sorted(s for (c, l, s) in by if c == cond and l == losses[0] and (cond, loss, s) in by)
+            for m in METRICS:
+                tests[cond, loss, m] = stats.t_test([by[cond, loss, s]['test'][m] - by[cond, losses[0], s]['test'][m]
+                                                     for s in seeds])
+    adjusted, survives = stats.holm([t['p'] for t in tests.values()]) if tests else ([], [])
+    for key, p, ok in zip(tests, adjusted, survives):
+        tests[key].update(p_holm=p, significant=ok)
+    lines = [f"# {' vs '.join(losses)} on real photos ({config})", '']
+    for cond in conditions:
+        seeds = sorted({s for (c, l, s) in by if c == cond})
+        lines += [f"## {cond} ({', '.join(f'seed {s}' for s in seeds)})", '',
+                  '| metric | ' + ' | '.join(losses) + ' | ' + ' | '.join(
+                      f'{loss} - {losses[0]} [95% CI], p, Holm p' for loss in losses[1:]) + ' |',
+                  '|---' * (2 * len(losses)) + '|']
+        for m in METRICS:
+            cells = [stats.mean_std([by[cond, loss, s]['test'][m] for s in seeds if (cond, loss, s) in by])
+                     for loss in losses]
+            row = [f"{mean:.4f} ± {std:.4f}" for mean, std, _ in cells]
+            for loss in losses[1:]:
+                t = tests.get((cond, loss, m))
+                better = loss if (t['mean'] < 0) == (m in LOWER_BETTER) else losses[0]
+                row.append(f"{t['mean']:+.4f} [{t['ci'][0]:+.4f}, {t['ci'][1]:+.4f}], {t['p']:.3f}, {t['p_holm']:.3f}"
+                           + (f" (**{better}**)" if t['significant'] else '') if t and t['n'] > 1 else 'n/a')
+            lines.append(f"| {m}{' (lower is better)' if m in LOWER_BETTER else ''} | " + ' | '.join(row) + ' |')
+        lines.append('')
+    if weights:
+        lines += ["PRIOR's mean training weight per token kind on the noisy training captions (1 = NTP): " +
+                  ', '.join(f"{k} {w:.2f} ({n:,} tokens)" for k, (w, n) in weights.items()) + '.', '']
+    walls = sorted(r['wall_s'] for r in records)
+    lines += [f"{len(records)} runs; wall time {walls[0] / 60:.1f} to {walls[-1] / 60:.1f} min each (the first "
+              f"builds the caches). Commit of the first run: {records[0]['commit']}. ± is the std over seeds; "
+              f"intervals are t-based over the seed pairs; p is the paired t-test's; Holm p is corrected across "
+              f"all {len(tests)} tests above; bold: significant after that correction (and which side is better)."]
     return '\n'.join(lines) + '\n'
+
+
+def as_list(args, key, cast=str, allowed=None):
+    try:
+        values = [cast(s) for s in str(args[key]).split(',') if s]
+    except ValueError:
+        raise ConfigError(f"--{key}: a comma-separated list, got {args[key]!r}") from None
+    bad = [v for v in values if allowed is not None and v not in allowed]
+    if bad or not values:
+        raise ConfigError(f"--{key}: each one of {allowed}, got {args[key]!r}")
+    return values
 
 
 def main(argv):
     args = parse_flags(argv, FLAGS)
-    try:
-        seeds = [int(s) for s in args['seeds'].split(',')]
-    except ValueError:
-        raise ConfigError(f"--seeds: a comma-separated list of integers, got {args['seeds']!r}") from None
-    if len(seeds) < 2:
-        raise ConfigError("--seeds: at least two seeds, for spreads and a paired test")
+    seeds = as_list(args, 'seeds', int)
+    conditions = as_list(args, 'conditions', allowed=tuple(CONDITIONS))
+    losses = as_list(args, 'losses')
+    if len(seeds) < 2 or losses[0] != 'ntp' or len(losses) < 2:
+        raise ConfigError("--seeds: two or more; --losses: ntp first (the baseline), then what to compare with it")
     results, out_root = args['results'], args['out']          # relative to here, like train.py's out/
     runs_dir = os.path.join(results, 'runs')
-    todo = [(loss, seed) for seed in seeds for loss in ('ntp', 'prior')]
-    first = run(args['config'], *todo[0], out_root, runs_dir, 0)      # alone, on every core: builds the caches
+    extra = {c: [] for c in conditions}
+    noisy = images = None
+    if 'noisy' in conditions:
+        noisy, images = noisy_dataset(args['config'], out_root)
+        extra['noisy'] = [f'--dataset={noisy}', f'--image_root={images}']
+    todo = [(c, loss, s) for c in conditions for s in seeds for loss in losses]
+    first = run(args['config'], *todo[0], out_root, runs_dir, 0, extra[todo[0][0]])    # alone: builds the caches
     with concurrent.futures.ThreadPoolExecutor(args['jobs']) as pool:
-        rest = list(pool.map(lambda job: run(args['config'], *job, out_root, runs_dir, args['threads']), todo[1:]))
-    text = summary([first] + rest, args['config'], args['jobs'], args['threads'])
+        rest = list(pool.map(lambda job: run(args['config'], *job, out_root, runs_dir, args['threads'], extra[job[0]]),
+                             todo[1:]))
+    weights = noise_weights(out_root, noisy, images) if noisy and 'prior' in losses else None
+    text = summary([first] + rest, conditions, losses, args['config'], weights)
     with open(os.path.join(results, 'summary.md'), 'w') as f:
         f.write(text)
     print(text)

@@ -19,14 +19,19 @@ import torch
 import config as config_mod
 import eval as evaluation
 from data import load_splits
-from prior_loss import IGNORE, token_weights
+from prior_loss import IGNORE, gain_weights, token_nll, token_weights
 from reference import load_cache
 from shapes import CLASS_NAMES
 from train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {'u': 'configs/shapes_u.py', 'h': 'configs/shapes_h.py'}
-OBJECTIVES = ('ntp', 'prior', 'prior_floor')     # prior_floor: PRIOR + the weight floor (the weak-spot fix)
+# Each objective of the study is a loss with its settings. prior_floor: PRIOR + the preset's weight floor;
+# prior_a05: PRIOR at alpha 0.5; label: the label-informed ceiling; gain, prior_gain: prior_loss.py.
+OBJECTIVES = {'ntp': {'loss': 'ntp'}, 'prior': {'loss': 'prior'}, 'prior_floor': {'loss': 'prior'},
+              'prior_a05': {'loss': 'prior', 'alpha': 0.5}, 'label': {'loss': 'label'}, 'gain': {'loss': 'gain'},
+              'prior_gain': {'loss': 'prior_gain'}}
+STATIC_WEIGHTS = ('prior', 'prior_floor', 'prior_a05', 'label')     # weights fixed before training (else: the model's)
 SELECT_METRIC = 'attr_acc'                       # chosen on val, teacher-forced, higher is better
 SPEC_KEYS = ('caption_noise', 'n_train', 'max_iters', 'freeze_lm')    # what a spec may change beyond the preset
 
@@ -34,14 +39,25 @@ PRESETS = {
     # The protocol's main preset: every number in the README's Results comes from it.
     'full': dict(
         base=dict(),                             # configs/shapes_u.py and configs/shapes_h.py as they are
+        objectives=('ntp', 'prior', 'prior_floor'), noisy_objectives=('ntp', 'prior'),
         lrs=[2e-3, 4e-3, 8e-3], seeds=[1, 2, 3, 4, 5], floor=0.2, n_generate=200, caption_noise=0.4,
         compute_fractions=[1 / 16, 1 / 8, 1 / 4, 1 / 2], data_fractions=[1 / 4, 1 / 2], scaling_seeds=2,
         frozen_lm_seeds=2),
+    # Beyond PRIOR (the weightings of prior_loss.py against NTP, PRIOR and the label ceiling), fixed
+    # before its first run: a finer rate grid (factor sqrt 2) chosen on val averaged over 2 seeds, every
+    # objective on clean and noisy captions, no scaling or frozen-LM phases.
+    'beyond': dict(
+        base=dict(), objectives=('ntp', 'prior', 'label', 'gain', 'prior_gain'),
+        noisy_objectives=('ntp', 'prior', 'label', 'gain', 'prior_gain'),
+        lrs=[2e-3, 2.83e-3, 4e-3, 5.66e-3], lr_step=2 ** 0.5, select_seeds=2, seeds=[1, 2, 3, 4, 5], floor=0.2,
+        n_generate=200, caption_noise=0.4, compute_fractions=[], data_fractions=[], scaling_seeds=0,
+        frozen_lm_seeds=0),
     # For tests: the same phases at a size that runs in about a minute.
     'tiny': dict(
         base=dict(n_train=96, n_val=32, n_test=32, n_layer=1, n_head=2, n_embd=16, vit_layer=1, vit_embd=16,
                   max_iters=8, warmup_iters=2, batch_size=8, eval_interval=2, eval_batches=1, log_interval=4,
                   ckpt_interval=0, ref_max_iters=4, ref_batch_size=16, enc_max_iters=4, enc_batch_size=16),
+        objectives=('ntp', 'prior', 'prior_floor', 'gain'), noisy_objectives=('ntp', 'prior'),
         lrs=[2e-3, 4e-3, 8e-3], seeds=[1, 2], floor=0.2, n_generate=4, caption_noise=0.3,
         compute_fractions=[1 / 4, 1 / 2], data_fractions=[1 / 2], scaling_seeds=2, frozen_lm_seeds=1),
 }
@@ -64,8 +80,7 @@ def make_config(s, preset, out_root, data_seed):
     cfg = config_mod.load_config([os.path.join(ROOT, SETTINGS[s['setting']])])
     fields = dict(preset['base'], learning_rate=s['lr'], seed=s['seed'], data_seed=data_seed, device='cpu',
                   final_eval=False, compile=False, out_dir=os.path.join(out_root, run_name(s)),
-                  loss='ntp' if s['objective'] == 'ntp' else 'prior',
-                  weight_floor=preset['floor'] if s['objective'] == 'prior_floor' else 0.0)
+                  weight_floor=preset['floor'] if s['objective'] == 'prior_floor' else 0.0, **OBJECTIVES[s['objective']])
     fields.update({k: s[k] for k in SPEC_KEYS if k in s})
     if 'max_iters' in s:                         # keep the same number of val points on every curve
         fields['eval_interval'] = fields['log_interval'] = max(1, s['max_iters'] // 16)
@@ -100,11 +115,7 @@ def execute(s, preset, out_root, runs_dir, data_seed):
     flops_per_sample = float(np.mean([model.flops_per_sample(int(n)) for n in lengths[:2000].tolist()]))
     rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, 'log.jsonl'))]
     curve = [{k[4:] if k.startswith('val_') else k: v for k, v in r.items()} for r in rows if 'val_loss' in r]
-    weights = None
-    if cfg.loss == 'prior':
-        ref_probs = torch.from_numpy(np.asarray(load_cache(ckpt['ref_ckpt'], train_data, vocab)))
-        w = token_weights(ref_probs, train_data.targets, cfg.alpha, cfg.weight_floor)
-        weights = {c: float(w[train_data.classes == k].mean()) for k, c in enumerate(CLASS_NAMES)}
+    weights = class_weights(s['objective'], cfg, model, train_data, vocab, ckpt) if s['objective'] != 'ntp' else None
     record = dict(name=name, spec=s, config=config_mod.as_dict(cfg), test=metrics, val=curve[-1], curve=curve,
                   flops=flops_per_sample * cfg.max_iters * cfg.batch_size * cfg.grad_accum,
                   n_params=sum(p.numel() for p in model.parameters()),
@@ -116,6 +127,27 @@ def execute(s, preset, out_root, runs_dir, data_seed):
         json.dump(record, f, indent=1)
     os.replace(path + f'.tmp{os.getpid()}', path)
     return record
+
+
+def class_weights(objective, cfg, model, data, vocab, ckpt, n_rows=2000):
+    """The objective's mean training weight per true token class (1 = NTP). Weights fixed before training
+    (PRIOR, the label ceiling) over every training caption; the gain weightings', which move with the
+    model, as the trained model gives them on the first n_rows training captions."""
+    from train import target_weights_source
+    rows = torch.arange(len(data))
+    ref_probs = np.asarray(load_cache(ckpt['ref_ckpt'], data, vocab)) if cfg.loss != 'label' else None
+    if objective not in STATIC_WEIGHTS:
+        rows = rows[:n_rows]
+    _, idx, targets, classes = data.batch(rows, 'cpu')
+    p_r = target_weights_source(cfg, ref_probs, 'cpu')(rows, idx, targets, classes)
+    if objective in STATIC_WEIGHTS:
+        w = token_weights(p_r, targets, cfg.alpha, cfg.weight_floor)
+    else:
+        with torch.no_grad():
+            nll = torch.cat([token_nll(model(*data.batch(rows[i:i + 256], 'cpu')[:2]), targets[i:i + 256])
+                             for i in range(0, len(rows), 256)])
+        w = gain_weights(nll, targets, p_r, cfg.loss, cfg.alpha)
+    return {c: float(w[classes == k].mean()) for k, c in enumerate(CLASS_NAMES)}
 
 
 def load_runs(runs_dir):
@@ -131,19 +163,30 @@ def load_runs(runs_dir):
 # ---------------------------------------------------------------------------------------------
 # The protocol, phase by phase; a phase may read the results of the phases before it.
 
+def select_seeds(preset):
+    """The seeds whose val scores choose the learning rate (their mean)."""
+    return preset['seeds'][:preset.get('select_seeds', 1)]
+
+
+def val_score(runs, setting, objective, lr, preset):
+    """Mean val SELECT_METRIC of the rate over the selection seeds, or None if one has not run."""
+    found = [runs.get(run_name(spec(setting, objective, lr, sd))) for sd in select_seeds(preset)]
+    return None if any(r is None for r in found) else float(np.mean([r['val'][SELECT_METRIC] for r in found]))
+
+
 def sweep_lrs(runs, setting, objective, preset):
-    """The rates to sweep: the preset's, extended by a factor of 2 past an edge that wins (up to
+    """The rates to sweep: the preset's, extended by its lr_step (default 2) past an edge that wins (up to
     twice each way), so the chosen rate always has a tried neighbour on both sides."""
-    lrs = list(preset['lrs'])
+    lrs, step = list(preset['lrs']), preset.get('lr_step', 2)
     for _ in range(4):
-        scores = {lr: runs.get(run_name(spec(setting, objective, lr, preset['seeds'][0]))) for lr in lrs}
-        if any(r is None for r in scores.values()):
+        scores = {lr: val_score(runs, setting, objective, lr, preset) for lr in lrs}
+        if any(v is None for v in scores.values()):
             return lrs
-        best = max(lrs, key=lambda lr: scores[lr]['val'][SELECT_METRIC])
-        if best == lrs[0] and lrs[0] > preset['lrs'][0] / 4 * 1.01:
-            lrs.insert(0, lrs[0] / 2)
-        elif best == lrs[-1] and lrs[-1] < preset['lrs'][-1] * 4 / 1.01:
-            lrs.append(lrs[-1] * 2)
+        best = max(lrs, key=scores.get)
+        if best == lrs[0] and lrs[0] > preset['lrs'][0] / step ** 2 * 1.01:
+            lrs.insert(0, lrs[0] / step)
+        elif best == lrs[-1] and lrs[-1] < preset['lrs'][-1] * step ** 2 / 1.01:
+            lrs.append(lrs[-1] * step)
         else:
             return lrs
     return lrs
@@ -151,22 +194,22 @@ def sweep_lrs(runs, setting, objective, preset):
 
 def best_lr(runs, setting, objective, preset):
     lrs = sweep_lrs(runs, setting, objective, preset)
-    return max(lrs, key=lambda lr: runs[run_name(spec(setting, objective, lr, preset['seeds'][0]))]['val'][SELECT_METRIC])
+    return max(lrs, key=lambda lr: val_score(runs, setting, objective, lr, preset))
 
 
 def phases(preset, runs):
     """(phase name, specs) in order. Yields the sweep until every objective's best rate is inside
     its sweep; the later phases use those rates."""
-    seeds = preset['seeds']
-    sweep = [spec(st, obj, lr, seeds[0]) for st in SETTINGS for obj in OBJECTIVES
-             for lr in sweep_lrs(runs, st, obj, preset)]
+    seeds, objectives = preset['seeds'], preset['objectives']
+    sweep = [spec(st, obj, lr, sd) for st in SETTINGS for obj in objectives
+             for lr in sweep_lrs(runs, st, obj, preset) for sd in select_seeds(preset)]
     yield 'sweep', sweep
     if any(run_name(s) not in runs for s in sweep):
         return
-    best = {(st, obj): best_lr(runs, st, obj, preset) for st in SETTINGS for obj in OBJECTIVES}
-    yield 'main', [spec(st, obj, best[st, obj], sd) for st in SETTINGS for obj in OBJECTIVES for sd in seeds]
+    best = {(st, obj): best_lr(runs, st, obj, preset) for st in SETTINGS for obj in objectives}
+    yield 'main', [spec(st, obj, best[st, obj], sd) for st in SETTINGS for obj in objectives for sd in seeds]
     yield 'caption noise', [spec(st, obj, best[st, obj], sd, caption_noise=preset['caption_noise'])
-                            for st in SETTINGS for obj in ('ntp', 'prior') for sd in seeds]
+                            for st in SETTINGS for obj in preset['noisy_objectives'] for sd in seeds]
     scaling = []
     for obj in ('ntp', 'prior'):
         for sd in seeds[:preset['scaling_seeds']]:
@@ -174,9 +217,11 @@ def phases(preset, runs):
                 scaling.append(spec('u', obj, best['u', obj], sd, max_iters=round(setting_value(preset, 'max_iters') * f)))
             for f in preset['data_fractions']:
                 scaling.append(spec('u', obj, best['u', obj], sd, n_train=round(setting_value(preset, 'n_train') * f)))
-    yield 'scaling', scaling
-    yield 'H with the LM frozen', [spec('h', obj, best['h', obj], sd, freeze_lm=True)
-                                   for obj in ('ntp', 'prior') for sd in seeds[:preset['frozen_lm_seeds']]]
+    if scaling:
+        yield 'scaling', scaling
+    if preset['frozen_lm_seeds']:
+        yield 'H with the LM frozen', [spec('h', obj, best['h', obj], sd, freeze_lm=True)
+                                       for obj in ('ntp', 'prior') for sd in seeds[:preset['frozen_lm_seeds']]]
 
 
 def setting_value(preset, key, setting='u'):

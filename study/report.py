@@ -19,7 +19,7 @@ import matplotlib
 import numpy as np
 
 from study import stats
-from study.plan import OBJECTIVES, SETTINGS, best_lr, phases, run_name, setting_value, spec, sweep_lrs
+from study.plan import SETTINGS, best_lr, phases, run_name, select_seeds, setting_value, spec, sweep_lrs, val_score
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -31,7 +31,10 @@ TABLE_METRICS = ('attr_acc',) + REL_METRICS + ABS_METRICS + CLASS_LOSSES
 SETTING_NAMES = {'u': 'U-LVLM (encoder-free, all trained)',
                  'h': 'H-LVLM (frozen pretrained ViT, trained projector and LM)'}
 CONDITIONS = {'clean': {}, 'noisy': 'caption_noise'}
-COLOURS = {'ntp': 'tab:blue', 'prior': 'tab:red', 'prior_floor': 'tab:green'}
+COLOURS = {'ntp': 'tab:blue', 'prior': 'tab:red', 'prior_floor': 'tab:green', 'prior_a05': 'tab:pink',
+           'label': 'tab:gray', 'gain': 'tab:purple', 'prior_gain': 'tab:orange'}
+LABELS = {'prior': 'PRIOR', 'prior_floor': 'PRIOR + weight floor', 'prior_a05': 'PRIOR, alpha 0.5',
+          'label': 'the label ceiling (relevant tokens x2)', 'gain': 'gain', 'prior_gain': 'prior_gain'}
 
 
 def metric(m, key):
@@ -100,21 +103,21 @@ def aggregate(preset, runs):
            'class_weights': {}, 'scaling': {}, 'frozen_lm': {}}
     if len(plan) < 2:
         return agg                               # the sweep is not finished: nothing to compare yet
+    objectives = preset['objectives']
     for st in SETTINGS:
-        for obj in OBJECTIVES:
+        for obj in objectives:
             lrs = sweep_lrs(runs, st, obj, preset)
-            agg['sweep'][f'{st}/{obj}'] = {f'{lr:g}': runs[run_name(spec(st, obj, lr, seeds[0]))]['val'][
-                'attr_acc'] for lr in lrs}
+            agg['sweep'][f'{st}/{obj}'] = {f'{lr:g}': val_score(runs, st, obj, lr, preset) for lr in lrs}
             agg['best_lr'][f'{st}/{obj}'] = best_lr(runs, st, obj, preset)
     for st in SETTINGS:
         for cond, key in CONDITIONS.items():
             extra = {key: preset['caption_noise']} if key else {}
-            group = {obj: by_seed(runs, st, obj, agg['best_lr'][f'{st}/{obj}'], seeds, **extra) for obj in OBJECTIVES}
-            group = {obj: g for obj, g in group.items() if g}          # noisy captions: no prior_floor runs
+            group = {obj: by_seed(runs, st, obj, agg['best_lr'][f'{st}/{obj}'], seeds, **extra) for obj in objectives}
+            group = {obj: g for obj, g in group.items() if g}          # noisy captions: only the noisy_objectives
             tag = f'{st}/{cond}'
             agg['main'][tag] = {obj: {m: stats.mean_std([metric(r['test'], m) for r in g.values()])
                                       for m in TABLE_METRICS} for obj, g in group.items()}
-            for obj in ('prior', 'prior_floor'):
+            for obj in objectives[1:]:
                 if obj in group and 'ntp' in group:
                     agg['comparisons'][f'{tag}/{obj}'] = compare(group[obj], group['ntp'])
                     agg['sample_efficiency'][f'{tag}/{obj}'] = sample_efficiency(group[obj], group['ntp'])
@@ -123,7 +126,7 @@ def aggregate(preset, runs):
                         for c in ('relevant', 'filler', 'noise')}
     correct_for_the_table(agg['comparisons'])
     agg['scaling'] = scaling(preset, runs, agg['best_lr'])
-    for obj in ('ntp', 'prior'):
+    for obj in ('ntp', 'prior') if preset['frozen_lm_seeds'] else ():
         g = by_seed(runs, 'h', obj, agg['best_lr'][f'h/{obj}'], seeds[:preset['frozen_lm_seeds']], freeze_lm=True)
         agg['frozen_lm'][obj] = {m: stats.mean_std([metric(r['test'], m) for r in g.values()]) for m in TABLE_METRICS}
     return agg
@@ -184,22 +187,23 @@ def main_section(agg, tag, preset):
     st, cond = tag.split('/')
     name = SETTING_NAMES[st] + (', clean captions' if cond == 'clean' else
                                 f", noisy training captions (caption_noise {preset['caption_noise']})")
-    lines = [f"### {name}", '', '| test metric | ' + ' | '.join(OBJECTIVES) + ' |', '|---' * (len(OBJECTIVES) + 1) + '|']
+    objectives = preset['objectives']
+    lines = [f"### {name}", '', '| test metric | ' + ' | '.join(objectives) + ' |', '|---' * (len(objectives) + 1) + '|']
     for m in TABLE_METRICS:
         lines.append(f"| {m} | " + ' | '.join(fmt(agg['main'][tag][obj][m]) if obj in agg['main'][tag] else 'not run'
-                                             for obj in OBJECTIVES) + ' |')
+                                             for obj in objectives) + ' |')
     lines.append('')
-    for obj in ('prior', 'prior_floor'):
+    for obj in objectives[1:]:
         c = agg['comparisons'].get(f'{tag}/{obj}')
         if c is None:
             continue
-        label = 'PRIOR' if obj == 'prior' else f"PRIOR + weight floor {preset['floor']}"
+        label = LABELS[obj] + (f" {preset['floor']}" if obj == 'prior_floor' else '')
         worse = [m for m in REL_METRICS if c['per_metric'][m]['mean'] < 0]
         lines.append(f"- **{label} vs NTP**: relative gain {pct(c['relative_gain'])}, {verdict(c['relative_gain'])}."
                      f" Per seed: {', '.join(f'{100 * v:+.1f}%' for v in c['relative_gain']['values'] if v is not None)}."
                      f" Worse than NTP on: {', '.join(worse) or 'none'}.")
         lines.append(f"  Caption shares (absolute): recall {pts(c['recall'])}, exact {pts(c['exact'])}."
-                     f" Loss per token class (PRIOR - NTP, nats): relevant {c['loss_relevant']['mean']:+.3f} "
+                     f" Loss per token class (minus NTP's, nats): relevant {c['loss_relevant']['mean']:+.3f} "
                      f"({verdict(c['loss_relevant'])}), filler {c['loss_filler']['mean']:+.3f}, "
                      f"noise {c['loss_noise']['mean']:+.3f}.")
         se = agg['sample_efficiency'][f'{tag}/{obj}']
@@ -217,20 +221,22 @@ def main_section(agg, tag, preset):
 def summary_text(agg, preset, preset_name, data_seed, runtime):
     seeds = preset['seeds']
     lines = [f"# PRIOR vs NTP on the shapes data (preset `{preset_name}`, data seed {data_seed})", '',
-             f"Seeds {seeds}; learning rate per setting and objective chosen on val {'attr_acc'} with seed "
-             f"{seeds[0]} from a sweep that is extended until the chosen rate has a neighbour on both sides. "
+             f"Seeds {seeds}; learning rate per setting and objective chosen on val {'attr_acc'} (mean over seeds "
+             f"{select_seeds(preset)}) from a sweep that is extended until the chosen rate has a neighbour on both sides. "
              f"Test split: teacher-forced metrics on every caption, free-running metrics on "
              f"{preset['n_generate']} greedy captions. Relative gain = mean over {', '.join(REL_METRICS)} of the "
              f"relative change vs NTP (+ is better), paired by seed; 95% CIs t-based over seeds; "
              f"significance by a paired t-test, with Holm's correction across the table's headline tests "
              f"(the relative gains)." + (f" Protocol wall time {runtime / 60:.0f} min." if runtime else ''), '',
-             '## Learning-rate sweep (val attr_acc, seed %d)' % seeds[0], '',
+             f"## Learning-rate sweep (val attr_acc, mean over seeds {select_seeds(preset)})", '',
              '| setting/objective | rates tried: val attr_acc | chosen |', '|---|---|---|']
     for key, sweep in agg['sweep'].items():
         lines.append(f"| {key} | {', '.join(f'{lr}: {v:.3f}' for lr, v in sweep.items())} | {agg['best_lr'][key]:g} |")
     lines += ['', '## Main comparison (test split, mean ± std over seeds)', '']
     for tag in agg['main']:
         lines += main_section(agg, tag, preset) + ['']
+    if not agg['scaling'].get('ntp'):
+        return '\n'.join(lines) + '\n'
     lines += ['## Scaling (U, clean; test error = 1 - attr_acc ~ a * x^-k)', '',
               '| objective | compute: k [95% CI] (R²) | data: k [95% CI] (R²) |', '|---|---|---|']
     for obj, fits in agg['scaling'].items():
@@ -257,7 +263,7 @@ def plot_curves(runs, agg, preset, path):
     for i, st in enumerate(SETTINGS):
         for j, (cond, key) in enumerate(CONDITIONS.items()):
             ax = axes[i, j]
-            for obj in OBJECTIVES:
+            for obj in preset['objectives']:
                 extra = {key: preset['caption_noise']} if key else {}
                 g = by_seed(runs, st, obj, agg['best_lr'][f'{st}/{obj}'], preset['seeds'], **extra)
                 if not g:
@@ -293,7 +299,7 @@ def plot_scaling(agg, path):
     save_figure(fig, 'Scaling, U-LVLM (points: seeds; lines: power-law fits with bootstrap 95% CI of k)', path)
 
 
-def plot_weak_spot(agg, path):
+def plot_weak_spot(agg, preset, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     classes = ('relevant', 'filler', 'noise')
     tags = [t for t in agg['class_weights'] if t.startswith('u/')]
@@ -302,12 +308,14 @@ def plot_weak_spot(agg, path):
                     width=0.8 / len(tags), label=tag)
     axes[0].set_xticks(np.arange(3) + 0.4 - 0.4 / max(1, len(tags))), axes[0].set_xticklabels(classes)
     axes[0].axhline(1.0, color='gray', lw=0.8), axes[0].set_ylabel('mean training weight (NTP = 1)')
-    axes[0].set_title('Where PRIOR puts the weight (U)', fontsize=10), axes[0].legend(fontsize=7)
-    for k, obj in enumerate(OBJECTIVES):
+    axes[0].set_title('Where each weighting puts the weight (U)', fontsize=10), axes[0].legend(fontsize=7)
+    objectives = preset['objectives']
+    width = 0.8 / len(objectives)
+    for k, obj in enumerate(objectives):
         means = [agg['main']['u/clean'][obj][f'loss_{c}'][0] for c in classes]
         stds = [agg['main']['u/clean'][obj][f'loss_{c}'][1] for c in classes]
-        axes[1].bar(np.arange(3) + k * 0.27, means, yerr=stds, width=0.27, color=COLOURS[obj], label=obj)
-    axes[1].set_xticks(np.arange(3) + 0.27), axes[1].set_xticklabels(classes)
+        axes[1].bar(np.arange(3) + k * width, means, yerr=stds, width=width, color=COLOURS[obj], label=obj)
+    axes[1].set_xticks(np.arange(3) + 0.4 - width / 2), axes[1].set_xticklabels(classes)
     axes[1].set_ylabel('test loss (nats/token)'), axes[1].set_title('Loss per token class (U, clean)', fontsize=10)
     axes[1].legend(fontsize=8)
     save_figure(fig, None, path)
@@ -322,10 +330,12 @@ def write_report(preset, preset_name, runs, results_dir, data_seed, runtime=None
     if not agg['main']:
         return 'the sweep has not finished: no report yet\n'
     text = summary_text(agg, preset, preset_name, data_seed, runtime)
-    text += '\n![curves](curves.png)\n![scaling](scaling.png)\n![weak spot](weak_spot.png)\n'
+    figures = ['curves', 'weak_spot'] + (['scaling'] if agg['scaling'].get('ntp') else [])
+    text += '\n' + ''.join(f"![{name}]({name}.png)\n" for name in figures)
     with open(os.path.join(results_dir, 'summary.md'), 'w') as f:
         f.write(text)
     plot_curves(runs, agg, preset, os.path.join(results_dir, 'curves.png'))
-    plot_scaling(agg, os.path.join(results_dir, 'scaling.png'))
-    plot_weak_spot(agg, os.path.join(results_dir, 'weak_spot.png'))
+    if 'scaling' in figures:
+        plot_scaling(agg, os.path.join(results_dir, 'scaling.png'))
+    plot_weak_spot(agg, preset, os.path.join(results_dir, 'weak_spot.png'))
     return text

@@ -1,6 +1,7 @@
 """The study end to end on the tiny preset: every phase runs (two runs at a time), the report is
 written from the run JSONs, a rerun resumes (skips every finished run). Checks the machinery,
 not who wins."""
+import csv
 import json
 import math
 import os
@@ -9,8 +10,9 @@ import sys
 
 import pytest
 
+from captions import split_of
 from study import stats
-from study.plan import OBJECTIVES, PRESETS, SETTINGS, run_name, spec
+from study.plan import PRESETS, SETTINGS, run_name, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,13 +34,13 @@ def test_study_tiny_end_to_end_and_resume(tmp_path):
     runs = {r['name']: r for r in (json.loads(p.read_text()) for p in (res / 'runs').glob('*.json'))}
     agg = json.loads((res / 'study.json').read_text())
     for st in SETTINGS:
-        for obj in OBJECTIVES:
+        for obj in preset['objectives']:
             lr = agg['best_lr'][f'{st}/{obj}']
             tried = sorted(float(x) for x in agg['sweep'][f'{st}/{obj}'])
             assert tried[0] < lr < tried[-1]                     # never at the edge of its sweep
             for sd in preset['seeds']:                          # every seed, clean and (NTP, PRIOR) noisy captions
                 assert run_name(spec(st, obj, lr, sd)) in runs
-                if obj != 'prior_floor':
+                if obj in preset['noisy_objectives']:
                     noisy = runs[run_name(spec(st, obj, lr, sd, caption_noise=preset['caption_noise']))]
                     assert noisy['config']['caption_noise'] == preset['caption_noise']
     c = agg['comparisons']['u/clean/prior']
@@ -46,6 +48,8 @@ def test_study_tiny_end_to_end_and_resume(tmp_path):
     assert set(agg['scaling']['ntp']) == {'compute', 'data'} and math.isfinite(agg['scaling']['prior']['compute']['k'])
     assert len(agg['scaling']['ntp']['compute']['points']) == len(preset['compute_fractions']) + 1
     assert set(agg['class_weights']['u/clean/prior']) == {'relevant', 'filler', 'noise'}
+    assert math.isfinite(agg['class_weights']['u/clean/gain']['relevant'])   # the gain weights, from the trained model
+    assert 'vs NTP**' in text and '**gain vs NTP**' in text
     h_frozen = runs[run_name(spec('h', 'ntp', agg['best_lr']['h/ntp'], preset['seeds'][0], freeze_lm=True))]
     assert h_frozen['n_trained'] < runs[run_name(spec('h', 'ntp', agg['best_lr']['h/ntp'], preset['seeds'][0]))]['n_trained']
     for name in ('summary.md', 'curves.png', 'scaling.png', 'weak_spot.png'):
@@ -74,33 +78,39 @@ def test_paired_statistics():
 
 @pytest.mark.slow
 def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
-    """study.flickr on a tiny photo folder with the words-pretrained encoder: every (loss, seed) runs,
-    the table pairs them, and a rerun trains nothing."""
+    """study.flickr on a tiny photo folder with the pretrained EfficientNet-Lite0: every (condition, loss,
+    seed) runs, the table pairs them, the noisy condition's captions carry noise on the training split
+    only, PRIOR's weights per noise kind are reported, and a rerun trains nothing."""
     from test_captions import make_folder
     data = make_folder(tmp_path, n_images=60)
     config = tmp_path / 'tiny_photos.py'
-    config.write_text(f"dataset = {str(data)!r}\nimage_size = 16\npatch_size = 8\narch = 'h'\nvision = 'vit'\n"
-                      "vit_layer = 1\nvit_embd = 16\ninit_vision = 'words'\nfreeze_vision = True\nenc_max_iters = 4\n"
-                      "enc_batch_size = 8\nn_layer = 1\nn_head = 2\nn_embd = 16\nref_max_iters = 4\nbatch_size = 8\n"
-                      "max_iters = 4\nwarmup_iters = 1\neval_interval = 2\neval_batches = 1\nval_frac = 0.25\n"
-                      "test_frac = 0.25\ndevice = 'cpu'\n")
-    cmd = [sys.executable, '-m', 'study.flickr', f'--config={config}', '--seeds=1,2', '--jobs=2',
+    config.write_text(f"dataset = {str(data)!r}\nimage_size = 32\narch = 'h'\nvision = 'efficientnet_lite0'\n"
+                      "init_vision = 'pretrained'\nfreeze_vision = True\nn_layer = 1\nn_head = 2\nn_embd = 16\n"
+                      "ref_max_iters = 4\nbatch_size = 8\nmax_iters = 4\nwarmup_iters = 1\neval_interval = 2\n"
+                      "eval_batches = 1\nval_frac = 0.25\ntest_frac = 0.25\ndevice = 'cpu'\n")
+    cmd = [sys.executable, '-m', 'study.flickr', f'--config={config}', '--seeds=1,2', '--jobs=2', '--conditions=full,noisy',
            f'--results={tmp_path / "results"}', f'--out={tmp_path / "out"}']
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / 'results' / 'runs').glob('*.json'))
-    assert runs == ['ntp_seed1.json', 'ntp_seed2.json', 'prior_seed1.json', 'prior_seed2.json']
+    assert runs == [f'{c}_{loss}_seed{s}.json' for c in ('full', 'noisy') for loss in ('ntp', 'prior') for s in (1, 2)]
     table = (tmp_path / 'results' / 'summary.md').read_text()
-    for metric in ('retrieval_r1', 'retrieval_r5', 'loss_top_weight', 'bleu4', 'cider', 'distinct'):
+    for metric in ('retrieval_r1', 'retrieval_ratio_r1', 'loss_top_weight', 'bleu4', 'cider', 'distinct'):
         assert f'| {metric}' in table
-    record = json.loads((tmp_path / 'results' / 'runs' / 'ntp_seed1.json').read_text())
+    assert 'Holm' in table and "PRIOR's mean training weight" in table and 'attribution' in table
+    noisy = list(csv.DictReader(open(tmp_path / 'out' / 'noisy_data' / 'captions.csv')))
+    clean = list(csv.DictReader(open(data / 'captions.csv')))
+    changed = [a['image'] for a, b in zip(noisy, clean) if a['caption'] != b['caption']]
+    assert changed and all(split_of(im, 0.25, 0.25) == 'train' for im in changed)
+    assert all(b['caption'] in a['caption'] for a, b in zip(noisy, clean))
+    record = json.loads((tmp_path / 'results' / 'runs' / 'full_ntp_seed1.json').read_text())
     assert math.isfinite(record['test']['loss_top_weight'])      # an NTP run is scored on the reference's tokens too
-    assert len(os.listdir(tmp_path / 'out' / 'encoder')) == 1  # one encoder for all runs, whatever the seed
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and 'seed1:' not in again.stdout and '| retrieval_r1' in again.stdout
-    margin = subprocess.run([sys.executable, '-m', 'study.retrieval_margin', f'--ckpt={tmp_path}/out/ntp_seed1/ckpt.pt',
-                             '--split=test'], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    margin = subprocess.run([sys.executable, '-m', 'study.retrieval_margin',
+                             f'--ckpt={tmp_path}/out/full_ntp_seed1/ckpt.pt', '--split=test'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert margin.returncode == 0, margin.stderr[-2000:]
     r1 = float(margin.stdout.split('R@1 ')[1].split(';')[0])   # the same candidates as eval's retrieval
     assert math.isfinite(record['test']['retrieval_r1']) and r1 == pytest.approx(record['test']['retrieval_r1'], abs=1e-3)
