@@ -27,6 +27,7 @@ from captions import read_records, split_of
 from config import ConfigError
 from images import ImageFiles
 from prior_loss import IGNORE
+from stopping import ignore_stop_signals
 from tokenizer import EOT, get_tokenizer
 
 UNLABELLED = 3                                  # real captions: token class unknown
@@ -271,7 +272,7 @@ def make_loader(data, row_batches, num_workers=0, pin_memory=False):
     worker processes decoding images ahead of the training step."""
     return torch.utils.data.DataLoader(data, batch_sampler=row_batches, collate_fn=_collate,
                                        num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=False)
+                                       persistent_workers=False, worker_init_fn=ignore_stop_signals)
 
 
 def batch_indices(n_items, batch_size, position, seed):

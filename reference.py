@@ -5,9 +5,10 @@ then score every training caption token once and cache P_r(t_i | t_<i) on disk.
     python reference.py [config.py] [--key=value ...]      # every setting: --help
 
 Training the LVLM then reads the cached probabilities (memory-mapped), so PRIOR costs one
-reference pass over the data, paid once, not one per epoch. A cache records what it was made
-from (the token rows' sha256, the tokenizer, the vocabulary, the reference checkpoint's
-sha256) and is refused if any of them does not match what it is loaded for.
+reference pass over the data, paid once, not one per epoch. A cache's manifest, written last,
+records what it was made from (the token rows' sha256, the tokenizer, the vocabulary, the
+reference checkpoint's sha256) and the array file's size and sha256; a cache that does not match
+what it is loaded for is never used (ensure_reference scores the captions anew).
 """
 
 import hashlib
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 
 import config as config_mod
-from checkpoint import (atomic_write, check_origin, exclusive, load_checkpoint, load_hf_gpt2_into, save_checkpoint,
-                        weights_digest)
+from checkpoint import (cache_root, check_cache, check_origin, commit_cache, content_key, exclusive, file_sha256,
+                        load_checkpoint, load_hf_gpt2_into, save_checkpoint, weights_digest)
 from config import ConfigError
 from data import Vocab, batch_indices, load_splits, make_vocab, text_width
 from device import barrier, resolve_device
@@ -36,16 +37,7 @@ def default_ref_ckpt(cfg, train):
     recipe = [train.fingerprint(), cfg.init_lm == 'gpt2' and cfg.gpt2_model, cfg.n_layer, cfg.n_head, cfg.n_embd,
               cfg.dropout, cfg.ref_max_iters, cfg.ref_learning_rate, cfg.ref_batch_size, cfg.seed,
               cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
-    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
-    return os.path.join('out', 'ref', key, 'ref.pt')
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
+    return os.path.join(cache_root(cfg), 'ref', content_key(recipe), 'ref.pt')
 
 
 def train_reference(cfg, train, vocab, device, log=print):
@@ -125,18 +117,7 @@ def cache_paths(ref_ckpt):
 
 def write_cache(ref_probs, manifest, ref_ckpt):
     npy, meta = cache_paths(ref_ckpt)
-
-    def write_array(tmp):
-        arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=ref_probs.shape)
-        arr[:] = ref_probs
-        arr.flush()
-
-    def write_manifest(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(manifest, f, indent=1)
-
-    atomic_write(npy, write_array)
-    atomic_write(meta, write_manifest)
+    commit_cache(meta, {npy: lambda f: np.save(f, ref_probs)}, manifest)
 
 
 def expected_manifest(data, vocab, ref_ckpt):
@@ -147,22 +128,20 @@ def expected_manifest(data, vocab, ref_ckpt):
 
 def load_cache(ref_ckpt, data, vocab):
     """The cached P_r of the training captions `data` as a read-only memory map, after checking
-    it belongs to this data, vocabulary and reference. Raises ValueError naming the mismatch."""
+    it is whole and belongs to this data, vocabulary and reference. Raises ValueError naming the mismatch."""
     npy, meta = cache_paths(ref_ckpt)
-    if not (os.path.isfile(npy) and os.path.isfile(meta)):
-        raise FileNotFoundError(f"no reference score cache at {npy}")
-    advice = f"Delete it and {meta} to have it rebuilt, or pass another --ref_ckpt."
-    try:
-        with open(meta) as f:
-            found = json.load(f)
-        ref_probs = np.load(npy, mmap_mode='r')
-    except (ValueError, OSError) as e:           # a torn or foreign file (JSONDecodeError is a ValueError)
-        raise ConfigError(f"reference cache {npy} or {meta} cannot be read ({type(e).__name__}). {advice}") from None
+    advice = "(train.py and reference.py score the captions anew in its place)"
     expected = expected_manifest(data, vocab, ref_ckpt)
-    wrong = [k for k in expected if not isinstance(found, dict) or found.get(k) != expected[k]]
-    if wrong:
-        raise ConfigError(f"reference cache {npy} does not match: {', '.join(wrong)} differ "
-                         f"(it was made for other data or another reference). {advice}")
+    try:
+        found = check_cache(meta, expected)
+    except ConfigError as e:
+        raise ConfigError(f"reference cache: {e} {advice}") from None
+    if found is None:
+        raise FileNotFoundError(f"no reference score cache at {npy}")
+    try:
+        ref_probs = np.load(npy, mmap_mode='r')
+    except (ValueError, OSError) as e:           # a foreign file that its manifest was made for
+        raise ConfigError(f"reference cache {npy} cannot be read ({type(e).__name__}). {advice}") from None
     if list(ref_probs.shape) != expected['shape'] or ref_probs.dtype != np.float32:
         raise ConfigError(f"reference cache {npy} holds a {ref_probs.dtype} array of shape {list(ref_probs.shape)}, "
                          f"its manifest and this data say float32 {expected['shape']}. {advice}")
@@ -188,7 +167,9 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
             if scored:
                 try:
                     ref_probs = load_cache(ref_ckpt, train, vocab)
-                except FileNotFoundError:
+                except (FileNotFoundError, ConfigError) as e:     # none yet, or a stale or torn one: score anew
+                    if isinstance(e, ConfigError):
+                        log(str(e))
                     t0 = time.time()
                     scores = score_captions(model, train, device, log=log)
                     write_cache(scores, expected_manifest(train, vocab, ref_ckpt), ref_ckpt)

@@ -24,9 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config as config_mod
 import eval as evaluation
-from checkpoint import (append_log, check_out_dir, claim_dir, load_checkpoint, load_hf_gpt2_into, save_checkpoint,
-                        start_log)
-from config import ConfigError
+from checkpoint import (append_log, atomic_write, cache_root, check_out_dir, claim_dir, file_sha256, load_checkpoint,
+                        load_hf_gpt2_into, save_checkpoint, start_log, weights_digest)
+from config import ConfigError, Diverged, Interrupted
 from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width, to_device
 from device import (barrier, device_peak_flops, grad_scaler, peak_memory, precision_context, resolve_device,
                     resolve_precision, setup_processes)
@@ -38,10 +38,15 @@ from prior_loss import ntp_loss, prior_loss
 from progress import Progress, hms
 from reference import ensure_reference, load_reference
 from shapes import CLASS_NAMES, RELEVANT
+from stopping import StopOnSignal
 
 # What a resume may change: how long, how often, where and how fast, never what is computed.
+# The data's and caches' places may move too: what they hold is checked by content.
 RESUMABLE = ('max_iters', 'log_interval', 'eval_interval', 'ckpt_interval', 'final_eval', 'num_workers',
-             'device', 'compile', 'out_dir', 'resume', 'wandb_project')
+             'device', 'compile', 'out_dir', 'resume', 'wandb_project', 'dataset', 'image_root', 'cache_dir')
+# What a checkpoint records of its inputs, checked on resume: {key: what it is}.
+INPUTS = {'data_fingerprint': 'training captions (token rows)', 'image_fingerprint': 'training images',
+          'reference_sha256': 'reference LM'}
 
 
 def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
@@ -88,8 +93,9 @@ def target_weights_source(cfg, ref_probs, device):
 def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_of, loss_fn=objective,
                device='cpu', ctx=contextlib.nullcontext(), world=1, scaler=None):
     """One iteration: cfg.grad_accum micro-batches, then one clipped AdamW update (loss-scaled with an
-    fp16 GradScaler). Returns (the step's loss as a device tensor, lr, FLOPs, tokens) of this process.
-    Nothing here waits for the device: the host queues the step and goes on to prepare the next."""
+    fp16 GradScaler). Returns (the step's loss as a device tensor, lr, FLOPs, tokens, whether the loss and
+    gradient were finite as a device tensor) of this process; an fp16 step the GradScaler skips counts as
+    finite. Nothing here waits for the device: the host queues the step and goes on to prepare the next."""
     lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
     set_lr(optimizer, lr)
     # Every micro-batch divides by the caption tokens of the whole step, so the step's loss
@@ -112,19 +118,19 @@ def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_
         loss_sum += loss.detach()
         flops += raw_model.flops_per_sample(T, with_vision=images.dim() == 4) * len(rows)
         tokens += (raw_model.n_prefix + T) * len(rows)
-    optimizer_step(raw_model, optimizer, cfg.grad_clip, scaler)
-    return loss_sum, lr, flops, tokens
+    grad_norm = optimizer_step(raw_model, optimizer, cfg.grad_clip, scaler)
+    finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) if scaler is None else True)
+    return loss_sum, lr, flops, tokens, finite
 
 
-def resume(cfg, model, optimizer, scaler, ckpt_path, global_batch, data_fingerprint, log):
-    """Load model, optimiser (and loss scaler) from ckpt_path if cfg.resume; returns (start step,
-    checkpoint or None, cfg). A resume continues the same computation: it may change the RESUMABLE
-    settings (a moved out_dir too) and refuses any other change, and other training data.
-    Extending max_iters keeps the checkpoint's learning-rate schedule: the cosine still ends where
-    the run first planned (lr_decay_iters) and the added steps run at its minimum rate."""
+def check_resume(cfg, ckpt_path, global_batch):
+    """Before any data is read: (the checkpoint a resume continues, cfg with its schedule), or (None,
+    cfg) for a new run. A resume may change the RESUMABLE settings and nothing else, nor the global
+    batch. Extending max_iters keeps the checkpoint's learning-rate schedule: the cosine still ends
+    where the run first planned (lr_decay_iters) and the added steps run at its minimum rate."""
     if not cfg.resume:
-        return 0, None, cfg
-    ckpt = load_checkpoint(ckpt_path)            # there is one: train() checked before any work
+        return None, cfg
+    ckpt = load_checkpoint(ckpt_path, required=('model', 'optimizer', 'config', 'step', 'rng'))
     saved = {**config_mod.as_dict(config_mod.Config()), **ckpt['config']}   # keys added since: defaults
     saved['lr_decay_iters'] = saved['lr_decay_iters'] or saved['max_iters']
     cfg = dataclasses.replace(cfg, lr_decay_iters=cfg.lr_decay_iters or saved['lr_decay_iters'])
@@ -133,18 +139,30 @@ def resume(cfg, model, optimizer, scaler, ckpt_path, global_batch, data_fingerpr
     if changed:
         raise ConfigError(f"--resume would change the result: {', '.join(changed)} (a resume may change only "
                           f"{', '.join(RESUMABLE)})")
-    if ckpt.get('data_fingerprint', data_fingerprint) != data_fingerprint:
-        raise ConfigError("--resume: the training data differ from the checkpoint's (the token rows' sha256 "
-                          "changed), so the run would not continue the same computation; start a new out_dir")
     if ckpt['data_position'] != ckpt['step'] * global_batch:
         raise ConfigError(f"--resume: the global batch is {global_batch}, not the checkpoint's (other process count?)")
+    return ckpt, cfg
+
+
+def resume(ckpt, model, optimizer, scaler, inputs, log, ckpt_path, cfg):
+    """Load model, optimiser (and loss scaler) from a checked checkpoint (check_resume); returns its step,
+    or 0 for a new run. Refused if the training captions, images or the reference are not the ones it
+    was trained with (`inputs`, as INPUTS): the run would not continue the same computation."""
+    if ckpt is None:
+        return 0
+    changed = [what for key, what in INPUTS.items() if key in ckpt and ckpt[key] != inputs[key]]
+    if changed:
+        raise ConfigError(f"--resume: the {' and the '.join(changed)} differ from the checkpoint's, so the run "
+                          f"would not continue the same computation; restore them, or start a new out_dir")
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     if scaler is not None:
         scaler.load_state_dict(ckpt['scaler'])
-    moved = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUMABLE if k != 'resume' and saved[k] != now[k]]
+    saved = ckpt['config']
+    moved = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUMABLE
+             if k != 'resume' and saved.get(k, getattr(cfg, k)) != getattr(cfg, k)]
     log(f"resumed from {ckpt_path} at step {ckpt['step']}" + (f" ({', '.join(moved)})" if moved else ''))
-    return ckpt['step'], ckpt, cfg
+    return ckpt['step']
 
 
 def restore_rng(ckpt, cuda):
@@ -178,16 +196,30 @@ def wandb_run(cfg):
 def train(cfg, log=print, loss_fn=objective):
     """Run one training job as configured; returns the final test metrics (master) or None.
     `loss_fn` has objective()'s signature: a loss variant under study goes in here (see README).
-    One run per out_dir at a time: the master holds a lock on it until it returns or dies."""
+    One run per out_dir at a time: the master holds a lock on it until it returns or dies.
+    SIGTERM or SIGINT stops it cleanly (stopping.py): a checkpoint, then Interrupted."""
+    cfg = config_mod.absolute_paths(cfg)         # a checkpoint's paths mean the same from anywhere
     master = int(os.environ.get('RANK', 0)) == 0
     resolve_precision(resolve_device(cfg.device), cfg.precision)    # refused before out_dir is claimed
-    with claim_dir(cfg.out_dir) if master else contextlib.nullcontext():
+    with StopOnSignal() as stopper, claim_dir(cfg.out_dir) if master else contextlib.nullcontext():
+        stopper.where = "before training began (no checkpoint of this run yet)"
         if master:
             check_out_dir(cfg)
-        return run_training(cfg, log, loss_fn)
+        global_batch = cfg.batch_size * cfg.grad_accum * int(os.environ.get('WORLD_SIZE', 1))
+        ckpt, cfg = check_resume(cfg, os.path.join(cfg.out_dir, 'ckpt.pt'), global_batch)
+        return run_training(cfg, log, loss_fn, ckpt, stopper)
 
 
-def run_training(cfg, log, loss_fn):
+def keep_reference(ref_ckpt, out_dir):
+    """The run's own copy of its reference, written once (checkpoints name it by digest), so that
+    the run folder holds everything eval.py needs wherever it moves."""
+    path = os.path.join(out_dir, 'reference.pt')
+    if not os.path.isfile(path) or file_sha256(path) != file_sha256(ref_ckpt):
+        with open(ref_ckpt, 'rb') as src:
+            atomic_write(path, lambda f: f.write(src.read()))
+
+
+def run_training(cfg, log, loss_fn, ckpt, stopper):
     """The job itself, in its out_dir (see train)."""
     # ---- processes and devices ----
     t_start = time.time()
@@ -211,15 +243,12 @@ def run_training(cfg, log, loss_fn):
     ref_ckpt = ref_probs = vision_ckpt = reference = None
     if cfg.loss == 'prior' or cfg.init_lm == 'ref':      # scores needed by PRIOR only
         ref_ckpt, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, master, cfg.loss == 'prior')
-        ref_ckpt = os.path.abspath(ref_ckpt)
         reference = {k: v for k, v in load_checkpoint(ref_ckpt).items() if k in ('model', 'model_args', 'vocab')}
     if cfg.init_vision in ('clip', 'words'):
         vision_ckpt = ensure_encoder(cfg, train_data, vocab, device, log, master, splits['val'])
 
     # ---- model, optimiser, resume ----
     model = raw_model = build_model(cfg, vocab, device, ref_ckpt, vision_ckpt)
-    if cfg.arch == 'h' and cfg.freeze_vision and cfg.init_vision != 'scratch' and cfg.cache_features:
-        use_cached_features(splits, raw_model.vision, device, log, master)
     optimizer = make_optimizer(model, cfg.learning_rate, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -227,11 +256,15 @@ def run_training(cfg, log, loss_fn):
         f"{model.n_prefix} image tokens")
     global_batch = cfg.batch_size * cfg.grad_accum * world
     ckpt_path, log_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'log.jsonl')
-    fingerprint = train_data.fingerprint()
-    step, ckpt, cfg = resume(cfg, model, optimizer, scaler, ckpt_path, global_batch, fingerprint, log)
+    inputs = {'data_fingerprint': train_data.fingerprint(), 'image_fingerprint': train_data.image_fingerprint(),
+              'reference_sha256': reference and weights_digest(reference['model'])}
+    step = resume(ckpt, model, optimizer, scaler, inputs, log, ckpt_path, cfg)
+    if cfg.arch == 'h' and cfg.freeze_vision and cfg.init_vision != 'scratch' and cfg.cache_features:
+        use_cached_features(splits, raw_model.vision, device, cache_root(cfg), log, master)   # the resumed weights'
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         start_log(log_path, step)
+        if ref_ckpt:
+            keep_reference(ref_ckpt, cfg.out_dir)
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
@@ -242,15 +275,28 @@ def run_training(cfg, log, loss_fn):
         if tracker:
             tracker.log({k: v for k, v in entry.items() if k != 'step'}, step=entry['step'])
 
+    saved_step = step if ckpt else None          # the last checkpoint written (or resumed from)
+
     def save():
-        # Self-contained: eval.py needs no other file (the reference travels inside) and no working directory.
+        # The run folder is self-contained: eval.py needs no other file (reference.pt, once) and no working directory.
+        nonlocal saved_step
         save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                          'scaler': scaler.state_dict() if scaler else None,
                          'config': config_mod.as_dict(cfg), 'model_args': vars(raw_model.lm.config),
                          'vocab': vocab.state(), 'step': step, 'data_position': step * global_batch,
-                         'data_fingerprint': fingerprint, 'ref_ckpt': ref_ckpt, 'reference': reference,
+                         **inputs, 'ref_ckpt': ref_ckpt,
                          'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None}},
                         ckpt_path)
+        saved_step = step
+
+    def check_finite():
+        # Read where the loop waits for the device anyway; the bad weights are never saved.
+        bad = int(first_bad)
+        if bad <= cfg.max_iters:
+            kept = f"the last good checkpoint, step {saved_step}, is {ckpt_path}" if saved_step is not None else \
+                "no checkpoint was written before it"
+            raise Diverged(f"the loss or gradient became NaN or infinite at step {bad}; stopped without saving; "
+                           f"{kept} (a lower --learning_rate or a --grad_clip may help)")
 
     # ---- the training loop ----
     peak = device_peak_flops(device)
@@ -267,35 +313,48 @@ def run_training(cfg, log, loss_fn):
     ref_probs_of = target_weights_source(cfg, ref_probs, device)
     progress = Progress(cfg.max_iters, done=step)
     t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
-    while step < cfg.max_iters:
-        loss_sum, lr, flops, tokens = train_step(cfg, model, raw_model, optimizer, train_data, batches, step,
-                                                 ref_probs_of, loss_fn, device, ctx, world, scaler)
-        step, iters, flops_since, tokens_since = step + 1, iters + 1, flops_since + flops, tokens_since + tokens
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            if ddp:
-                dist.all_reduce(loss_sum)                  # the processes' parts of the step's loss
-            loss_val = loss_sum.item()                     # syncs the device, so timing is real
-            dt = time.time() - t_last
-            peak = device_peak_flops(device, flops_since / dt)
-            mfu = flops_since / dt / peak if peak else float('nan')        # this process on its device
-            mem = peak_memory(cuda) / 2 ** 20
-            log(f"iter {progress.line(step)}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt / iters:.0f} ms/iter, "
-                f"{tokens_since * world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%, peak mem {mem:,.0f} MiB")
-            if master:
-                record({'step': step, 'train_loss': loss_val, 'lr': lr, 'ms_per_iter': 1000 * dt / iters,
-                        'mfu': mfu, 'peak_mem_mib': mem})
-            t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
-        do_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
-        do_save = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters
-        if master and (do_eval or do_save):
-            if cuda:
-                torch.cuda.synchronize()         # the step's queued GPU work is training time
-            t_pause = time.time()
-            if do_eval:
-                validate(cfg, raw_model, splits['val'], vocab, device, ctx, step, record, log)
-            if do_save:
-                save()
-            t_last += time.time() - t_pause      # evaluation and checkpoints are not training time
+    first_bad = torch.tensor(cfg.max_iters + 1, device=device)      # the first non-finite step, on the device
+    with stopper.deferred():
+        while step < cfg.max_iters:
+            loss_sum, lr, flops, tokens, finite = train_step(cfg, model, raw_model, optimizer, train_data, batches,
+                                                             step, ref_probs_of, loss_fn, device, ctx, world, scaler)
+            step, iters, flops_since, tokens_since = step + 1, iters + 1, flops_since + flops, tokens_since + tokens
+            first_bad = torch.where(finite | (first_bad <= cfg.max_iters), first_bad, step)
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                if ddp:
+                    dist.all_reduce(loss_sum)                  # the processes' parts of the step's loss
+                loss_val = loss_sum.item()                     # syncs the device, so timing is real
+                check_finite()
+                dt = time.time() - t_last
+                peak = device_peak_flops(device, flops_since / dt)
+                mfu = flops_since / dt / peak if peak else float('nan')        # this process on its device
+                mem = peak_memory(cuda) / 2 ** 20
+                log(f"iter {progress.line(step)}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt / iters:.0f} ms/iter, "
+                    f"{tokens_since * world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%, peak mem {mem:,.0f} MiB")
+                if master:
+                    record({'step': step, 'train_loss': loss_val, 'lr': lr, 'ms_per_iter': 1000 * dt / iters,
+                            'mfu': mfu, 'peak_mem_mib': mem})
+                t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
+            do_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            do_save = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters
+            if master and (do_eval or do_save):
+                if cuda:
+                    torch.cuda.synchronize()         # the step's queued GPU work is training time
+                t_pause = time.time()
+                check_finite()
+                if do_eval:
+                    validate(cfg, raw_model, splits['val'], vocab, device, ctx, step, record, log)
+                if do_save:
+                    save()
+                t_last += time.time() - t_pause      # evaluation and checkpoints are not training time
+            if stopper.requested():                  # the same answer on every process: all stop here
+                if master and not do_save:
+                    check_finite()
+                    save()
+                barrier()                            # the others wait for the master's checkpoint
+                raise Interrupted(f"stopped by {stopper.received or 'a signal to another process'} after step "
+                                  f"{step}: {ckpt_path} holds it; --resume=True continues the run")
+    stopper.where = f"after the last step ({ckpt_path} is complete; the final evaluation did not finish)"
 
     # ---- the finish: curves, test metrics ----
     results = None
@@ -304,8 +363,7 @@ def run_training(cfg, log, loss_fn):
         if cfg.final_eval:
             results, captions = evaluation.evaluate(raw_model, splits['test'], vocab, device, ctx=ctx,
                                                     reference=reference)
-            with open(os.path.join(cfg.out_dir, 'eval_test.json'), 'w') as f:
-                json.dump(results, f, indent=1)
+            atomic_write(os.path.join(cfg.out_dir, 'eval_test.json'), lambda f: f.write(json.dumps(results, indent=1).encode()))
             log('\nsample captions (greedy, test):\n' + evaluation.sample_report(captions, splits['test']))
             log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n" +
                 evaluation.format_table({cfg.loss: results}))

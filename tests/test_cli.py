@@ -149,7 +149,7 @@ def test_resume_refuses_changed_training_data(tiny_cfg, tmp_path):
     row = next(i for i, line in enumerate(text[1:], 1) if ' dog ' in line)    # one word of one caption
     text[row] = text[row].replace(' dog ', ' cat ', 1)
     (folder / 'captions.csv').write_text('\n'.join(text))
-    with pytest.raises(ConfigError, match="training data differ"):
+    with pytest.raises(ConfigError, match=r"the training captions \(token rows\) differ"):
         train_quiet(dataclasses.replace(cfg, resume=True, max_iters=8))
 
 

@@ -1,0 +1,257 @@
+"""What clusters and users do to a long run (issue 20), one fault injected per test on tiny runs: each
+run works, or stops with one line naming the file, row, setting or cause, and keeps what it computed."""
+import builtins
+import dataclasses
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from checkpoint import cache_root, load_checkpoint
+from config import ConfigError, Diverged, Interrupted, StorageError
+from train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+quiet = dict(log=lambda *a: None)
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+    return [(r['step'], r['train_loss']) for r in rows if 'train_loss' in r]
+
+
+def flags(cfg, **overrides):
+    return [f'--{k}={v}' for k, v in {**dataclasses.asdict(cfg), **overrides}.items()]
+
+
+def start(args, nproc=1):
+    cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+           if nproc > 1 else [sys.executable]) + ['train.py'] + args
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(out_dir, n, proc, timeout=300):
+    log, deadline = os.path.join(out_dir, 'log.jsonl'), time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and len(losses(out_dir)) >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run ended or stalled before step {n}: {proc.stderr.read()[-2000:]}")
+
+
+def fail_writes(monkeypatch, hits, err=errno.ENOSPC, after=0):
+    """Every open for writing of a path for which hits(path) is true fails with `err` (a full disk,
+    read-only storage), after `after` such opens went through."""
+    real_open, seen = builtins.open, [0]
+
+    def fake_open(file, mode='r', *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in 'wax+') and hits(os.fspath(file)):
+            seen[0] += 1
+            if seen[0] > after:
+                raise OSError(err, os.strerror(err), os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, 'open', fake_open)
+
+
+def named(name):
+    """The file `name` or an atomic write's temp file of it."""
+    return lambda path: os.path.basename(path) == name or os.path.basename(path).startswith(name + '.tmp.')
+
+
+# ---- 1. preemption ----
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_stop_after_the_step_and_resume_exactly(tiny_cfg, tmp_path):
+    args = flags(tiny_cfg, max_iters=40, ckpt_interval=0, eval_interval=20, final_eval=False, dropout=0.1)
+    whole = start(args + [f'--out_dir={tmp_path / "whole"}'])
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        out_dir = tmp_path / sig.name
+        proc = start(args + [f'--out_dir={out_dir}'])
+        wait_for_steps(out_dir, 5, proc)
+        proc.send_signal(sig)
+        t0 = time.time()
+        status, err = proc.wait(timeout=60), proc.stderr.read()
+        assert time.time() - t0 < 20 and status == Interrupted.status, err
+        step = load_checkpoint(str(out_dir / 'ckpt.pt'))['step']
+        assert err.count('\n') == 1 and f"stopped by {sig.name} after step {step}" in err and step < 40
+        assert losses(out_dir)[-1][0] == step                     # the log is written up to the checkpoint
+        resumed = start(args + [f'--out_dir={out_dir}', '--resume=True'])
+        assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+        assert losses(out_dir) == losses(tmp_path / 'whole')     # the same per-step losses, exactly
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_stops_after_the_same_step(tiny_cfg, tmp_path):
+    out_dir = tmp_path / 'run'
+    proc = start(flags(tiny_cfg, max_iters=60, ckpt_interval=0, eval_interval=60, final_eval=False, batch_size=8,
+                       out_dir=out_dir), nproc=2)
+    wait_for_steps(out_dir, 3, proc)
+    agent = proc.pid
+    workers = [int(p) for t in os.listdir(f'/proc/{agent}/task')
+               for p in open(f'/proc/{agent}/task/{t}/children').read().split()]
+    rank1 = next(p for p in workers if b'RANK=1\0' in open(f'/proc/{p}/environ', 'rb').read().replace(b'LOCAL_', b'_'))
+    os.kill(rank1, signal.SIGTERM)                                # one rank only: it tells the other
+    proc.wait(timeout=60)
+    err = proc.stderr.read()
+    step = load_checkpoint(str(out_dir / 'ckpt.pt'))['step']
+    assert step < 60 and f"after step {step}" in err and 'stopped by SIGTERM' in err
+    assert 'stopped by a signal to another process' in err        # rank 0 stopped because rank 1 was told
+
+
+def test_a_signal_during_a_checkpoint_write_keeps_a_loadable_checkpoint(tiny_cfg, monkeypatch):
+    import checkpoint
+    real_save, saves = checkpoint.torch.save, []
+
+    def signalled_save(obj, f):
+        saves.append(obj['step'])
+        if len(saves) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)                  # arrives while the file is written
+        real_save(obj, f)
+    monkeypatch.setattr(checkpoint.torch, 'save', signalled_save)
+    with pytest.raises(Interrupted, match='stopped by SIGTERM after step 3'):
+        train(dataclasses.replace(tiny_cfg, loss='ntp', init_lm='scratch'), **quiet)
+    assert load_checkpoint(os.path.join(tiny_cfg.out_dir, 'ckpt.pt'))['step'] == 3 == saves[-1]
+
+    def killed_mid_write(obj, f):
+        f.write(b'PK\x03\x04 half a checkpoint')
+        raise KeyboardInterrupt                                    # as a kill would leave it
+    monkeypatch.setattr(checkpoint.torch, 'save', killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataclasses.replace(tiny_cfg, loss='ntp', init_lm='scratch', resume=True), **quiet)
+    assert load_checkpoint(os.path.join(tiny_cfg.out_dir, 'ckpt.pt'))['step'] == 3
+    assert not [f for f in os.listdir(tiny_cfg.out_dir) if '.tmp.' in f]
+
+
+def test_a_signal_before_training_stops_at_once(tiny_cfg, monkeypatch):
+    import train as train_mod
+    monkeypatch.setattr(train_mod, 'load_splits', lambda cfg: os.kill(os.getpid(), signal.SIGINT) or time.sleep(5))
+    t0 = time.time()
+    with pytest.raises(Interrupted, match='stopped by SIGINT before training began'):
+        train(tiny_cfg, **quiet)
+    assert time.time() - t0 < 4
+
+
+# ---- 4. numbers going bad ----
+
+class NanGrad(torch.autograd.Function):
+    """The identity whose gradient is NaN: a finite loss with a non-finite gradient."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float('nan')
+
+
+@pytest.mark.parametrize('bad', ['loss', 'gradient'])
+def test_a_non_finite_loss_or_gradient_stops_naming_the_step(tiny_cfg, bad):
+    from train import objective
+    calls = []
+
+    def loss_fn(*args):
+        calls.append(1)
+        loss = objective(*args)
+        if len(calls) < 5:
+            return loss
+        return loss * float('nan') if bad == 'loss' else NanGrad.apply(loss)
+    cfg = dataclasses.replace(tiny_cfg, log_interval=2)
+    with pytest.raises(Diverged, match=r'NaN or infinite at step 5; .* last good checkpoint, step 3'):
+        train(cfg, loss_fn=loss_fn, **quiet)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
+    assert ckpt['step'] == 3 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+@pytest.mark.slow
+def test_fp16_loss_scaling_skipping_steps_is_not_an_error(tiny_cfg):
+    from train import objective
+    cfg = dataclasses.replace(tiny_cfg, precision='fp16', final_eval=False, loss='ntp', init_lm='scratch')
+    train(cfg, loss_fn=lambda *args: NanGrad.apply(objective(*args)), **quiet)     # every step skipped
+    assert load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))['scaler']['scale'] < 2 ** 16
+
+
+# ---- 5. storage and places ----
+
+@pytest.mark.parametrize('name, after', [('ckpt.pt', 1), ('log.jsonl', 3), ('ref.pt', 0), ('ref_probs_train.npy', 0),
+                                         ('eval_test.json', 0)])
+def test_a_full_disk_at_any_write_is_one_line_naming_the_file(tiny_cfg, monkeypatch, name, after):
+    fail_writes(monkeypatch, named(name), after=after)
+    with pytest.raises(StorageError, match=f"cannot write .*{name}: No space left on device") as e:
+        train(tiny_cfg, **quiet)
+    assert '\n' not in str(e.value)
+    monkeypatch.undo()
+    ckpt = os.path.join(tiny_cfg.out_dir, 'ckpt.pt')
+    if name in ('ckpt.pt', 'eval_test.json'):                   # what was computed is kept
+        assert load_checkpoint(ckpt)['step'] == (3 if name == 'ckpt.pt' else 6)
+    leftovers = [f for d, _, files in os.walk(os.path.dirname(tiny_cfg.out_dir)) for f in files if '.tmp.' in f]
+    assert not leftovers
+
+
+def test_read_only_storage(tiny_cfg, monkeypatch):
+    run_dir = tiny_cfg.out_dir
+    fail_writes(monkeypatch, lambda path: path.startswith(run_dir), err=errno.EROFS)
+    with pytest.raises(StorageError, match=f"out_dir {run_dir} is not writable .Read-only file system"):
+        train(tiny_cfg, **quiet)                                   # before any work
+    assert not os.path.exists(tiny_cfg.ref_ckpt)
+    monkeypatch.undo()
+    cfg = dataclasses.replace(tiny_cfg, ref_ckpt='', final_eval=False)
+    train(cfg, **quiet)                                            # builds the caches
+    cache = cache_root(cfg)
+    fail_writes(monkeypatch, lambda path: path.startswith(cache), err=errno.EROFS)
+    train(dataclasses.replace(cfg, out_dir=cfg.out_dir + '2'), **quiet)     # a complete read-only cache is used
+
+
+def test_an_interrupted_cache_commit_is_never_used(tmp_path):
+    from checkpoint import check_cache, commit_cache
+    npy, manifest = str(tmp_path / 'a.npy'), str(tmp_path / 'a.json')
+    commit_cache(manifest, {npy: lambda f: f.write(b'old')}, {'data': 1})
+    assert check_cache(manifest, {'data': 1})['files']['a.npy']['size'] == 3
+    open(npy, 'wb').write(b'new, but the manifest was never written')      # killed between the two writes
+    with pytest.raises(ConfigError, match=f"cache file {npy} is missing, truncated or changed"):
+        check_cache(manifest, {'data': 1})
+    with pytest.raises(ConfigError, match='made from other inputs .data differ'):
+        check_cache(manifest, {'data': 2})
+    os.remove(manifest)
+    assert check_cache(manifest, {'data': 1}) is None              # no manifest: not a cache yet
+
+
+def test_caches_live_with_the_run_and_paths_mean_the_same_anywhere(tiny_cfg, tmp_path, monkeypatch):
+    work, elsewhere = tmp_path / 'work', tmp_path / 'elsewhere'
+    work.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    cfg = dataclasses.replace(tiny_cfg, out_dir='runs/a', ref_ckpt='', final_eval=False)
+    train(cfg, **quiet)
+    assert sorted(os.listdir(work / 'runs')) == ['a', 'cache'] and os.listdir(work) == ['runs']
+    ckpt = load_checkpoint(str(work / 'runs' / 'a' / 'ckpt.pt'))
+    assert ckpt['config']['out_dir'] == str(work / 'runs' / 'a') and ckpt['ref_ckpt'].startswith(str(work / 'runs' / 'cache'))
+    monkeypatch.chdir(elsewhere)
+    lines = []
+    train(dataclasses.replace(cfg, out_dir=str(work / 'runs' / 'a'), resume=True, max_iters=8), log=lines.append)
+    assert any(line.startswith('resumed from') for line in lines) and not os.listdir(elsewhere)
+
+
+def test_eval_refuses_another_kind_or_vocabulary_and_names_outputs_apart(tiny_cfg, tmp_path):
+    import eval as evaluation
+    train(dataclasses.replace(tiny_cfg, final_eval=False), **quiet)
+    ckpt = os.path.join(tiny_cfg.out_dir, 'ckpt.pt')
+    with pytest.raises(ConfigError, match='not the kind expected'):
+        evaluation.main([f'--ckpt={tiny_cfg.ref_ckpt}'])
+    with pytest.raises(ConfigError, match='is a train.py checkpoint, not a reference'):
+        evaluation.main([f'--ckpt={ckpt}', f'--ref_ckpt={ckpt}'])
+    other = dataclasses.replace(tiny_cfg, data_seed=7, n_train=32, out_dir=str(tmp_path / 'other'),
+                                ref_ckpt=str(tmp_path / 'other_ref' / 'ref.pt'), max_iters=1, final_eval=False)
+    train(other, **quiet)
+    with pytest.raises(ConfigError, match='another vocabulary'):
+        evaluation.main([f'--ckpt={ckpt}', f'--ref_ckpt={other.ref_ckpt}'])
+    with pytest.raises(ConfigError, match='--n_generate must be >= 1'):
+        evaluation.main([f'--ckpt={ckpt}', '--n_generate=0'])
+    a, b = (evaluation.output_path(ckpt, str(tmp_path / d / 'flickr'), 'test', 6) for d in ('x', 'y'))
+    assert a != b and os.path.basename(a).startswith('eval_flickr-')
