@@ -31,6 +31,7 @@ from data import load_splits, make_loader, make_vocab, micro_batches, step_token
 from device import (barrier, device_peak_flops, grad_scaler, peak_memory, precision_context, resolve_device,
                     resolve_precision, setup_processes)
 from encoder import ensure_encoder, load_encoder_into, pretrained_torchvision, use_cached_features
+from images import ImageFiles
 from model import LVLM, gpt_config
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from plot import plot_run
@@ -354,6 +355,9 @@ def run_training(cfg, log, loss_fn, ckpt, stopper):
                 barrier()                            # the others wait for the master's checkpoint
                 raise Interrupted(f"stopped by {stopper.received or 'a signal to another process'} after step "
                                   f"{step}: {ckpt_path} holds it; --resume=True continues the run")
+    if isinstance(train_data.images, ImageFiles) and train_data.images.broken().any():
+        log(f"data: skipped {int(train_data.images.broken().sum())} training images that went bad during the run "
+            f"(--skip_bad; their captions did not train)")
     stopper.where = f"after the last step ({ckpt_path} is complete; the final evaluation did not finish)"
 
     # ---- the finish: curves, test metrics ----

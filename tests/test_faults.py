@@ -255,3 +255,80 @@ def test_eval_refuses_another_kind_or_vocabulary_and_names_outputs_apart(tiny_cf
         evaluation.main([f'--ckpt={ckpt}', '--n_generate=0'])
     a, b = (evaluation.output_path(ckpt, str(tmp_path / d / 'flickr'), 'test', 6) for d in ('x', 'y'))
     assert a != b and os.path.basename(a).startswith('eval_flickr-')
+
+
+# ---- 2. edited data ----
+
+def disk_cfg(tiny_cfg, folder, **overrides):
+    return dataclasses.replace(tiny_cfg, dataset=str(folder), image_size=16, val_frac=0.25, test_frac=0.25,
+                               block_size=24, final_eval=False, ref_ckpt='', **overrides)
+
+
+@pytest.mark.slow
+def test_an_edited_image_is_refused_on_resume_and_trains_anew_in_a_fresh_run(tiny_cfg, tmp_path):
+    from data import load_splits
+    from test_captions import make_folder, write_image
+    folder = make_folder(tmp_path, n_images=40)
+    cfg = disk_cfg(tiny_cfg, folder)
+    train(cfg, **quiet)
+    before = load_splits(cfg, names=('train',), log=lambda *a: None)['train'].image_fingerprint()
+    image = load_splits(cfg, names=('train',), log=lambda *a: None)['train'].images.paths[0]
+    os.utime(image)                                                # touched, same bytes: the same data
+    assert load_splits(cfg, names=('train',), log=lambda *a: None)['train'].image_fingerprint() == before
+    write_image(image, 999)                                        # other pixels, same name
+    with pytest.raises(ConfigError, match=r"the training images differ from the checkpoint's"):
+        train(dataclasses.replace(cfg, resume=True, max_iters=8), **quiet)
+    train(dataclasses.replace(cfg, out_dir=cfg.out_dir + '_fresh'), **quiet)    # no stale cache in the way
+    refs = os.listdir(os.path.join(cache_root(cfg), 'ref'))
+    assert len(refs) == 1                                          # the captions did not change: one reference
+
+
+# ---- 3. damaged files at any time ----
+
+@pytest.mark.parametrize('damage', ['delete', 'truncate', 'replace'])
+def test_an_image_damaged_mid_run_is_named_or_skipped_and_counted(tiny_cfg, tmp_path, monkeypatch, damage, capfd):
+    import train as train_mod
+    from test_captions import make_folder
+    from train import objective
+    folder = make_folder(tmp_path, n_images=40)
+    splits, real_load = [], train_mod.load_splits
+    monkeypatch.setattr(train_mod, 'load_splits', lambda cfg: splits.append(real_load(cfg)) or splits[-1])
+    damaged = []
+
+    def loss_fn(*args):                            # after the first step: damage an image not decoded yet
+        files = splits[-1]['train'].images
+        if not damaged:
+            damaged.append(files.paths[int((files.state == 0).nonzero()[0])])
+            if damage == 'delete':
+                os.remove(damaged[0])
+            else:
+                raw = open(damaged[0], 'rb').read()
+                open(damaged[0], 'wb').write(raw[:len(raw) // 2] if damage == 'truncate' else raw[::-1])
+        return objective(*args)
+    cfg = disk_cfg(tiny_cfg, folder, loss='ntp', init_lm='scratch', max_iters=8)
+    with pytest.raises(ConfigError, match=f"image {damaged and damaged[0] or '.*'} .* since the start-up check"):
+        train(cfg, loss_fn=loss_fn, **quiet)
+    damaged.clear()
+    lines = []
+    train(dataclasses.replace(cfg, skip_bad=True, out_dir=cfg.out_dir + '_skip'), loss_fn=loss_fn, log=lines.append)
+    assert any('skipped 1 training images that went bad' in line for line in lines)
+    assert f'skipping image {damaged[0]}' in capfd.readouterr().err
+
+
+def test_damaged_checkpoint_reference_and_caches(tiny_cfg, monkeypatch):
+    from reference import cache_paths
+    cfg = dataclasses.replace(tiny_cfg, final_eval=False)
+    train(cfg, **quiet)
+    ckpt = os.path.join(cfg.out_dir, 'ckpt.pt')
+    data = open(ckpt, 'rb').read()
+    open(ckpt, 'wb').write(data[:len(data) // 2])
+    with pytest.raises(ConfigError, match=f"checkpoint {ckpt} is empty, truncated"):       # before any data is read
+        train(dataclasses.replace(cfg, resume=True, max_iters=8, dataset='/nowhere'), **quiet)
+    npy = cache_paths(cfg.ref_ckpt)[0]
+    open(npy, 'r+b').truncate(100)
+    lines = []
+    train(dataclasses.replace(cfg, out_dir=cfg.out_dir + '2'), log=lines.append)       # scored anew, said so
+    assert any(f'cache file {npy} is missing, truncated' in line for line in lines)
+    open(cfg.ref_ckpt, 'wb').write(b'not a checkpoint')
+    with pytest.raises(ConfigError, match=f"checkpoint {cfg.ref_ckpt} is not a plain PyTorch checkpoint"):
+        train(dataclasses.replace(cfg, out_dir=cfg.out_dir + '3'), **quiet)
