@@ -69,11 +69,17 @@ class Vocab:
         return [self.gpt2_ids[i] for i in ids if i != self.unk]
 
     def decode(self, ids):
-        """Text of model ids; unknown ids print as the replacement character."""
+        """Text of model ids, decoded as whole runs of tokens: byte-level BPE splits a character
+        beyond ASCII (Chinese, accents, emoji) across tokens. Unknown ids print as the replacement character."""
         if self.gpt2_ids is None:
             return get_tokenizer().decode(self.to_gpt2(ids))
-        pieces = [get_tokenizer().decode([self.gpt2_ids[i]]) if i != self.unk else '\ufffd' for i in ids]
-        return ''.join(pieces)
+        runs = [[]]
+        for i in map(int, ids):
+            if i == self.unk:
+                runs.append([])
+            else:
+                runs[-1].append(self.gpt2_ids[i])
+        return '\ufffd'.join(get_tokenizer().decode(run) for run in runs)
 
     @property
     def eot(self):

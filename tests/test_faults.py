@@ -332,3 +332,100 @@ def test_damaged_checkpoint_reference_and_caches(tiny_cfg, monkeypatch):
     open(cfg.ref_ckpt, 'wb').write(b'not a checkpoint')
     with pytest.raises(ConfigError, match=f"checkpoint {cfg.ref_ckpt} is not a plain PyTorch checkpoint"):
         train(dataclasses.replace(cfg, out_dir=cfg.out_dir + '3'), **quiet)
+
+
+# ---- 6. any language, any layout ----
+
+def test_captions_beyond_ascii_come_back_exactly_and_score_by_unicode_words(tmp_path):
+    from caption_scores import bleu4, words
+    from data import Vocab, load_splits
+    from config import Config
+    from prior_loss import IGNORE
+    from test_captions import write_image
+    texts = ['一只黑色的狗在草地上奔跑', 'un garçon mange une crêpe près du café', 'a dog 🐕 with a ball ⚽ 🇯🇵',
+             'Ελληνικά και русский текст', 'naïve façade — “quoted” ½']
+    root = tmp_path / 'ds'
+    (root / 'images').mkdir(parents=True)
+    for i, text in enumerate(texts):
+        write_image(root / 'images' / f'{i}.jpg', i)
+    (root / 'captions.jsonl').write_text('\n'.join(json.dumps({'image': f'{i}.jpg', 'caption': t})
+                                                   for i, t in enumerate(texts)), encoding='utf-8')
+    data = load_splits(Config(dataset=str(root), image_size=16), names=('all',), log=lambda *a: None)['all']
+    vocab = Vocab.from_captions(data.gpt2_tokens)
+    data.encode(vocab)
+    for row, text in enumerate(data.texts):
+        ids = data.targets[row][data.targets[row] != IGNORE].tolist()[:-1]       # the caption without EOT
+        assert vocab.decode(ids) == text
+    assert words(texts[0])[:3] == ['一', '只', '黑'] and 'garçon' in words(texts[1]) and '🐕' not in words(texts[2])
+    assert bleu4([words(texts[0])], [[words(texts[0])]]) == pytest.approx(1.0)
+
+
+def test_a_folder_per_image_layout_splits(tmp_path):
+    from config import Config
+    from data import load_splits
+    from test_captions import write_image
+    root = tmp_path / 'ds'
+    rows = []
+    for i in range(40):
+        (root / f'{i:03d}').mkdir(parents=True)
+        write_image(root / f'{i:03d}' / 'image.jpg', i)
+        rows.append(json.dumps({'image': f'{i:03d}/image.jpg', 'caption': f'picture number {i}'}))
+    (root / 'captions.jsonl').write_text('\n'.join(rows))
+    splits = load_splits(Config(dataset=str(root), image_size=16, val_frac=0.25, test_frac=0.25), log=lambda *a: None)
+    assert all(len(d) >= 4 for d in splits.values()), {k: len(d) for k, d in splits.items()}
+
+
+# ---- 7. mistakes people make, 8. leftovers ----
+
+def one_line_error(capsys, argv, main=None):
+    """Run train.py's command line in this process: (its exit status, its one stderr line)."""
+    import config
+    with pytest.raises(SystemExit) as e:
+        config.cli(main or (lambda a: train(config.load_config(a), **quiet)), argv, '')
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: '), err
+    return e.value.code, err
+
+
+@pytest.mark.parametrize('source, says', [(b'alpha = (1,\n', 'line 1: '), (b'alpha = 1\nbeta = gamma\n', "line 2: NameError"),
+                                          (b'from nowhere_pkg import x\n', "line 1: ModuleNotFoundError"),
+                                          (b'# caf\xe9\nalpha = 1\n', 'is not UTF-8 (byte 5)'),
+                                          (b'import math\nalpha = math.sqrt(4)\nlr = 1e-3\n', 'did you mean --learning_rate')])
+def test_config_file_mistakes_are_one_line(tmp_path, capsys, source, says):
+    path = tmp_path / 'my_config.py'
+    path.write_bytes(source)
+    status, err = one_line_error(capsys, [str(path)])
+    assert status == 2 and f'{path}' in err and says in err
+
+
+@pytest.mark.parametrize('flag, says', [('--lr=1e-3', 'did you mean --learning_rate'), ('--bs=8', 'did you mean --batch_size'),
+                                        ('--steps=9', 'did you mean --max_iters'), ('--out_dir=', "'out_dir' is empty"),
+                                        ('--ref_ckpt=/', "'ref_ckpt' is a folder"),
+                                        ('--vision_ckpt=/no/such/resnet18.pt', "'vision_ckpt': no file")])
+def test_setting_mistakes_are_one_line(capsys, flag, says):
+    extra = ['--arch=h', '--vision=resnet18', '--init_vision=pretrained'] if 'vision_ckpt' in flag else []
+    status, err = one_line_error(capsys, [flag] + extra)
+    assert status == 2 and says in err
+
+
+@pytest.mark.parametrize('kind', ['file', 'too long', 'under a file'])
+def test_unusable_out_dirs_are_one_line(tmp_path, capsys, kind):
+    (tmp_path / 'f').write_text('x')
+    out_dir = {'file': tmp_path / 'f', 'too long': tmp_path / ('x' * 300), 'under a file': tmp_path / 'f' / 'run'}[kind]
+    status, err = one_line_error(capsys, [f'--out_dir={out_dir}', '--device=cpu'])
+    assert status in (2, 5) and str(out_dir) in err
+
+
+def test_checkpoints_name_the_reference_they_keep_once(tiny_cfg, tmp_path):
+    import eval as evaluation
+    from checkpoint import weights_digest
+    cfg = dataclasses.replace(tiny_cfg, final_eval=False, n_test=2)
+    train(cfg, **quiet)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
+    kept = load_checkpoint(os.path.join(cfg.out_dir, 'reference.pt'))
+    assert 'reference' not in ckpt and ckpt['reference_sha256'] == weights_digest(kept['model'])
+    fig = tmp_path / 'fig.png'                     # a split of 2 captions, smaller than the figure's 4
+    evaluation.main([f'--ckpt={cfg.out_dir}/ckpt.pt', '--n_generate=2', f'--figure={fig}'])
+    assert fig.stat().st_size > 0
+    json_out = json.load(open(os.path.join(cfg.out_dir, 'eval_test_step6.json')))
+    assert json_out['n_captions'] == 2
