@@ -2,8 +2,9 @@
 A run's files on disk, written so that nothing is lost or torn and nothing foreign is trusted:
 every file is written to a unique temp name, flushed to the disk and renamed (a kill or a power cut
 mid-write leaves the old file or the new one; a failed write, one line naming the file), caches of
-several files are committed by a manifest written last and checked on every read, checkpoints are read with weights_only=True (loading one never runs pickled code)
-and refused with one clear line if empty, torn or of another kind, built files (the reference,
+several files are committed by a manifest written last and checked on every read, checkpoints
+are read with weights_only=True (loading one never runs pickled code) and refused with one clear
+line if empty, torn or of another kind, built files (the reference,
 the pretrained encoder) are refused if their weights changed or they were made from other data,
 builds and runs are locked (the OS frees a lock if its holder dies), and log.jsonl is appended
 line by line and, on resume, cut back atomically.
@@ -247,7 +248,8 @@ def check_cache(manifest_path, expected):
         raise ConfigError(f"cache {manifest_path} was made from other inputs ({', '.join(wrong)} differ)")
     for name, meta in found['files'].items():
         path = os.path.join(os.path.dirname(manifest_path), name)
-        if not os.path.isfile(path) or os.path.getsize(path) != meta.get('size') or file_sha256(path) != meta.get('sha256'):
+        whole = os.path.isfile(path) and os.path.getsize(path) == meta.get('size')
+        if not whole or file_sha256(path) != meta.get('sha256'):
             raise ConfigError(f"cache file {path} is missing, truncated or changed since its manifest was written")
     return found
 

@@ -123,7 +123,7 @@ class Config:
     grad_accum: int = 1          # micro-steps per iteration (global batch = batch_size*grad_accum*world)
     max_iters: int = 1000
     lr_decay_iters: int = 0      # the cosine reaches its minimum here (0 = max_iters) and stays there after;
-                                 # a resume that extends max_iters keeps the checkpoint's (see train.resume)
+                                 # a resume that extends max_iters keeps the checkpoint's (see resume.py)
     learning_rate: float = 4e-3
     min_lr_ratio: float = 0.1    # cosine decays to learning_rate * min_lr_ratio
     warmup_iters: int = 20

@@ -149,7 +149,8 @@ class CaptionData:
         return h.hexdigest()
 
     def image_fingerprint(self):
-        """sha256 of the images' content: their pixels in memory, or their files' sha256 and the size they are read at."""
+        """sha256 of the images' content: their pixels in memory, or their files' sha256 and the size
+        they are read at."""
         if isinstance(self.images, torch.Tensor):
             return hashlib.sha256(self.images.numpy().tobytes()).hexdigest()
         return hashlib.sha256(json.dumps([self.images.digests, self.images.size]).encode()).hexdigest()

@@ -109,6 +109,36 @@ def reference_from(state, device):
     return model.to(device).eval(), Vocab(state['vocab']['gpt2_ids'])
 
 
+def reference_file(path, vocab):
+    """A reference checkpoint's dict, refused (one line) if it is another kind of file or of another vocabulary."""
+    ref = load_checkpoint(path, required=('model', 'model_args', 'vocab'))
+    if 'step' in ref or 'optimizer' in ref:
+        raise ConfigError(f"{path} is a train.py checkpoint, not a reference LM (pass its reference.pt or ref.pt)")
+    if ref['vocab']['gpt2_ids'] != vocab.gpt2_ids:
+        raise ConfigError(f"reference {path} has another vocabulary than the model; pass the run's own reference")
+    return ref
+
+
+def reference_of(ckpt, ckpt_path, vocab):
+    """The run's reference checkpoint's dict, or None (an NTP run from scratch): its copy in the run
+    folder, checked by digest; older checkpoints carry it inside or name its path."""
+    if ckpt.get('reference_sha256'):
+        path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), 'reference.pt')
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}, the run's reference, is missing; pass --ref_ckpt=PATH to its ref.pt")
+        ref = reference_file(path, vocab)
+        if weights_digest(ref['model']) != ckpt['reference_sha256']:
+            raise ConfigError(f"{path} is not the reference this run trained with (its weights differ)")
+        return ref
+    if ckpt.get('reference'):
+        return ckpt['reference']
+    path = ckpt.get('ref_ckpt')
+    if path and not os.path.isfile(path):
+        raise ConfigError(f"this checkpoint predates self-contained ones and its reference {path} is not "
+                          f"there (relative to {os.getcwd()}); run eval.py from the directory train.py ran in")
+    return reference_file(path, vocab) if path else None
+
+
 def cache_paths(ref_ckpt):
     """The score cache of the training captions, beside the reference checkpoint."""
     base = os.path.join(os.path.dirname(ref_ckpt), "ref_probs_train")

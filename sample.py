@@ -20,10 +20,10 @@ import torch
 from config import ConfigError, cli, parse_flags
 from data import to_unit_range
 from device import resolve_device
-from eval import load_trained, reference_file, reference_of
+from eval import load_trained
 from images import BadData, ImageFiles
 from prior_loss import token_nll, token_weights
-from reference import reference_from, target_probs
+from reference import reference_file, reference_from, reference_of, target_probs
 from tokenizer import EOT, get_tokenizer
 
 FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'temperature': 0.0, 'top_k': 0, 'num_samples': 1, 'max_new_tokens': 0,

@@ -11,7 +11,6 @@ optimiser -> resume -> the loop (train_step, logs, validation, checkpoints) -> t
 """
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config as config_mod
 import eval as evaluation
-from checkpoint import (append_log, atomic_write, cache_root, check_out_dir, claim_dir, file_sha256, load_checkpoint,
+from checkpoint import (append_log, atomic_write, cache_root, check_out_dir, claim_dir, load_checkpoint,
                         load_hf_gpt2_into, save_checkpoint, start_log, weights_digest)
 from config import ConfigError, Diverged, Interrupted
 from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width, to_device
@@ -38,17 +37,9 @@ from plot import plot_run
 from prior_loss import ntp_loss, prior_loss
 from progress import Progress, hms
 from reference import ensure_reference, load_reference
+from resume import check_resume, keep_reference, restore_rng, resume
 from shapes import CLASS_NAMES, RELEVANT
 from stopping import StopOnSignal
-
-# What a resume may change: how long, how often, where and how fast, never what is computed.
-# The data's and caches' places may move too: what they hold is checked by content.
-RESUMABLE = ('max_iters', 'log_interval', 'eval_interval', 'ckpt_interval', 'final_eval', 'num_workers',
-             'device', 'compile', 'out_dir', 'resume', 'wandb_project', 'dataset', 'image_root', 'cache_dir')
-# What a checkpoint records of its inputs, checked on resume: {key: what it is}.
-INPUTS = {'data_fingerprint': 'training captions (token rows)', 'image_fingerprint': 'training images',
-          'reference_sha256': 'reference LM'}
-
 
 def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
     """The training loss: NTP without reference probabilities, else PRIOR with cfg's alpha and weight floor.
@@ -124,55 +115,6 @@ def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_
     return loss_sum, lr, flops, tokens, finite
 
 
-def check_resume(cfg, ckpt_path, global_batch):
-    """Before any data is read: (the checkpoint a resume continues, cfg with its schedule), or (None,
-    cfg) for a new run. A resume may change the RESUMABLE settings and nothing else, nor the global
-    batch. Extending max_iters keeps the checkpoint's learning-rate schedule: the cosine still ends
-    where the run first planned (lr_decay_iters) and the added steps run at its minimum rate."""
-    if not cfg.resume:
-        return None, cfg
-    ckpt = load_checkpoint(ckpt_path, required=('model', 'optimizer', 'config', 'step', 'rng'))
-    saved = {**config_mod.as_dict(config_mod.Config()), **ckpt['config']}   # keys added since: defaults
-    saved['lr_decay_iters'] = saved['lr_decay_iters'] or saved['max_iters']
-    cfg = dataclasses.replace(cfg, lr_decay_iters=cfg.lr_decay_iters or saved['lr_decay_iters'])
-    now = config_mod.as_dict(cfg)
-    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
-    if changed:
-        raise ConfigError(f"--resume would change the result: {', '.join(changed)} (a resume may change only "
-                          f"{', '.join(RESUMABLE)})")
-    if ckpt['data_position'] != ckpt['step'] * global_batch:
-        raise ConfigError(f"--resume: the global batch is {global_batch}, not the checkpoint's (other process count?)")
-    return ckpt, cfg
-
-
-def resume(ckpt, model, optimizer, scaler, inputs, log, ckpt_path, cfg):
-    """Load model, optimiser (and loss scaler) from a checked checkpoint (check_resume); returns its step,
-    or 0 for a new run. Refused if the training captions, images or the reference are not the ones it
-    was trained with (`inputs`, as INPUTS): the run would not continue the same computation."""
-    if ckpt is None:
-        return 0
-    changed = [what for key, what in INPUTS.items() if key in ckpt and ckpt[key] != inputs[key]]
-    if changed:
-        raise ConfigError(f"--resume: the {' and the '.join(changed)} differ from the checkpoint's, so the run "
-                          f"would not continue the same computation; restore them, or start a new out_dir")
-    model.load_state_dict(ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if scaler is not None:
-        scaler.load_state_dict(ckpt['scaler'])
-    saved = ckpt['config']
-    moved = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUMABLE
-             if k != 'resume' and saved.get(k, getattr(cfg, k)) != getattr(cfg, k)]
-    log(f"resumed from {ckpt_path} at step {ckpt['step']}" + (f" ({', '.join(moved)})" if moved else ''))
-    return ckpt['step']
-
-
-def restore_rng(ckpt, cuda):
-    """Dropout masks continue as if never interrupted (call last: other set-up draws from the RNG)."""
-    torch.set_rng_state(ckpt['rng']['cpu'])
-    if cuda and ckpt['rng']['cuda'] is not None:
-        torch.cuda.set_rng_state(ckpt['rng']['cuda'])
-
-
 def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
     rows = torch.arange(min(len(val_data), cfg.eval_batches * cfg.batch_size))
     m = evaluation.teacher_forced_metrics(model, val_data, vocab, rows, device, ctx=ctx)
@@ -209,15 +151,6 @@ def train(cfg, log=print, loss_fn=objective):
         global_batch = cfg.batch_size * cfg.grad_accum * int(os.environ.get('WORLD_SIZE', 1))
         ckpt, cfg = check_resume(cfg, os.path.join(cfg.out_dir, 'ckpt.pt'), global_batch)
         return run_training(cfg, log, loss_fn, ckpt, stopper)
-
-
-def keep_reference(ref_ckpt, out_dir):
-    """The run's own copy of its reference, written once (checkpoints name it by digest), so that
-    the run folder holds everything eval.py needs wherever it moves."""
-    path = os.path.join(out_dir, 'reference.pt')
-    if not os.path.isfile(path) or file_sha256(path) != file_sha256(ref_ckpt):
-        with open(ref_ckpt, 'rb') as src:
-            atomic_write(path, lambda f: f.write(src.read()))
 
 
 def run_training(cfg, log, loss_fn, ckpt, stopper):
@@ -367,7 +300,8 @@ def run_training(cfg, log, loss_fn, ckpt, stopper):
         if cfg.final_eval:
             results, captions = evaluation.evaluate(raw_model, splits['test'], vocab, device, ctx=ctx,
                                                     reference=reference)
-            atomic_write(os.path.join(cfg.out_dir, 'eval_test.json'), lambda f: f.write(json.dumps(results, indent=1).encode()))
+            atomic_write(os.path.join(cfg.out_dir, 'eval_test.json'),
+                         lambda f: f.write(json.dumps(results, indent=1).encode()))
             log('\nsample captions (greedy, test):\n' + evaluation.sample_report(captions, splits['test']))
             log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n" +
                 evaluation.format_table({cfg.loss: results}))

@@ -231,7 +231,8 @@ def test_caches_live_with_the_run_and_paths_mean_the_same_anywhere(tiny_cfg, tmp
     train(cfg, **quiet)
     assert sorted(os.listdir(work / 'runs')) == ['a', 'cache'] and os.listdir(work) == ['runs']
     ckpt = load_checkpoint(str(work / 'runs' / 'a' / 'ckpt.pt'))
-    assert ckpt['config']['out_dir'] == str(work / 'runs' / 'a') and ckpt['ref_ckpt'].startswith(str(work / 'runs' / 'cache'))
+    assert ckpt['config']['out_dir'] == str(work / 'runs' / 'a')
+    assert ckpt['ref_ckpt'].startswith(str(work / 'runs' / 'cache'))
     monkeypatch.chdir(elsewhere)
     lines = []
     train(dataclasses.replace(cfg, out_dir=str(work / 'runs' / 'a'), resume=True, max_iters=8), log=lines.append)
@@ -356,7 +357,8 @@ def test_captions_beyond_ascii_come_back_exactly_and_score_by_unicode_words(tmp_
     for row, text in enumerate(data.texts):
         ids = data.targets[row][data.targets[row] != IGNORE].tolist()[:-1]       # the caption without EOT
         assert vocab.decode(ids) == text
-    assert words(texts[0])[:3] == ['一', '只', '黑'] and 'garçon' in words(texts[1]) and '🐕' not in words(texts[2])
+    assert words(texts[0])[:3] == ['一', '只', '黑'] and 'garçon' in words(texts[1])
+    assert '🐕' not in words(texts[2])
     assert bleu4([words(texts[0])], [[words(texts[0])]]) == pytest.approx(1.0)
 
 
@@ -387,10 +389,12 @@ def one_line_error(capsys, argv, main=None):
     return e.value.code, err
 
 
-@pytest.mark.parametrize('source, says', [(b'alpha = (1,\n', 'line 1: '), (b'alpha = 1\nbeta = gamma\n', "line 2: NameError"),
+@pytest.mark.parametrize('source, says', [(b'alpha = (1,\n', 'line 1: '),
+                                          (b'alpha = 1\nbeta = gamma\n', "line 2: NameError"),
                                           (b'from nowhere_pkg import x\n', "line 1: ModuleNotFoundError"),
                                           (b'# caf\xe9\nalpha = 1\n', 'is not UTF-8 (byte 5)'),
-                                          (b'import math\nalpha = math.sqrt(4)\nlr = 1e-3\n', 'did you mean --learning_rate')])
+                                          (b'import math\nalpha = math.sqrt(4)\nlr = 1e-3\n',
+                                           'did you mean --learning_rate')])
 def test_config_file_mistakes_are_one_line(tmp_path, capsys, source, says):
     path = tmp_path / 'my_config.py'
     path.write_bytes(source)
@@ -398,8 +402,9 @@ def test_config_file_mistakes_are_one_line(tmp_path, capsys, source, says):
     assert status == 2 and f'{path}' in err and says in err
 
 
-@pytest.mark.parametrize('flag, says', [('--lr=1e-3', 'did you mean --learning_rate'), ('--bs=8', 'did you mean --batch_size'),
-                                        ('--steps=9', 'did you mean --max_iters'), ('--out_dir=', "'out_dir' is empty"),
+@pytest.mark.parametrize('flag, says', [('--lr=1e-3', 'did you mean --learning_rate'),
+                                        ('--bs=8', 'did you mean --batch_size'), ('--steps=9', 'did you mean --max_iters'),
+                                        ('--out_dir=', "'out_dir' is empty"),
                                         ('--ref_ckpt=/', "'ref_ckpt' is a folder"),
                                         ('--vision_ckpt=/no/such/resnet18.pt', "'vision_ckpt': no file")])
 def test_setting_mistakes_are_one_line(capsys, flag, says):
