@@ -283,7 +283,7 @@ def weights_figure(model, data, vocab, reference, alpha, weight_floor, device, p
                         bbox=dict(facecolor=plt.get_cmap(cmap)(min(v / vmax, 1.0)), edgecolor='none', pad=1))
                 x += width
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
     plt.close(fig)
 
 

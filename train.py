@@ -85,9 +85,9 @@ def target_weights_source(cfg, ref_probs, device):
 def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_of, loss_fn=objective,
                device='cpu', ctx=contextlib.nullcontext(), world=1, scaler=None):
     """One iteration: cfg.grad_accum micro-batches, then one clipped AdamW update (loss-scaled with an
-    fp16 GradScaler). Returns (the step's loss as a device tensor, lr, FLOPs, tokens, whether the loss and
-    gradient were finite as a device tensor) of this process; an fp16 step the GradScaler skips counts as
-    finite. Nothing here waits for the device: the host queues the step and goes on to prepare the next."""
+    fp16 GradScaler). Returns (the step's loss as a device tensor, lr, FLOPs, tokens) of this process; the
+    loss is NaN if the gradient was not finite (with fp16, the GradScaler skips such steps instead).
+    Nothing here waits for the device: the host queues the step and goes on to prepare the next."""
     lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
     set_lr(optimizer, lr)
     # Every micro-batch divides by the caption tokens of the whole step, so the step's loss
@@ -111,8 +111,9 @@ def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_
         flops += raw_model.flops_per_sample(T, with_vision=images.dim() == 4) * len(rows)
         tokens += (raw_model.n_prefix + T) * len(rows)
     grad_norm = optimizer_step(raw_model, optimizer, cfg.grad_clip, scaler)
-    finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) if scaler is None else True)
-    return loss_sum, lr, flops, tokens, finite
+    if scaler is None:
+        loss_sum = torch.where(torch.isfinite(grad_norm), loss_sum, torch.nan)
+    return loss_sum, lr, flops, tokens
 
 
 def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
@@ -250,10 +251,10 @@ def run_training(cfg, log, loss_fn, ckpt, stopper):
     first_bad = torch.tensor(cfg.max_iters + 1, device=device)      # the first non-finite step, on the device
     with stopper.deferred():
         while step < cfg.max_iters:
-            loss_sum, lr, flops, tokens, finite = train_step(cfg, model, raw_model, optimizer, train_data, batches,
-                                                             step, ref_probs_of, loss_fn, device, ctx, world, scaler)
+            loss_sum, lr, flops, tokens = train_step(cfg, model, raw_model, optimizer, train_data, batches, step,
+                                                     ref_probs_of, loss_fn, device, ctx, world, scaler)
             step, iters, flops_since, tokens_since = step + 1, iters + 1, flops_since + flops, tokens_since + tokens
-            first_bad = torch.where(finite | (first_bad <= cfg.max_iters), first_bad, step)
+            first_bad = torch.where(torch.isfinite(loss_sum) | (first_bad <= cfg.max_iters), first_bad, step)
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 if ddp:
                     dist.all_reduce(loss_sum)                  # the processes' parts of the step's loss

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,10 +32,11 @@ def flags(cfg, **overrides):
 
 
 def start(args, nproc=1):
+    """train.py in a process group of its own, as a terminal's foreground job."""
     cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
            if nproc > 1 else [sys.executable]) + ['train.py'] + args
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_for_steps(out_dir, n, proc, timeout=300):
@@ -74,9 +76,13 @@ def test_sigterm_and_sigint_stop_after_the_step_and_resume_exactly(tiny_cfg, tmp
     assert whole.wait(timeout=600) == 0, whole.stderr.read()
     for sig in (signal.SIGTERM, signal.SIGINT):
         out_dir = tmp_path / sig.name
-        proc = start(args + [f'--out_dir={out_dir}'])
+        workers = ['--num_workers=1'] if sig == signal.SIGINT else []          # Ctrl-C reaches them too
+        proc = start(args + [f'--out_dir={out_dir}'] + workers)
         wait_for_steps(out_dir, 5, proc)
-        proc.send_signal(sig)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)                              # as a terminal sends it: to the whole job
+        else:
+            proc.send_signal(sig)
         t0 = time.time()
         status, err = proc.wait(timeout=60), proc.stderr.read()
         assert time.time() - t0 < 20 and status == Interrupted.status, err
@@ -181,7 +187,7 @@ def test_fp16_loss_scaling_skipping_steps_is_not_an_error(tiny_cfg):
 # ---- 5. storage and places ----
 
 @pytest.mark.parametrize('name, after', [('ckpt.pt', 1), ('log.jsonl', 3), ('ref.pt', 0), ('ref_probs_train.npy', 0),
-                                         ('eval_test.json', 0)])
+                                         ('loss.png', 0), ('eval_test.json', 0)])
 def test_a_full_disk_at_any_write_is_one_line_naming_the_file(tiny_cfg, monkeypatch, name, after):
     fail_writes(monkeypatch, named(name), after=after)
     with pytest.raises(StorageError, match=f"cannot write .*{name}: No space left on device") as e:
@@ -189,7 +195,7 @@ def test_a_full_disk_at_any_write_is_one_line_naming_the_file(tiny_cfg, monkeypa
     assert '\n' not in str(e.value)
     monkeypatch.undo()
     ckpt = os.path.join(tiny_cfg.out_dir, 'ckpt.pt')
-    if name in ('ckpt.pt', 'eval_test.json'):                   # what was computed is kept
+    if name in ('ckpt.pt', 'loss.png', 'eval_test.json'):      # what was computed is kept
         assert load_checkpoint(ckpt)['step'] == (3 if name == 'ckpt.pt' else 6)
     leftovers = [f for d, _, files in os.walk(os.path.dirname(tiny_cfg.out_dir)) for f in files if '.tmp.' in f]
     assert not leftovers
@@ -330,7 +336,7 @@ def test_damaged_checkpoint_reference_and_caches(tiny_cfg, monkeypatch):
     lines = []
     train(dataclasses.replace(cfg, out_dir=cfg.out_dir + '2'), log=lines.append)       # scored anew, said so
     assert any(f'cache file {npy} is missing, truncated' in line for line in lines)
-    open(cfg.ref_ckpt, 'wb').write(b'not a checkpoint')
+    open(cfg.ref_ckpt, 'wb').write(b'not a checkpoint')       # a file given by --ref_ckpt is named, not replaced
     with pytest.raises(ConfigError, match=f"checkpoint {cfg.ref_ckpt} is not a plain PyTorch checkpoint"):
         train(dataclasses.replace(cfg, out_dir=cfg.out_dir + '3'), **quiet)
 
@@ -434,3 +440,23 @@ def test_checkpoints_name_the_reference_they_keep_once(tiny_cfg, tmp_path):
     assert fig.stat().st_size > 0
     json_out = json.load(open(os.path.join(cfg.out_dir, 'eval_test_step6.json')))
     assert json_out['n_captions'] == 2
+
+
+def test_a_damaged_feature_cache_is_computed_anew(tiny_cfg):
+    from data import load_splits, make_vocab
+    from encoder import use_cached_features
+    from model import ViT
+    cfg = dataclasses.replace(tiny_cfg, n_train=32, n_val=8, n_test=8)
+    vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, 0.0)
+
+    def cached(log):
+        splits = load_splits(cfg, names=('val',))
+        splits['val'].encode(make_vocab(cfg, splits['val']))
+        use_cached_features(splits, vit, 'cpu', cache_root(cfg), log=log)
+        return splits['val'].images.array
+    first = cached(lambda *a: None)
+    path, first = first.filename, np.array(first)
+    open(path, 'r+b').truncate(os.path.getsize(path) - 8)
+    lines = []
+    again = cached(lines.append)
+    assert 'is missing, truncated or changed' in lines[0] and len(lines) == 2 and (again == first).all()

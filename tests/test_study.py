@@ -92,7 +92,7 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
         assert f'| {metric}' in table
     record = json.loads((tmp_path / 'results' / 'runs' / 'ntp_seed1.json').read_text())
     assert math.isfinite(record['test']['loss_top_weight'])      # an NTP run is scored on the reference's tokens too
-    assert len(os.listdir(tmp_path / 'out' / 'encoder')) == 1  # one encoder for all runs, whatever the seed
+    assert len(os.listdir(tmp_path / 'out' / 'cache' / 'encoder')) == 1   # one encoder for all runs, whatever the seed
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and 'seed1:' not in again.stdout and '| retrieval_r1' in again.stdout
     margin = subprocess.run([sys.executable, '-m', 'study.retrieval_margin', f'--ckpt={tmp_path}/out/ntp_seed1/ckpt.pt',
