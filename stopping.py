@@ -10,7 +10,6 @@ so nothing is left half-written. A second signal while the loop winds down stops
 DataLoader workers ignore both signals (a Ctrl-C reaches them too); the main process ends them.
 """
 
-import contextlib
 import signal
 import threading
 
@@ -21,7 +20,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopOnSignal:
-    """Context manager: while inside, SIGTERM and SIGINT stop the run (see above). `where` says, in the
+    """Context manager: while inside, SIGTERM and SIGINT stop the run (see above). While `deferring`
+    (the training loop), a signal only sets the flag that requested() reads; `where` says, in the
     message of an immediate stop, what was kept."""
 
     def __init__(self):
@@ -42,15 +42,6 @@ class StopOnSignal:
             self.received = name
             return
         raise Interrupted(f"stopped by {name}" + (f" {self.where}" if self.where else ''))
-
-    @contextlib.contextmanager
-    def deferred(self):
-        """Inside: a signal only sets the flag that requested() reads."""
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
 
     def requested(self):
         """Whether this or any other process received a signal (the same answer on every process)."""

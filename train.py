@@ -41,6 +41,7 @@ from resume import check_resume, keep_reference, restore_rng, resume
 from shapes import CLASS_NAMES, RELEVANT
 from stopping import StopOnSignal
 
+
 def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
     """The training loss: NTP without reference probabilities, else PRIOR with cfg's alpha and weight floor.
     n_tokens: caption tokens of the whole step, when this is one micro-batch of it."""
@@ -249,46 +250,48 @@ def run_training(cfg, log, loss_fn, ckpt, stopper):
     progress = Progress(cfg.max_iters, done=step)
     t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
     first_bad = torch.tensor(cfg.max_iters + 1, device=device)      # the first non-finite step, on the device
-    with stopper.deferred():
-        while step < cfg.max_iters:
-            loss_sum, lr, flops, tokens = train_step(cfg, model, raw_model, optimizer, train_data, batches, step,
-                                                     ref_probs_of, loss_fn, device, ctx, world, scaler)
-            step, iters, flops_since, tokens_since = step + 1, iters + 1, flops_since + flops, tokens_since + tokens
-            first_bad = torch.where(torch.isfinite(loss_sum) | (first_bad <= cfg.max_iters), first_bad, step)
-            if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                if ddp:
-                    dist.all_reduce(loss_sum)                  # the processes' parts of the step's loss
-                loss_val = loss_sum.item()                     # syncs the device, so timing is real
+    stopper.deferring = True                     # from here a signal ends the run after the step in progress
+    stopper.where = f"a second time, at once ({ckpt_path} is the last checkpoint written)"
+    while step < cfg.max_iters:
+        loss_sum, lr, flops, tokens = train_step(cfg, model, raw_model, optimizer, train_data, batches, step,
+                                                 ref_probs_of, loss_fn, device, ctx, world, scaler)
+        step, iters, flops_since, tokens_since = step + 1, iters + 1, flops_since + flops, tokens_since + tokens
+        first_bad = torch.where(torch.isfinite(loss_sum) | (first_bad <= cfg.max_iters), first_bad, step)
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            if ddp:
+                dist.all_reduce(loss_sum)                  # the processes' parts of the step's loss
+            loss_val = loss_sum.item()                     # syncs the device, so timing is real
+            check_finite()
+            dt = time.time() - t_last
+            peak = device_peak_flops(device, flops_since / dt)
+            mfu = flops_since / dt / peak if peak else float('nan')        # this process on its device
+            mem = peak_memory(cuda) / 2 ** 20
+            log(f"iter {progress.line(step)}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt / iters:.0f} ms/iter, "
+                f"{tokens_since * world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%, peak mem {mem:,.0f} MiB")
+            if master:
+                record({'step': step, 'train_loss': loss_val, 'lr': lr, 'ms_per_iter': 1000 * dt / iters,
+                        'mfu': mfu, 'peak_mem_mib': mem})
+            t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
+        do_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
+        do_save = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters
+        if master and (do_eval or do_save):
+            if cuda:
+                torch.cuda.synchronize()         # the step's queued GPU work is training time
+            t_pause = time.time()
+            check_finite()
+            if do_eval:
+                validate(cfg, raw_model, splits['val'], vocab, device, ctx, step, record, log)
+            if do_save:
+                save()
+            t_last += time.time() - t_pause      # evaluation and checkpoints are not training time
+        if stopper.requested():                  # the same answer on every process: all stop here
+            if master and not do_save:
                 check_finite()
-                dt = time.time() - t_last
-                peak = device_peak_flops(device, flops_since / dt)
-                mfu = flops_since / dt / peak if peak else float('nan')        # this process on its device
-                mem = peak_memory(cuda) / 2 ** 20
-                log(f"iter {progress.line(step)}: loss {loss_val:.4f}, lr {lr:.2e}, {1000 * dt / iters:.0f} ms/iter, "
-                    f"{tokens_since * world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%, peak mem {mem:,.0f} MiB")
-                if master:
-                    record({'step': step, 'train_loss': loss_val, 'lr': lr, 'ms_per_iter': 1000 * dt / iters,
-                            'mfu': mfu, 'peak_mem_mib': mem})
-                t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
-            do_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
-            do_save = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters
-            if master and (do_eval or do_save):
-                if cuda:
-                    torch.cuda.synchronize()         # the step's queued GPU work is training time
-                t_pause = time.time()
-                check_finite()
-                if do_eval:
-                    validate(cfg, raw_model, splits['val'], vocab, device, ctx, step, record, log)
-                if do_save:
-                    save()
-                t_last += time.time() - t_pause      # evaluation and checkpoints are not training time
-            if stopper.requested():                  # the same answer on every process: all stop here
-                if master and not do_save:
-                    check_finite()
-                    save()
-                barrier()                            # the others wait for the master's checkpoint
-                raise Interrupted(f"stopped by {stopper.received or 'a signal to another process'} after step "
-                                  f"{step}: {ckpt_path} holds it; --resume=True continues the run")
+                save()
+            barrier()                            # the others wait for the master's checkpoint
+            raise Interrupted(f"stopped by {stopper.received or 'a signal to another process'} after step "
+                              f"{step}: {ckpt_path} holds it; --resume=True continues the run")
+    stopper.deferring = False
     if isinstance(train_data.images, ImageFiles) and train_data.images.broken().any():
         log(f"data: skipped {int(train_data.images.broken().sum())} training images that went bad during the run "
             f"(--skip_bad; their captions did not train)")
