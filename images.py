@@ -226,7 +226,8 @@ class ImageFiles:
             problem = ('was deleted' if isinstance(e, FileNotFoundError) else 'changed' if isinstance(e, ImageChanged)
                        else f'cannot be read ({e})') + (' since the start-up check' if self.digests else '')
             if not self.skip_bad:
-                raise BadData(f"image {self.paths[i]} {problem}; restore it or pass --skip_bad=True") from None
+                hint = '; restore it or pass --skip_bad=True' if self.digests else ''
+                raise BadData(f"image {self.paths[i]} {problem}{hint}") from None
             if self.state[i] != BROKEN:
                 self.state[i] = BROKEN
                 print(f"data: skipping image {self.paths[i]}: it {problem}", file=sys.stderr)

@@ -12,6 +12,7 @@ import torch
 import config as config_mod
 from checkpoint import atomic_write, file_sha256, load_checkpoint
 from config import ConfigError
+from reference import default_ref_ckpt
 
 # What a resume may change: how long, how often, where and how fast, never what is computed.
 # The data's and caches' places may move too: what they hold is checked by content.
@@ -71,10 +72,22 @@ def restore_rng(ckpt, cuda):
         torch.cuda.set_rng_state(ckpt['rng']['cuda'])
 
 
+def copy_file(src, dst):
+    """dst becomes a copy of src (atomically), unless it is one already."""
+    if not os.path.isfile(dst) or file_sha256(dst) != file_sha256(src):
+        with open(src, 'rb') as f:
+            atomic_write(dst, lambda out: out.write(f.read()))
+
+
 def keep_reference(ref_ckpt, out_dir):
     """The run's own copy of its reference, written once (checkpoints name it by digest), so that
     the run folder holds everything eval.py needs wherever it moves."""
-    path = os.path.join(out_dir, 'reference.pt')
-    if not os.path.isfile(path) or file_sha256(path) != file_sha256(ref_ckpt):
-        with open(ref_ckpt, 'rb') as src:
-            atomic_write(path, lambda f: f.write(src.read()))
+    copy_file(ref_ckpt, os.path.join(out_dir, 'reference.pt'))
+
+
+def restore_reference(cfg, train):
+    """A resumed run whose cache folder lacks its reference (the run folder moved, or --cache_dir
+    changed) puts its own copy there instead of training it again (ensure_reference checks it)."""
+    kept, default = os.path.join(cfg.out_dir, 'reference.pt'), default_ref_ckpt(cfg, train)
+    if not cfg.ref_ckpt and os.path.isfile(kept) and not os.path.isfile(default):
+        copy_file(kept, default)

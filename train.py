@@ -37,7 +37,7 @@ from plot import plot_run
 from prior_loss import ntp_loss, prior_loss
 from progress import Progress, hms
 from reference import ensure_reference, load_reference
-from resume import check_resume, keep_reference, restore_rng, resume
+from resume import check_resume, keep_reference, restore_reference, restore_rng, resume
 from shapes import CLASS_NAMES, RELEVANT
 from stopping import StopOnSignal
 
@@ -178,6 +178,8 @@ def run_training(cfg, log, loss_fn, ckpt, stopper):
         f"{time.time() - t0:.1f}s")
     ref_ckpt = ref_probs = vision_ckpt = reference = None
     if cfg.loss == 'prior' or cfg.init_lm == 'ref':      # scores needed by PRIOR only
+        if ckpt is not None and master:
+            restore_reference(cfg, train_data)
         ref_ckpt, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, master, cfg.loss == 'prior')
         reference = {k: v for k, v in load_checkpoint(ref_ckpt).items() if k in ('model', 'model_args', 'vocab')}
     if cfg.init_vision in ('clip', 'words'):

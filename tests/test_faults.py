@@ -243,6 +243,10 @@ def test_caches_live_with_the_run_and_paths_mean_the_same_anywhere(tiny_cfg, tmp
     lines = []
     train(dataclasses.replace(cfg, out_dir=str(work / 'runs' / 'a'), resume=True, max_iters=8), log=lines.append)
     assert any(line.startswith('resumed from') for line in lines) and not os.listdir(elsewhere)
+    os.rename(work / 'runs' / 'a', elsewhere / 'a')                # the run folder moves away from its cache
+    lines = []
+    train(dataclasses.replace(cfg, out_dir=str(elsewhere / 'a'), resume=True, max_iters=10), log=lines.append)
+    assert not any('training the text-only reference' in line for line in lines)     # its own copy, not retrained
 
 
 def test_eval_refuses_another_kind_or_vocabulary_and_names_outputs_apart(tiny_cfg, tmp_path):
