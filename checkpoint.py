@@ -168,7 +168,7 @@ def check_out_dir(cfg):
     if os.path.exists(ckpt_path) and not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists: pass --resume=True to continue that run, or another "
                               f"--out_dir (or delete it) to start a new one")
-    if cfg.resume and not os.path.exists(ckpt_path):
+    if cfg.resume and not os.path.isfile(ckpt_path):
         raise ConfigError(f"--resume=True, but there is no checkpoint at {ckpt_path}")
 
 

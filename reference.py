@@ -188,10 +188,18 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
     ref_ckpt, ref_probs = cfg.ref_ckpt or default_ref_ckpt(cfg, train), None
     if is_master:
         with exclusive(ref_ckpt):              # a second run asking for the same reference waits for it
-            if not os.path.isfile(ref_ckpt):
-                log(f"reference: no checkpoint at {ref_ckpt}; training the text-only reference LM first")
+            try:
+                model, ref_vocab, _ = load_reference(ref_ckpt, device, train)
+            except FileNotFoundError:
+                model, why = None, f"no checkpoint at {ref_ckpt}"
+            except ConfigError as e:
+                if cfg.ref_ckpt:                 # a file given by --ref_ckpt is named, never replaced;
+                    raise
+                model, why = None, str(e)        # a damaged one in the cache folder is built anew
+            if model is None:
+                log(f"reference: {why}; training the text-only reference LM first")
                 save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, ref_ckpt)
-            model, ref_vocab, _ = load_reference(ref_ckpt, device, train)
+                model, ref_vocab, _ = load_reference(ref_ckpt, device, train)
             if ref_vocab.gpt2_ids != vocab.gpt2_ids:
                 raise ConfigError(f"reference {ref_ckpt} uses another vocabulary than this data")
             if scored:

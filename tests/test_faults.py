@@ -343,6 +343,13 @@ def test_damaged_checkpoint_reference_and_caches(tiny_cfg, monkeypatch):
     open(cfg.ref_ckpt, 'wb').write(b'not a checkpoint')       # a file given by --ref_ckpt is named, not replaced
     with pytest.raises(ConfigError, match=f"checkpoint {cfg.ref_ckpt} is not a plain PyTorch checkpoint"):
         train(dataclasses.replace(cfg, out_dir=cfg.out_dir + '3'), **quiet)
+    cached = dataclasses.replace(cfg, ref_ckpt='', out_dir=cfg.out_dir + '4')
+    train(cached, **quiet)
+    default = load_checkpoint(os.path.join(cached.out_dir, 'ckpt.pt'))['ref_ckpt']
+    open(default, 'r+b').truncate(1000)                           # one in the cache folder is trained anew
+    lines = []
+    train(dataclasses.replace(cached, out_dir=cfg.out_dir + '5'), log=lines.append)
+    assert any(f'reference: checkpoint {default} is empty, truncated' in line for line in lines)
 
 
 # ---- 6. any language, any layout ----
