@@ -119,11 +119,14 @@ def reference_file(path, vocab):
     return ref
 
 
-def reference_of(ckpt, ckpt_path, vocab):
-    """The run's reference checkpoint's dict, or None (an NTP run from scratch): its copy in the run
-    folder, checked by digest; older checkpoints carry it inside or name its path."""
+def reference_of(ckpt, ckpt_path=None, vocab=None):
+    """The run's reference checkpoint's dict, or None (an NTP run from scratch): its copy beside the
+    checkpoint at `ckpt_path` (else at the path it was trained from), checked by digest; older
+    checkpoints carry it inside or name its path. `vocab`: the model's (default: the checkpoint's)."""
+    vocab = vocab or Vocab(ckpt['vocab']['gpt2_ids'])
     if ckpt.get('reference_sha256'):
-        path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), 'reference.pt')
+        path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), 'reference.pt') if ckpt_path \
+            else ckpt['ref_ckpt']
         if not os.path.isfile(path):
             raise ConfigError(f"{path}, the run's reference, is missing; pass --ref_ckpt=PATH to its ref.pt")
         ref = reference_file(path, vocab)
