@@ -152,11 +152,14 @@ def claim_dir(path):
         except BlockingIOError:
             raise OutDirBusy(f"{path} is in use by another run (one run per out_dir at a time); wait for it "
                                f"or pick another --out_dir") from None
+        probe = os.path.join(path, '.writable')
         try:                                     # read-only storage or a full disk: refused now, not later
-            atomic_write(os.path.join(path, '.writable'), lambda f: f.write(b'.'))
-            os.remove(os.path.join(path, '.writable'))
-        except (StorageError, OSError) as e:
-            raise StorageError(f"out_dir {path} is not writable ({str(e).rpartition(': ')[2]})") from None
+            with open(probe, 'wb') as f:
+                f.write(b'.')
+                os.fsync(f.fileno())
+            os.remove(probe)
+        except OSError as e:
+            raise StorageError(f"out_dir {path} is not writable ({e.strerror})") from None
         yield
     finally:
         os.close(fd)

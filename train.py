@@ -147,7 +147,8 @@ def train(cfg, log=print, loss_fn=objective):
     master = int(os.environ.get('RANK', 0)) == 0
     resolve_precision(resolve_device(cfg.device), cfg.precision)    # refused before out_dir is claimed
     with StopOnSignal() as stopper, claim_dir(cfg.out_dir) if master else contextlib.nullcontext():
-        stopper.where = "before training began (no checkpoint of this run yet)"
+        stopper.where = "before training began (" + ("its checkpoint is as it was)" if cfg.resume else
+                                                     "no checkpoint of this run yet)")
         if master:
             check_out_dir(cfg)
         global_batch = cfg.batch_size * cfg.grad_accum * int(os.environ.get('WORLD_SIZE', 1))
@@ -217,7 +218,6 @@ def run_training(cfg, log, loss_fn, ckpt, stopper):
 
     def save():
         # The run folder is self-contained: eval.py needs no other file (reference.pt, once) and no working directory.
-        nonlocal saved_step
         save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                          'scaler': scaler.state_dict() if scaler else None,
                          'config': config_mod.as_dict(cfg), 'model_args': vars(raw_model.lm.config),
@@ -225,7 +225,6 @@ def run_training(cfg, log, loss_fn, ckpt, stopper):
                          **inputs, 'ref_ckpt': ref_ckpt,
                          'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None}},
                         ckpt_path)
-        saved_step = step
 
     def check_finite():
         # Read where the loop waits for the device anyway; the bad weights are never saved.
@@ -276,19 +275,21 @@ def run_training(cfg, log, loss_fn, ckpt, stopper):
             t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
         do_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
         do_save = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters
+        if do_eval or do_save:
+            check_finite()                       # on every process: the same answer (gradients are all-reduced)
         if master and (do_eval or do_save):
             if cuda:
                 torch.cuda.synchronize()         # the step's queued GPU work is training time
             t_pause = time.time()
-            check_finite()
             if do_eval:
                 validate(cfg, raw_model, splits['val'], vocab, device, ctx, step, record, log)
             if do_save:
                 save()
             t_last += time.time() - t_pause      # evaluation and checkpoints are not training time
+        saved_step = step if do_save else saved_step       # (the master wrote it)
         if stopper.requested():                  # the same answer on every process: all stop here
+            check_finite()
             if master and not do_save:
-                check_finite()
                 save()
             barrier()                            # the others wait for the master's checkpoint
             raise Interrupted(f"stopped by {stopper.received or 'a signal to another process'} after step "
