@@ -19,6 +19,7 @@ import os
 import pickle
 import socket
 import uuid
+import warnings
 
 import torch
 
@@ -81,11 +82,13 @@ def load_checkpoint(path, map_location='cpu', required=(), mmap=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():          # a foreign file's odd pickle protocol: the line below says it
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise ConfigError(f"checkpoint {path} is not a plain PyTorch checkpoint (not one at all, or it would "
                          f"run code when loaded); refused without loading it") from None
-    except (EOFError, RuntimeError, OSError) as e:
+    except Exception as e:                       # whatever a torn or foreign file trips the unpickler on
         raise ConfigError(f"checkpoint {path} is empty, truncated or not a PyTorch checkpoint "
                          f"({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):

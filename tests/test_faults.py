@@ -471,3 +471,12 @@ def test_a_damaged_feature_cache_is_computed_anew(tiny_cfg):
     lines = []
     again = cached(lines.append)
     assert 'is missing, truncated or changed' in lines[0] and len(lines) == 2 and (again == first).all()
+
+
+def test_any_foreign_bytes_as_a_checkpoint_are_one_line(tmp_path, recwarn):
+    path = tmp_path / 'ckpt.pt'
+    for seed in range(300):                        # what the unpickler trips on varies with the bytes
+        path.write_bytes(np.random.default_rng(seed).bytes(64))
+        with pytest.raises(ConfigError, match=f"checkpoint {path} is "):
+            load_checkpoint(str(path))
+    assert not [w for w in recwarn if 'pickle protocol' in str(w.message)]
