@@ -420,7 +420,8 @@ def test_config_file_mistakes_are_one_line(tmp_path, capsys, source, says):
 
 
 @pytest.mark.parametrize('flag, says', [('--lr=1e-3', 'did you mean --learning_rate'),
-                                        ('--bs=8', 'did you mean --batch_size'), ('--steps=9', 'did you mean --max_iters'),
+                                        ('--bs=8', 'did you mean --batch_size'),
+                                        ('--steps=9', 'did you mean --max_iters'),
                                         ('--out_dir=', "'out_dir' is empty"),
                                         ('--ref_ckpt=/', "'ref_ckpt' is a folder"),
                                         ('--vision_ckpt=/no/such/resnet18.pt', "'vision_ckpt': no file")])
