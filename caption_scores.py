@@ -2,18 +2,26 @@
 Captioning metrics as the COCO caption evaluation computes them (tests/test_encoder.py checks
 parity with its pycocoevalcap package): corpus BLEU-4 and CIDEr-D of one generated caption per
 image against all of that image's reference captions. Text is lowercased and split into words,
-punctuation dropped (COCO's tokenizer does the same; it runs Java, this does not).
+punctuation dropped (COCO's tokenizer does the same; it runs Java, this does not). Words are
+Unicode-aware: accented letters are letters (in either Unicode form), and each Chinese or Japanese
+character is a word of its own, as those scripts put no spaces between words; emoji are dropped
+with the punctuation.
 """
 
 import math
 import re
+import unicodedata
 from collections import Counter
 
 import numpy as np
 
 
+CJK = '\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff'          # kana and Han ideographs
+WORD = re.compile(f"[{CJK}]|[^\\W_{CJK}]+(?:'[^\\W_{CJK}]+)?")
+
+
 def words(text):
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+    return WORD.findall(unicodedata.normalize('NFC', text).lower())
 
 
 def ngram_counts(tokens, n_max=4):

@@ -18,7 +18,8 @@ not in the middle of training. By default the first problems stop the run with t
 row and what is wrong; with --skip_bad the bad entries are skipped and counted by kind. Nothing
 is dropped silently, and no byte of a refused file is printed.
 
-Splits are by image (a hash of its file name), so all captions of one image land in one split.
+Splits are by image (a hash of its path relative to the image folder: `ID/image.png` layouts
+split too), so all captions of one image land in one split.
 """
 
 import csv
@@ -167,9 +168,18 @@ def detect(path, image_root=''):
     raise BadData(f"{path}: unknown dataset format (expected a folder, .csv, .jsonl or .json)")
 
 
+class Records(list):
+    """(image path, caption) pairs, with the image folder they are in (`root`) and the sha256 of
+    each image file as the start-up check read it (`digests`, {path: sha256})."""
+
+    def __init__(self, pairs, root, digests):
+        super().__init__(pairs)
+        self.root, self.digests = root, digests
+
+
 def read_records(path, image_root='', skip_bad=False, log=print, confine=True, max_pixels=89_478_485):
-    """Validated (image path, caption) pairs of a dataset. Raises BadData naming the file and
-    row of the first problems, or (skip_bad) skips them and logs how many of each kind."""
+    """Validated (image path, caption) pairs of a dataset, as Records. Raises BadData naming the file
+    and row of the first problems, or (skip_bad) skips them and logs how many of each kind."""
     fmt, source, root = detect(path, image_root)
     if not os.path.isdir(root):
         raise BadData(f"image folder {root!r} does not exist (set --image_root)")
@@ -208,10 +218,10 @@ def read_records(path, image_root='', skip_bad=False, log=print, confine=True, m
             continue
         seen.add((image, caption))
         found.append((image_path, caption, where))
-    broken = undecodable(sorted({p for p, _, _ in found}), max_pixels)
+    broken, digests = undecodable(sorted({p for p, _, _ in found}), max_pixels)
     problems += [('undecodable', where, f"cannot be decoded ({broken[p]}): {p}")
                  for p, _, where in found if p in broken]
-    records = [(p, caption) for p, caption, _ in found if p not in broken]
+    records = Records([(p, caption) for p, caption, _ in found if p not in broken], root, digests)
     if problems and not skip_bad:
         listed = '\n'.join(f"  {where}: {message}" for _, where, message in problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ''
@@ -225,7 +235,8 @@ def read_records(path, image_root='', skip_bad=False, log=print, confine=True, m
     return records
 
 
-def split_of(image_path, val_frac, test_frac):
-    """'train', 'val' or 'test' from a hash of the image's file name: stable across runs and machines."""
-    u = int(hashlib.sha1(os.path.basename(image_path).encode()).hexdigest()[:8], 16) / 16 ** 8
+def split_of(key, val_frac, test_frac):
+    """'train', 'val' or 'test' from a hash of `key`, the image's path relative to the image folder:
+    stable across runs, machines and places of the dataset."""
+    u = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 16 ** 8
     return 'val' if u < val_frac else 'test' if u < val_frac + test_frac else 'train'

@@ -1,8 +1,10 @@
 """
 A run's files on disk, written so that nothing is lost or torn and nothing foreign is trusted:
-every file is written to a unique temp name and renamed (a kill mid-write leaves the old file or
-the new one), checkpoints are read with weights_only=True (loading one never runs pickled code)
-and refused with one clear line if empty, torn or of another kind, built files (the reference,
+every file is written to a unique temp name, flushed to the disk and renamed (a kill or a power cut
+mid-write leaves the old file or the new one; a failed write, one line naming the file), caches of
+several files are committed by a manifest written last and checked on every read, checkpoints
+are read with weights_only=True (loading one never runs pickled code) and refused with one clear
+line if empty, torn or of another kind, built files (the reference,
 the pretrained encoder) are refused if their weights changed or they were made from other data,
 builds and runs are locked (the OS frees a lock if its holder dies), and log.jsonl is appended
 line by line and, on resume, cut back atomically.
@@ -17,11 +19,13 @@ import os
 import pickle
 import socket
 import uuid
+import warnings
 
 import torch
 
-from config import ConfigError, OutDirBusy
+from config import ConfigError, OutDirBusy, StorageError
 from model import GPT, hf_gpt2_transformers
+
 
 def temp_path(path):
     """A temp name beside `path`, unique to this process and call: PATH.tmp.HOST.PID.RANDOM."""
@@ -37,28 +41,39 @@ def remove_stale_temps(path):
         try:
             os.kill(int(pid), 0)                 # raises if no such process
         except ProcessLookupError:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):   # gone already, or read-only storage
                 os.remove(tmp)
         except PermissionError:                  # alive, another user's
             pass
 
 
+def storage_error(path, e):
+    """A failed write (disk full, read-only storage, a path too long or through a file) as one line."""
+    return StorageError(f"cannot write {path}: {e.strerror or e}")
+
+
 def atomic_write(path, write):
-    """Call write(temp_path) and then rename it to `path`: readers see the old file or the new one."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    remove_stale_temps(path)
+    """Call write(f) on a binary temp file beside `path`, flush it to the disk and rename it to `path`:
+    readers see the old file or the new one. A failed write leaves the old file and no temp file."""
     tmp = temp_path(path)
     try:
-        write(tmp)
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        remove_stale_temps(path)
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())                 # on the disk before the rename makes it the file
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise storage_error(path, e) from None
         raise
 
 
 def save_checkpoint(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, map_location='cpu', required=(), mmap=False):
@@ -67,11 +82,13 @@ def load_checkpoint(path, map_location='cpu', required=(), mmap=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():          # a foreign file's odd pickle protocol: the line below says it
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise ConfigError(f"checkpoint {path} is not a plain PyTorch checkpoint (not one at all, or it would "
                          f"run code when loaded); refused without loading it") from None
-    except (EOFError, RuntimeError, OSError) as e:
+    except Exception as e:                       # whatever a torn or foreign file trips the unpickler on
         raise ConfigError(f"checkpoint {path} is empty, truncated or not a PyTorch checkpoint "
                          f"({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
@@ -104,9 +121,15 @@ def check_origin(ckpt, path, weights, **fingerprints):
 @contextlib.contextmanager
 def exclusive(path):
     """Hold an exclusive lock beside `path` while building it, so that a second process asking for
-    the same file waits and then finds it built. The OS releases the lock if the holder dies."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path + '.lock', 'a') as f:
+    the same file waits and then finds it built. The OS releases the lock if the holder dies. On
+    read-only storage there is no lock: a complete cache there is read, and a build fails naming its file."""
+    try:
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        f = open(path + '.lock', 'a')
+    except OSError:
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -117,15 +140,29 @@ def exclusive(path):
 @contextlib.contextmanager
 def claim_dir(path):
     """Hold a lock on the folder `path` (created if needed) or fail at once if another process
-    holds it. The lock is on the folder itself, so it adds no file; the OS releases it if the holder dies."""
-    os.makedirs(path, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY)
+    holds it; a folder that cannot be made or written is refused here, before any work. The lock is
+    on the folder itself, so it adds no file; the OS releases it if the holder dies."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"out_dir {path} is a file (or lies under one), not a folder") from None
+    except OSError as e:
+        raise StorageError(f"cannot create out_dir {path}: {e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutDirBusy(f"{path} is in use by another run (one run per out_dir at a time); wait for it "
                                f"or pick another --out_dir") from None
+        probe = os.path.join(path, '.writable')
+        try:                                     # read-only storage or a full disk: refused now, not later
+            with open(probe, 'wb') as f:
+                f.write(b'.')
+                os.fsync(f.fileno())
+            os.remove(probe)
+        except OSError as e:
+            raise StorageError(f"out_dir {path} is not writable ({e.strerror})") from None
         yield
     finally:
         os.close(fd)
@@ -137,7 +174,7 @@ def check_out_dir(cfg):
     if os.path.exists(ckpt_path) and not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists: pass --resume=True to continue that run, or another "
                               f"--out_dir (or delete it) to start a new one")
-    if cfg.resume and not os.path.exists(ckpt_path):
+    if cfg.resume and not os.path.isfile(ckpt_path):
         raise ConfigError(f"--resume=True, but there is no checkpoint at {ckpt_path}")
 
 
@@ -158,16 +195,69 @@ def start_log(log_path, step):
         if record['step'] <= step:
             kept.append(line.rstrip('\n') + '\n')
 
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.writelines(kept)
-
-    atomic_write(log_path, write)
+    atomic_write(log_path, lambda f: f.write(''.join(kept).encode()))
 
 
 def append_log(log_path, record):
-    with open(log_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    try:
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        raise storage_error(log_path, e) from None
+
+
+# ---- caches: where they live, keyed and checked by what they were computed from ----
+
+def cache_root(cfg):
+    """The caches' folder: --cache_dir, or 'cache' beside the run's folder (runs side by side share it)."""
+    return os.path.abspath(cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), 'cache'))
+
+
+def content_key(inputs):
+    """A short name for a cache made from `inputs` (JSON-able): other inputs, another name."""
+    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def commit_cache(manifest_path, files, manifest):
+    """Commit a cache of several files: each of `files` ({path: write(f)}) atomically, then the manifest
+    (`manifest` plus each file's size and sha256), last: a cache with a manifest is whole. Returns it."""
+    for path, write in files.items():
+        atomic_write(path, write)
+    record = {**manifest, 'files': {os.path.basename(p): {'size': os.path.getsize(p), 'sha256': file_sha256(p)}
+                                    for p in files}}
+    atomic_write(manifest_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    return record
+
+
+def check_cache(manifest_path, expected):
+    """The manifest of the cache at `manifest_path` if it is whole and was made from `expected` (a dict
+    of its inputs), None if there is none; ConfigError naming the file if it is torn, foreign or stale."""
+    if not os.path.isfile(manifest_path):
+        return None
+    try:
+        with open(manifest_path, 'rb') as f:
+            found = json.loads(f.read().decode())
+    except (ValueError, OSError) as e:           # torn, foreign, not UTF-8 (all ValueErrors) or unreadable
+        raise ConfigError(f"cache manifest {manifest_path} cannot be read ({type(e).__name__})") from None
+    if not isinstance(found, dict) or not isinstance(found.get('files'), dict):
+        raise ConfigError(f"cache manifest {manifest_path} is not one this code wrote")
+    wrong = [k for k in expected if found.get(k) != expected[k]]
+    if wrong:
+        raise ConfigError(f"cache {manifest_path} was made from other inputs ({', '.join(wrong)} differ)")
+    for name, meta in found['files'].items():
+        path = os.path.join(os.path.dirname(manifest_path), name)
+        whole = os.path.isfile(path) and os.path.getsize(path) == meta.get('size')
+        if not whole or file_sha256(path) != meta.get('sha256'):
+            raise ConfigError(f"cache file {path} is missing, truncated or changed since its manifest was written")
+    return found
 
 
 def load_hf_gpt2_into(gpt, name):

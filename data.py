@@ -27,6 +27,7 @@ from captions import read_records, split_of
 from config import ConfigError
 from images import ImageFiles
 from prior_loss import IGNORE
+from stopping import ignore_stop_signals
 from tokenizer import EOT, get_tokenizer
 
 UNLABELLED = 3                                  # real captions: token class unknown
@@ -68,11 +69,17 @@ class Vocab:
         return [self.gpt2_ids[i] for i in ids if i != self.unk]
 
     def decode(self, ids):
-        """Text of model ids; unknown ids print as the replacement character."""
+        """Text of model ids, decoded as whole runs of tokens: byte-level BPE splits a character
+        beyond ASCII (Chinese, accents, emoji) across tokens. Unknown ids print as the replacement character."""
         if self.gpt2_ids is None:
             return get_tokenizer().decode(self.to_gpt2(ids))
-        pieces = [get_tokenizer().decode([self.gpt2_ids[i]]) if i != self.unk else '\ufffd' for i in ids]
-        return ''.join(pieces)
+        runs = [[]]
+        for i in map(int, ids):
+            if i == self.unk:
+                runs.append([])
+            else:
+                runs[-1].append(self.gpt2_ids[i])
+        return '\ufffd'.join(get_tokenizer().decode(run) for run in runs)
 
     @property
     def eot(self):
@@ -142,11 +149,11 @@ class CaptionData:
         return h.hexdigest()
 
     def image_fingerprint(self):
-        """sha256 of the images (their pixels in memory, or their files' paths, sizes and times)."""
+        """sha256 of the images' content: their pixels in memory, or their files' sha256 and the size
+        they are read at."""
         if isinstance(self.images, torch.Tensor):
             return hashlib.sha256(self.images.numpy().tobytes()).hexdigest()
-        files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.images.paths]
-        return hashlib.sha256(json.dumps([files, self.images.size]).encode()).hexdigest()
+        return hashlib.sha256(json.dumps([self.images.digests, self.images.size]).encode()).hexdigest()
 
     def __getitem__(self, row):                  # for a DataLoader: (uint8 image, row)
         return self.images[int(self.image_index[row])], row
@@ -163,11 +170,17 @@ class CaptionData:
     def batch(self, rows, device, images=None):
         """(images as float in [-1, 1], idx, targets, classes) on `device`; `images` (uint8)
         when a DataLoader already fetched them. A split whose images were replaced by a frozen
-        encoder's cached features (encoder.use_cached_features) serves those instead."""
+        encoder's cached features (encoder.use_cached_features) serves those instead. The captions
+        of images skipped as bad (ImageFiles, --skip_bad) have no targets: nothing learns from them."""
         images = self.image_batch(rows) if images is None else images
         images = to_device(images, device)
         images = to_unit_range(images) if images.dtype == torch.uint8 else images.float()  # or features
-        return (images, *self.text_batch(rows, device))
+        idx, targets, classes = self.text_batch(rows, device)
+        bad = self.images.broken(self.image_index[rows]) if isinstance(self.images, ImageFiles) else None
+        if bad is not None and bad.any():        # read on the host: no device sync
+            bad = to_device(bad, device)[:, None]
+            targets, classes = targets.masked_fill(bad, IGNORE), classes.masked_fill(bad, IGNORE)
+        return images, idx, targets, classes
 
 
 def make_caption_splits(cfg, names, log=print):
@@ -177,7 +190,8 @@ def make_caption_splits(cfg, names, log=print):
     enc, limit = get_tokenizer(), cfg.block_size - 1
     by_split = {name: [] for name in names}
     for image_path, caption in records:
-        split = 'all' if names == ('all',) else split_of(image_path, cfg.val_frac, cfg.test_frac)
+        key = os.path.relpath(image_path, records.root)
+        split = 'all' if names == ('all',) else split_of(key, cfg.val_frac, cfg.test_frac)
         if split in by_split:
             by_split[split].append((image_path, caption))
     out, cut = {}, 0
@@ -191,7 +205,8 @@ def make_caption_splits(cfg, names, log=print):
         cut += sum(len(t) > limit for t in tokens)
         tokens = [t[:limit] for t in tokens]
         unlabelled = [np.full(len(t) + 1, UNLABELLED, dtype=np.int8) for t in tokens]   # + closing EOT
-        out[name] = CaptionData(ImageFiles(paths, cfg.image_size), torch.tensor([where[p] for p, _ in recs]),
+        images = ImageFiles(paths, cfg.image_size, [records.digests[p] for p in paths], cfg.skip_bad)
+        out[name] = CaptionData(images, torch.tensor([where[p] for p, _ in recs]),
                                 [c for _, c in recs], tokens, unlabelled,
                                 [np.full(len(t), -1, dtype=np.int8) for t in tokens], cfg.block_size)
     if cut:
@@ -271,7 +286,7 @@ def make_loader(data, row_batches, num_workers=0, pin_memory=False):
     worker processes decoding images ahead of the training step."""
     return torch.utils.data.DataLoader(data, batch_sampler=row_batches, collate_fn=_collate,
                                        num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=False)
+                                       persistent_workers=False, worker_init_fn=ignore_stop_signals)
 
 
 def batch_indices(n_items, batch_size, position, seed):

@@ -56,6 +56,15 @@ def barrier():
         dist.barrier(group=_wait_group)
 
 
+def any_process(flag):
+    """Whether `flag` is true on any process (itself without DDP). On the CPU wait group: no GPU sync."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_wait_group)
+    return bool(t.item())
+
+
 def precision_context(device, precision='auto'):
     """Autocast for `precision` ('auto': bf16 on CUDA, fp32 elsewhere, since bf16 is far slower on CPU)."""
     dtype = PRECISIONS[resolve_precision(device, precision)]

@@ -23,8 +23,6 @@ Like the reference, the encoder is trained on first use and cached, keyed by the
     python encoder.py configs/flickr_cpu.py     # only pretrain it, print its val score (settings: --help)
 """
 
-import hashlib
-import json
 import math
 import os
 import sys
@@ -36,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import config as config_mod
-from checkpoint import atomic_write, check_origin, exclusive, load_checkpoint, save_checkpoint, weights_digest
+from checkpoint import (cache_root, check_cache, check_origin, commit_cache, content_key, exclusive, load_checkpoint,
+                        save_checkpoint, weights_digest)
 from config import ConfigError
 from data import batch_indices, load_splits, make_vocab, text_width, to_unit_range
 from device import barrier, resolve_device
@@ -219,8 +218,7 @@ def default_vision_ckpt(cfg, train):
     recipe = [train.fingerprint(), train.image_fingerprint(), cfg.init_vision, cfg.vision, cfg.image_size, cfg.patch_size, cfg.vit_layer,
               cfg.vit_embd, cfg.n_head, cfg.n_layer, cfg.n_embd, cfg.enc_max_iters, cfg.enc_batch_size,
               cfg.enc_learning_rate, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
-    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
-    return os.path.join('out', 'encoder', key, 'encoder.pt')
+    return os.path.join(cache_root(cfg), 'encoder', content_key(recipe), 'encoder.pt')
 
 
 def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=None):
@@ -298,38 +296,32 @@ def compute_features(vision, data, device, batch_size=128):
     return out
 
 
-def write_bytes(path, write):
-    """Atomically write `path` with write(binary file)."""
-    def to_temp(tmp):
-        with open(tmp, 'wb') as f:
-            write(f)
-    atomic_write(path, to_temp)
-
-
-def use_cached_features(splits, vision, device, log=print, is_master=True):
+def use_cached_features(splits, vision, device, folder, log=print, is_master=True):
     """Replace every split's images by the frozen `vision` encoder's features, computed on first use
-    into out/features/<hash of images + encoder weights>/ and checked against both when read."""
+    into folder/features/<key of the images' content + encoder weights>/ and checked against both
+    (and the array file's sha256) when read; a torn or stale cache is computed anew."""
     encoder_sha = weights_digest(vision.state_dict())
     for name, data in splits.items():
-        manifest = {'images': data.image_fingerprint(), 'encoder_sha256': encoder_sha,    # the same weights can
-                    'encoder': [type(vision).__name__, getattr(vision, 'features', '')]}   # give other features
-        key = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()[:12]
-        path = os.path.join('out', 'features', key, 'features.npy')
+        inputs = {'images': data.image_fingerprint(), 'encoder_sha256': encoder_sha,        # the same weights can
+                  'encoder': [type(vision).__name__, getattr(vision, 'features', '')]}   # give other features
+        path = os.path.join(folder, 'features', content_key(inputs), 'features.npy')
+        manifest_path, found = path[:-4] + '.json', None
         if is_master:
             with exclusive(path):
-                if not os.path.isfile(path):
+                try:
+                    found = check_cache(manifest_path, inputs)
+                except ConfigError as e:
+                    log(f"encoder: {e}; computing the features again")
+                if found is None:
                     t0 = time.time()
                     features = compute_features(vision, data, device)
-                    write_bytes(path, lambda f: np.save(f, features))
-                    write_bytes(path[:-4] + '.json', lambda f: f.write(json.dumps(
-                        {**manifest, 'shape': list(features.shape)}).encode()))
+                    found = commit_cache(manifest_path, {path: lambda f: np.save(f, features)},
+                                         {**inputs, 'shape': list(features.shape)})
                     log(f"encoder: {name} features {features.shape} in {time.time() - t0:.1f}s -> {path}")
         barrier()
-        with open(path[:-4] + '.json') as f:
-            found = json.load(f)
-        array = np.load(path, mmap_mode='r')
-        if {k: found.get(k) for k in manifest} != manifest or list(array.shape) != found.get('shape') \
-                or len(array) != len(data.images):
+        found = found or check_cache(manifest_path, inputs)
+        array = np.load(path, mmap_mode='r') if found else None
+        if array is None or list(array.shape) != found.get('shape') or len(array) != len(data.images):
             raise ConfigError(f"feature cache {path} does not match its images or encoder; delete its folder")
         data.images = Features(array)
 

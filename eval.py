@@ -27,6 +27,7 @@ Free-running metrics (greedy captions, parsed back into (colour, shape, position
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -36,13 +37,13 @@ import numpy as np
 import torch
 
 from caption_scores import bleu4, cider_d, words
-from checkpoint import load_checkpoint
+from checkpoint import atomic_write, load_checkpoint
 from config import ConfigError, cli, from_dict, parse_flags
 from data import Vocab, load_splits
 from device import precision_context, resolve_device
 from model import LVLM, GPTConfig
 from prior_loss import IGNORE, token_nll, token_weights
-from reference import reference_from, score_captions
+from reference import reference_file, reference_from, reference_of, score_captions
 from shapes import ATTR_NAMES, ATTRIBUTES, CLASS_NAMES, parse_objects
 from tokenizer import get_tokenizer
 
@@ -272,7 +273,7 @@ def format_table(results):
 def load_trained(ckpt_path, device):
     """(model, vocab, cfg, checkpoint without its optimiser state) of a train.py checkpoint. The file
     is memory-mapped and the model built on the host, so only the weights ever reach `device`."""
-    ckpt = load_checkpoint(ckpt_path, mmap=True)
+    ckpt = load_checkpoint(ckpt_path, mmap=True, required=('model', 'model_args', 'vocab', 'config', 'step'))
     ckpt.pop('optimizer', None)
     cfg = from_dict(ckpt['config'])
     model = LVLM(cfg, GPTConfig(**ckpt['model_args']))
@@ -280,26 +281,16 @@ def load_trained(ckpt_path, device):
     return model.to(device).eval(), Vocab(ckpt['vocab']['gpt2_ids']), cfg, ckpt
 
 
-def reference_of(ckpt):
-    """The reference checkpoint's dict: inside the LVLM checkpoint, or (older ones) at its stored path."""
-    if ckpt.get('reference'):
-        return ckpt['reference']
-    path = ckpt.get('ref_ckpt')
-    if path and not os.path.isfile(path):
-        raise ConfigError(f"this checkpoint predates self-contained ones and its reference {path} is not "
-                          f"there (relative to {os.getcwd()}); run eval.py from the directory train.py ran in")
-    return load_checkpoint(path) if path else None
-
-
 def weights_figure(model, data, vocab, reference, alpha, weight_floor, device, path, n_examples=4):
     """The paper's Figure 1 idea: each caption token shaded by its PRIOR weight (from the
     text-only reference, with the run's alpha and weight floor) and by the LVLM's loss given the image."""
+    n_examples = min(n_examples, len(data))      # a split smaller than the figure: all of it
     sub = data.subset(range(n_examples))
     weights = reference_weights(reference, sub, device, alpha, weight_floor)
     nll = caption_nlls(model, sub, torch.arange(n_examples), device)
     targets = sub.targets
     fig, axes = plt.subplots(n_examples, 2, figsize=(13, 2.6 * n_examples),
-                             gridspec_kw={'width_ratios': [1, 9]})
+                             gridspec_kw={'width_ratios': [1, 9]}, squeeze=False)
     for r in range(n_examples):
         img = data.image_batch(torch.tensor([r]))[0].permute(1, 2, 0).numpy()
         axes[r, 0].imshow(img, interpolation='nearest'), axes[r, 0].axis('off')
@@ -319,7 +310,7 @@ def weights_figure(model, data, vocab, reference, alpha, weight_floor, device, p
                         bbox=dict(facecolor=plt.get_cmap(cmap)(min(v / vmax, 1.0)), edgecolor='none', pad=1))
                 x += width
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
     plt.close(fig)
 
 
@@ -346,27 +337,38 @@ FLAGS_HELP = """Flags (--key=value; defaults):
   --ref_ckpt=                   a reference LM for loss_top_weight and retrieval_ratio (an NTP run from scratch carries none)"""
 
 
+def output_path(ckpt_path, dataset, split, step):
+    """eval_[DATASET-HASH_]SPLIT_stepN.json beside the checkpoint, never train.py's eval_test.json; the
+    hash of the dataset's full path keeps two datasets in folders of one name apart."""
+    where = os.path.abspath(dataset)
+    other = f"{os.path.basename(where)}-{hashlib.sha1(where.encode()).hexdigest()[:8]}_" if dataset else ''
+    return os.path.join(os.path.dirname(ckpt_path), f"eval_{other}{split}_step{step}.json")
+
+
 def main(argv):
     args = parse_flags(argv, FLAGS)
+    if args['n_generate'] < 1:
+        raise ConfigError(f"--n_generate must be >= 1 (the captions that BLEU, CIDEr and recall score), "
+                          f"got {args['n_generate']}")
+    if args['split'] not in ('train', 'val', 'test', 'all'):
+        raise ConfigError(f"--split must be train, val, test or all, got {args['split']!r}")
     device = resolve_device(args['device'])
     if not os.path.isfile(args['ckpt']):
         raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
+    reference = reference_file(args['ref_ckpt'], vocab) if args['ref_ckpt'] else \
+        reference_of(ckpt, args['ckpt'], vocab)                       # NTP runs: pass one
     if args['dataset']:                           # evaluate on other data than the run's own
         cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
     data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)
-    reference = load_checkpoint(args['ref_ckpt']) if args['ref_ckpt'] else reference_of(ckpt)  # NTP runs: pass one
     ctx = precision_context(device, cfg.precision)            # the run's own, as its final eval
     metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'], ctx=ctx,
                                  reference=reference)
     print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}, step {ckpt['step']}) on {cfg.dataset} {args['split']}:")
     print(sample_report(captions, data))
     print(format_table({cfg.loss: metrics}))
-    other = f"{os.path.basename(os.path.normpath(args['dataset']))}_" if args['dataset'] else ''
-    name = f"eval_{other}{args['split']}_step{ckpt['step']}.json"        # never train.py's eval_test.json
-    out = args['out'] or os.path.join(os.path.dirname(args['ckpt']), name)
-    with open(out, 'w') as f:
-        json.dump(metrics, f, indent=1)
+    out = args['out'] or output_path(args['ckpt'], args['dataset'], args['split'], ckpt['step'])
+    atomic_write(out, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     print(f"wrote {out}")
     if args['figure']:
         if not reference:

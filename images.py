@@ -6,17 +6,22 @@ the file exists, is not empty, is a format torchvision decodes (JPEG, PNG, GIF, 
 end marker, and declares at most --max_image_pixels pixels in its header (decompression bombs);
 then every distinct image is decoded once, in a child process with a memory cap, so that a file
 the decoder fails or even crashes on (libpng does, on damaged PNG data) is named up front and
-never kills the run. No byte of a refused file is ever printed.
+never kills the run. That pass also takes each file's sha256: the images' fingerprint is their
+content, and a file deleted, cut short or replaced after the check is caught before it is decoded
+(one line naming it, or with --skip_bad a counted skip). No byte of a refused file is ever printed.
 """
 
 import contextlib
 import faulthandler
+import hashlib
+import mmap
 import multiprocessing
 import os
 import re
 import resource
 import signal
 import struct
+import sys
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
@@ -106,15 +111,29 @@ def image_problem(path, max_pixels):
     return None
 
 
-def decode(path):
-    """An image file as uint8 RGB [3,H,W] (grey, RGBA, palette, CMYK, 16-bit too; an animation's
-    first frame)."""
-    image = decode_image(path, mode=ImageReadMode.RGB)
+class ImageChanged(Exception):
+    """An image file's content is not what the start-up check read."""
+
+
+def file_bytes(path, digest=None):
+    """The bytes of an image file; ImageChanged if `digest` is given and their sha256 differs."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    if digest is not None and hashlib.sha256(raw).hexdigest() != digest:
+        raise ImageChanged(path)
+    return raw
+
+
+def decode(path, raw=None):
+    """An image file (or its bytes `raw`) as uint8 RGB [3,H,W] (grey, RGBA, palette, CMYK, 16-bit too;
+    an animation's first frame)."""
+    raw = file_bytes(path) if raw is None else raw
+    image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return image[0] if image.dim() == 4 else image
 
 
 def _decode_each(paths, conn, memory):
-    """Child process: decode each path, sending (index, error message or None) after each."""
+    """Child process: decode each path, sending (index, error message or None, sha256 of the file) after each."""
     torch.set_num_threads(1)
     faulthandler.disable()                                  # a crash here is expected, and reported by the parent
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)            # the decoders' own chatter; errors come back below
@@ -123,23 +142,26 @@ def _decode_each(paths, conn, memory):
         used = os.sysconf('SC_PAGE_SIZE') * int(open('/proc/self/statm').read().split()[0])
         resource.setrlimit(resource.RLIMIT_AS, (used + memory, hard))
     for i, path in enumerate(paths):
+        digest = None
         try:
-            decode(path)
-            conn.send((i, None))
+            raw = file_bytes(path)
+            digest = hashlib.sha256(raw).hexdigest()
+            decode(path, raw)
+            conn.send((i, None, digest))
         except Exception as e:                   # torchvision's messages start with its C++ source line
             text = re.sub(r'^\w+, \S+:\d+, ', '', str(e)).strip()
-            if "can't allocate memory" in text or 'bad_alloc' in text:
+            if "can't allocate memory" in text or 'bad_alloc' in text or isinstance(e, MemoryError):
                 text = "decoding it needs more memory than max_image_pixels allows (many animation frames?)"
-            conn.send((i, text[:200] or type(e).__name__))
+            conn.send((i, text[:200] or type(e).__name__, digest))
     conn.close()
 
 
 def undecodable(paths, max_pixels):
-    """{path: message} of the files torchvision cannot decode, each tried once in a child process:
-    a decoder crash takes down only the child and names the file it was on; the next child
-    carries on after that file. The child's memory is capped near what max_pixels needs."""
+    """({path: message} of the files torchvision cannot decode, {path: sha256} of the others), each
+    tried once in a child process: a decoder crash takes down only the child and names the file it
+    was on; the next child carries on after that file. The child's memory is capped near what max_pixels needs."""
     fork = multiprocessing.get_context('fork')
-    problems, start = {}, 0
+    problems, digests, start = {}, {}, 0
     while start < len(paths):
         receive, send = fork.Pipe(duplex=False)
         child = fork.Process(target=_decode_each, args=(paths[start:], send, (1 << 30) + 32 * max_pixels),
@@ -149,9 +171,11 @@ def undecodable(paths, max_pixels):
         done = start
         with receive, contextlib.suppress(EOFError):
             while True:
-                i, message = receive.recv()
+                i, message, digest = receive.recv()
                 if message:
                     problems[paths[start + i]] = message
+                else:
+                    digests[paths[start + i]] = digest
                 done = start + i + 1
         child.join()
         if child.exitcode and done < len(paths):
@@ -159,31 +183,60 @@ def undecodable(paths, max_pixels):
             problems[paths[done]] = f"the image decoder crashed on it: {how}"
             done += 1
         start = done
-    return problems
+    return problems, digests
+
+
+def shared_tensor(shape, dtype):
+    """Zeros in memory that forked processes (DataLoader workers) share with this one, taken from
+    the OS page by page as they are written."""
+    n = max(1, int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size())
+    return torch.frombuffer(mmap.mmap(-1, n), dtype=dtype)[:torch.Size(shape).numel()].view(shape)
+
+
+DECODED, BROKEN = 1, 2                           # ImageFiles.state of an image (0: not read yet)
 
 
 class ImageFiles:
     """Images decoded on demand (decode() above), resized (shorter side) and centre-cropped to
-    size x size, as uint8 [3,H,W]. Small datasets are kept in memory once decoded, by the main
-    process only: DataLoader workers each hold a copy of this object, and a cache in each would
-    multiply the memory by their number."""
+    size x size, as uint8 [3,H,W]. Each image is decoded once: small datasets (up to 2 GiB of
+    pixels) keep them in memory shared with the DataLoader workers, so neither another epoch nor
+    another worker decodes an image again, and the memory is not multiplied by the workers.
+    With `digests` (sha256 per file, from the start-up check) a file that changed since is never
+    decoded: BadData names it, or with `skip_bad` it reads as black, is counted in `state` (BROKEN,
+    shared with the workers too) and CaptionData drops its caption tokens from the loss."""
 
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
+    def __init__(self, paths, size, digests=None, skip_bad=False):
+        self.paths, self.size, self.digests, self.skip_bad = paths, size, digests, skip_bad
         self.transform = v2.Compose([v2.ToDtype(torch.uint8, scale=True), v2.Resize(size, antialias=True),
                                      v2.CenterCrop(size)])
-        self.cache = {} if len(paths) * 3 * size * size < 2 ** 31 else None
+        fits = len(paths) * 3 * size * size < 2 ** 31
+        self.pixels = shared_tensor((len(paths), 3, size, size), torch.uint8) if fits else None
+        self.state = shared_tensor((len(paths),), torch.uint8)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
+        if self.state[i] == DECODED and self.pixels is not None:
+            return self.pixels[i].clone()
         try:
-            image = self.transform(decode(self.paths[i]))
+            raw = file_bytes(self.paths[i], self.digests and self.digests[i])
+            image = self.transform(decode(self.paths[i], raw))
         except Exception as e:
-            raise BadData(f"cannot decode image {self.paths[i]}: {e}") from e
-        if self.cache is not None and torch.utils.data.get_worker_info() is None:
-            self.cache[i] = image
+            problem = ('was deleted' if isinstance(e, FileNotFoundError) else 'changed' if isinstance(e, ImageChanged)
+                       else f'cannot be read ({e})') + (' since the start-up check' if self.digests else '')
+            if not self.skip_bad:
+                hint = '; restore it or pass --skip_bad=True' if self.digests else ''
+                raise BadData(f"image {self.paths[i]} {problem}{hint}") from None
+            if self.state[i] != BROKEN:
+                self.state[i] = BROKEN
+                print(f"data: skipping image {self.paths[i]}: it {problem}", file=sys.stderr)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        if self.pixels is not None:
+            self.pixels[i] = image
+            self.state[i] = DECODED
         return image
+
+    def broken(self, indices=slice(None)):
+        """A bool mask: which of these images (all by default) went bad during the run (skipped with skip_bad)."""
+        return self.state[indices] == BROKEN

@@ -33,14 +33,15 @@ def set_lr(optimizer, lr):
 
 def optimizer_step(model, optimizer, grad_clip, scaler=None):
     """Clip the gradient norm (if grad_clip > 0), update, and clear the gradients. With an fp16
-    GradScaler: unscale before clipping, skip the update if the gradients overflowed."""
+    GradScaler: unscale before clipping, skip the update if the gradients overflowed. Returns the
+    gradient norm before clipping, as a device tensor (reading it would wait for the device)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if scaler is None:
         optimizer.step()
     else:
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    return norm

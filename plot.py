@@ -15,6 +15,7 @@ import sys
 
 import matplotlib
 
+from checkpoint import atomic_write
 from config import ConfigError, cli, parse_flags
 from shapes import CLASS_NAMES
 
@@ -56,7 +57,7 @@ def plot_run(log_path, png_path):
         if len(lines) > 1:
             ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    atomic_write(png_path, lambda f: fig.savefig(f, format='png', dpi=100))
     plt.close(fig)
 
 
@@ -90,7 +91,7 @@ def compare(run_dirs, png_path):
             ax.plot(*series(rows, key), 'o-', label=name, markersize=3)
         ax.set_title(key), ax.set_xlabel('step'), ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    atomic_write(png_path, lambda f: fig.savefig(f, format='png', dpi=100))
     plt.close(fig)
     finals = [final_metrics(d, rows) for d, rows in zip(run_dirs, logs)]
     metrics = list(dict.fromkeys(k for f in finals for k in f))

@@ -5,9 +5,10 @@ then score every training caption token once and cache P_r(t_i | t_<i) on disk.
     python reference.py [config.py] [--key=value ...]      # every setting: --help
 
 Training the LVLM then reads the cached probabilities (memory-mapped), so PRIOR costs one
-reference pass over the data, paid once, not one per epoch. A cache records what it was made
-from (the token rows' sha256, the tokenizer, the vocabulary, the reference checkpoint's
-sha256) and is refused if any of them does not match what it is loaded for.
+reference pass over the data, paid once, not one per epoch. A cache's manifest, written last,
+records what it was made from (the token rows' sha256, the tokenizer, the vocabulary, the
+reference checkpoint's sha256) and the array file's size and sha256; a cache that does not match
+what it is loaded for is never used (ensure_reference scores the captions anew).
 """
 
 import hashlib
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 
 import config as config_mod
-from checkpoint import (atomic_write, check_origin, exclusive, load_checkpoint, load_hf_gpt2_into, save_checkpoint,
-                        weights_digest)
+from checkpoint import (cache_root, check_cache, check_origin, commit_cache, content_key, exclusive, file_sha256,
+                        load_checkpoint, load_hf_gpt2_into, save_checkpoint, weights_digest)
 from config import ConfigError
 from data import Vocab, batch_indices, load_splits, make_vocab, text_width
 from device import barrier, resolve_device
@@ -36,16 +37,7 @@ def default_ref_ckpt(cfg, train):
     recipe = [train.fingerprint(), cfg.init_lm == 'gpt2' and cfg.gpt2_model, cfg.n_layer, cfg.n_head, cfg.n_embd,
               cfg.dropout, cfg.ref_max_iters, cfg.ref_learning_rate, cfg.ref_batch_size, cfg.seed,
               cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
-    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
-    return os.path.join('out', 'ref', key, 'ref.pt')
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
+    return os.path.join(cache_root(cfg), 'ref', content_key(recipe), 'ref.pt')
 
 
 def train_reference(cfg, train, vocab, device, log=print):
@@ -117,6 +109,39 @@ def reference_from(state, device):
     return model.to(device).eval(), Vocab(state['vocab']['gpt2_ids'])
 
 
+def reference_file(path, vocab):
+    """A reference checkpoint's dict, refused (one line) if it is another kind of file or of another vocabulary."""
+    ref = load_checkpoint(path, required=('model', 'model_args', 'vocab'))
+    if 'step' in ref or 'optimizer' in ref:
+        raise ConfigError(f"{path} is a train.py checkpoint, not a reference LM (pass its reference.pt or ref.pt)")
+    if ref['vocab']['gpt2_ids'] != vocab.gpt2_ids:
+        raise ConfigError(f"reference {path} has another vocabulary than the model; pass the run's own reference")
+    return ref
+
+
+def reference_of(ckpt, ckpt_path=None, vocab=None):
+    """The run's reference checkpoint's dict, or None (an NTP run from scratch): its copy beside the
+    checkpoint at `ckpt_path` (else at the path it was trained from), checked by digest; older
+    checkpoints carry it inside or name its path. `vocab`: the model's (default: the checkpoint's)."""
+    vocab = vocab or Vocab(ckpt['vocab']['gpt2_ids'])
+    if ckpt.get('reference_sha256'):
+        path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), 'reference.pt') if ckpt_path \
+            else ckpt['ref_ckpt']
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}, the run's reference, is missing; pass --ref_ckpt=PATH to its ref.pt")
+        ref = reference_file(path, vocab)
+        if weights_digest(ref['model']) != ckpt['reference_sha256']:
+            raise ConfigError(f"{path} is not the reference this run trained with (its weights differ)")
+        return ref
+    if ckpt.get('reference'):
+        return ckpt['reference']
+    path = ckpt.get('ref_ckpt')
+    if path and not os.path.isfile(path):
+        raise ConfigError(f"this checkpoint predates self-contained ones and its reference {path} is not "
+                          f"there (relative to {os.getcwd()}); run eval.py from the directory train.py ran in")
+    return reference_file(path, vocab) if path else None
+
+
 def cache_paths(ref_ckpt):
     """The score cache of the training captions, beside the reference checkpoint."""
     base = os.path.join(os.path.dirname(ref_ckpt), "ref_probs_train")
@@ -125,18 +150,7 @@ def cache_paths(ref_ckpt):
 
 def write_cache(ref_probs, manifest, ref_ckpt):
     npy, meta = cache_paths(ref_ckpt)
-
-    def write_array(tmp):
-        arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=ref_probs.shape)
-        arr[:] = ref_probs
-        arr.flush()
-
-    def write_manifest(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(manifest, f, indent=1)
-
-    atomic_write(npy, write_array)
-    atomic_write(meta, write_manifest)
+    commit_cache(meta, {npy: lambda f: np.save(f, ref_probs)}, manifest)
 
 
 def expected_manifest(data, vocab, ref_ckpt):
@@ -147,22 +161,20 @@ def expected_manifest(data, vocab, ref_ckpt):
 
 def load_cache(ref_ckpt, data, vocab):
     """The cached P_r of the training captions `data` as a read-only memory map, after checking
-    it belongs to this data, vocabulary and reference. Raises ValueError naming the mismatch."""
+    it is whole and belongs to this data, vocabulary and reference. Raises ValueError naming the mismatch."""
     npy, meta = cache_paths(ref_ckpt)
-    if not (os.path.isfile(npy) and os.path.isfile(meta)):
-        raise FileNotFoundError(f"no reference score cache at {npy}")
-    advice = f"Delete it and {meta} to have it rebuilt, or pass another --ref_ckpt."
-    try:
-        with open(meta) as f:
-            found = json.load(f)
-        ref_probs = np.load(npy, mmap_mode='r')
-    except (ValueError, OSError) as e:           # a torn or foreign file (JSONDecodeError is a ValueError)
-        raise ConfigError(f"reference cache {npy} or {meta} cannot be read ({type(e).__name__}). {advice}") from None
+    advice = "(train.py and reference.py score the captions anew in its place)"
     expected = expected_manifest(data, vocab, ref_ckpt)
-    wrong = [k for k in expected if not isinstance(found, dict) or found.get(k) != expected[k]]
-    if wrong:
-        raise ConfigError(f"reference cache {npy} does not match: {', '.join(wrong)} differ "
-                         f"(it was made for other data or another reference). {advice}")
+    try:
+        found = check_cache(meta, expected)
+    except ConfigError as e:
+        raise ConfigError(f"reference cache: {e} {advice}") from None
+    if found is None:
+        raise FileNotFoundError(f"no reference score cache at {npy}")
+    try:
+        ref_probs = np.load(npy, mmap_mode='r')
+    except (ValueError, OSError) as e:           # a foreign file that its manifest was made for
+        raise ConfigError(f"reference cache {npy} cannot be read ({type(e).__name__}). {advice}") from None
     if list(ref_probs.shape) != expected['shape'] or ref_probs.dtype != np.float32:
         raise ConfigError(f"reference cache {npy} holds a {ref_probs.dtype} array of shape {list(ref_probs.shape)}, "
                          f"its manifest and this data say float32 {expected['shape']}. {advice}")
@@ -179,16 +191,26 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
     ref_ckpt, ref_probs = cfg.ref_ckpt or default_ref_ckpt(cfg, train), None
     if is_master:
         with exclusive(ref_ckpt):              # a second run asking for the same reference waits for it
-            if not os.path.isfile(ref_ckpt):
-                log(f"reference: no checkpoint at {ref_ckpt}; training the text-only reference LM first")
+            try:
+                model, ref_vocab, _ = load_reference(ref_ckpt, device, train)
+            except FileNotFoundError:
+                model, why = None, f"no checkpoint at {ref_ckpt}"
+            except ConfigError as e:
+                if cfg.ref_ckpt:                 # a file given by --ref_ckpt is named, never replaced;
+                    raise
+                model, why = None, str(e)        # a damaged one in the cache folder is built anew
+            if model is None:
+                log(f"reference: {why}; training the text-only reference LM first")
                 save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, ref_ckpt)
-            model, ref_vocab, _ = load_reference(ref_ckpt, device, train)
+                model, ref_vocab, _ = load_reference(ref_ckpt, device, train)
             if ref_vocab.gpt2_ids != vocab.gpt2_ids:
                 raise ConfigError(f"reference {ref_ckpt} uses another vocabulary than this data")
             if scored:
                 try:
                     ref_probs = load_cache(ref_ckpt, train, vocab)
-                except FileNotFoundError:
+                except (FileNotFoundError, ConfigError) as e:     # none yet, or a stale or torn one: score anew
+                    if isinstance(e, ConfigError):
+                        log(str(e))
                     t0 = time.time()
                     scores = score_captions(model, train, device, log=log)
                     write_cache(scores, expected_manifest(train, vocab, ref_ckpt), ref_ckpt)

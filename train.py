@@ -11,7 +11,6 @@ optimiser -> resume -> the loop (train_step, logs, validation, checkpoints) -> t
 """
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -24,26 +23,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config as config_mod
 import eval as evaluation
-from checkpoint import (append_log, check_out_dir, claim_dir, load_checkpoint, load_hf_gpt2_into, save_checkpoint,
-                        start_log)
-from config import ConfigError
+from checkpoint import (append_log, atomic_write, cache_root, check_out_dir, claim_dir, load_checkpoint,
+                        load_hf_gpt2_into, save_checkpoint, start_log, weights_digest)
+from config import ConfigError, Diverged, Interrupted
 from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width, to_device
 from device import (barrier, device_peak_flops, grad_scaler, peak_memory, precision_context, resolve_device,
                     resolve_precision, setup_processes)
 from encoder import ensure_encoder, load_encoder_into, pretrained_vision, use_cached_features
+from images import ImageFiles
 from model import LVLM, gpt_config
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from plot import plot_run
 from prior_loss import gain_loss, ntp_loss, prior_loss
 from progress import Progress, hms
 from reference import ensure_reference, load_reference
+from resume import check_resume, keep_reference, restore_reference, restore_rng, resume
 from shapes import CLASS_NAMES, RELEVANT
+from stopping import StopOnSignal
 
 REFERENCE_LOSSES = ('prior', 'gain', 'prior_gain')        # the objectives that read the reference's P_r
-
-# What a resume may change: how long, how often, where and how fast, never what is computed.
-RESUMABLE = ('max_iters', 'log_interval', 'eval_interval', 'ckpt_interval', 'final_eval', 'num_workers',
-             'device', 'compile', 'out_dir', 'resume', 'wandb_project')
 
 
 def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
@@ -97,7 +95,8 @@ def target_weights_source(cfg, ref_probs, device):
 def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_of, loss_fn=objective,
                device='cpu', ctx=contextlib.nullcontext(), world=1, scaler=None):
     """One iteration: cfg.grad_accum micro-batches, then one clipped AdamW update (loss-scaled with an
-    fp16 GradScaler). Returns (the step's loss as a device tensor, lr, FLOPs, tokens) of this process.
+    fp16 GradScaler). Returns (the step's loss as a device tensor, lr, FLOPs, tokens) of this process; the
+    loss is NaN if the gradient was not finite (with fp16, the GradScaler skips such steps instead).
     Nothing here waits for the device: the host queues the step and goes on to prepare the next."""
     lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
     set_lr(optimizer, lr)
@@ -121,46 +120,10 @@ def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_
         loss_sum += loss.detach()
         flops += raw_model.flops_per_sample(T, with_vision=images.dim() == 4) * len(rows)
         tokens += (raw_model.n_prefix + T) * len(rows)
-    optimizer_step(raw_model, optimizer, cfg.grad_clip, scaler)
+    grad_norm = optimizer_step(raw_model, optimizer, cfg.grad_clip, scaler)
+    if scaler is None:
+        loss_sum = torch.where(torch.isfinite(grad_norm), loss_sum, torch.nan)
     return loss_sum, lr, flops, tokens
-
-
-def resume(cfg, model, optimizer, scaler, ckpt_path, global_batch, data_fingerprint, log):
-    """Load model, optimiser (and loss scaler) from ckpt_path if cfg.resume; returns (start step,
-    checkpoint or None, cfg). A resume continues the same computation: it may change the RESUMABLE
-    settings (a moved out_dir too) and refuses any other change, and other training data.
-    Extending max_iters keeps the checkpoint's learning-rate schedule: the cosine still ends where
-    the run first planned (lr_decay_iters) and the added steps run at its minimum rate."""
-    if not cfg.resume:
-        return 0, None, cfg
-    ckpt = load_checkpoint(ckpt_path)            # there is one: train() checked before any work
-    saved = {**config_mod.as_dict(config_mod.Config()), **ckpt['config']}   # keys added since: defaults
-    saved['lr_decay_iters'] = saved['lr_decay_iters'] or saved['max_iters']
-    cfg = dataclasses.replace(cfg, lr_decay_iters=cfg.lr_decay_iters or saved['lr_decay_iters'])
-    now = config_mod.as_dict(cfg)
-    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
-    if changed:
-        raise ConfigError(f"--resume would change the result: {', '.join(changed)} (a resume may change only "
-                          f"{', '.join(RESUMABLE)})")
-    if ckpt.get('data_fingerprint', data_fingerprint) != data_fingerprint:
-        raise ConfigError("--resume: the training data differ from the checkpoint's (the token rows' sha256 "
-                          "changed), so the run would not continue the same computation; start a new out_dir")
-    if ckpt['data_position'] != ckpt['step'] * global_batch:
-        raise ConfigError(f"--resume: the global batch is {global_batch}, not the checkpoint's (other process count?)")
-    model.load_state_dict(ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if scaler is not None:
-        scaler.load_state_dict(ckpt['scaler'])
-    moved = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUMABLE if k != 'resume' and saved[k] != now[k]]
-    log(f"resumed from {ckpt_path} at step {ckpt['step']}" + (f" ({', '.join(moved)})" if moved else ''))
-    return ckpt['step'], ckpt, cfg
-
-
-def restore_rng(ckpt, cuda):
-    """Dropout masks continue as if never interrupted (call last: other set-up draws from the RNG)."""
-    torch.set_rng_state(ckpt['rng']['cpu'])
-    if cuda and ckpt['rng']['cuda'] is not None:
-        torch.cuda.set_rng_state(ckpt['rng']['cuda'])
 
 
 def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
@@ -187,16 +150,22 @@ def wandb_run(cfg):
 def train(cfg, log=print, loss_fn=objective):
     """Run one training job as configured; returns the final test metrics (master) or None.
     `loss_fn` has objective()'s signature: a loss variant under study goes in here (see README).
-    One run per out_dir at a time: the master holds a lock on it until it returns or dies."""
+    One run per out_dir at a time: the master holds a lock on it until it returns or dies.
+    SIGTERM or SIGINT stops it cleanly (stopping.py): a checkpoint, then Interrupted."""
+    cfg = config_mod.absolute_paths(cfg)         # a checkpoint's paths mean the same from anywhere
     master = int(os.environ.get('RANK', 0)) == 0
     resolve_precision(resolve_device(cfg.device), cfg.precision)    # refused before out_dir is claimed
-    with claim_dir(cfg.out_dir) if master else contextlib.nullcontext():
+    with StopOnSignal() as stopper, claim_dir(cfg.out_dir) if master else contextlib.nullcontext():
+        stopper.where = "before training began (" + ("its checkpoint is as it was)" if cfg.resume else
+                                                     "no checkpoint of this run yet)")
         if master:
             check_out_dir(cfg)
-        return run_training(cfg, log, loss_fn)
+        global_batch = cfg.batch_size * cfg.grad_accum * int(os.environ.get('WORLD_SIZE', 1))
+        ckpt, cfg = check_resume(cfg, os.path.join(cfg.out_dir, 'ckpt.pt'), global_batch)
+        return run_training(cfg, log, loss_fn, ckpt, stopper)
 
 
-def run_training(cfg, log, loss_fn):
+def run_training(cfg, log, loss_fn, ckpt, stopper):
     """The job itself, in its out_dir (see train)."""
     # ---- processes and devices ----
     t_start = time.time()
@@ -219,16 +188,15 @@ def run_training(cfg, log, loss_fn):
         f"{time.time() - t0:.1f}s")
     ref_ckpt = ref_probs = vision_ckpt = reference = None
     if cfg.loss in REFERENCE_LOSSES or cfg.init_lm == 'ref':      # scores needed by those losses only
+        if ckpt is not None and master:
+            restore_reference(cfg, train_data)
         ref_ckpt, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, master, cfg.loss in REFERENCE_LOSSES)
-        ref_ckpt = os.path.abspath(ref_ckpt)
         reference = {k: v for k, v in load_checkpoint(ref_ckpt).items() if k in ('model', 'model_args', 'vocab')}
     if cfg.init_vision in ('clip', 'words'):
         vision_ckpt = ensure_encoder(cfg, train_data, vocab, device, log, master, splits['val'])
 
     # ---- model, optimiser, resume ----
     model = raw_model = build_model(cfg, vocab, device, ref_ckpt, vision_ckpt)
-    if cfg.arch == 'h' and cfg.freeze_vision and cfg.init_vision != 'scratch' and cfg.cache_features:
-        use_cached_features(splits, raw_model.vision, device, log, master)
     optimizer = make_optimizer(model, cfg.learning_rate, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -236,11 +204,15 @@ def run_training(cfg, log, loss_fn):
         f"{model.n_prefix} image tokens")
     global_batch = cfg.batch_size * cfg.grad_accum * world
     ckpt_path, log_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'log.jsonl')
-    fingerprint = train_data.fingerprint()
-    step, ckpt, cfg = resume(cfg, model, optimizer, scaler, ckpt_path, global_batch, fingerprint, log)
+    inputs = {'data_fingerprint': train_data.fingerprint(), 'image_fingerprint': train_data.image_fingerprint(),
+              'reference_sha256': reference and weights_digest(reference['model'])}
+    step = resume(ckpt, model, optimizer, scaler, inputs, log, ckpt_path, cfg)
+    if cfg.arch == 'h' and cfg.freeze_vision and cfg.init_vision != 'scratch' and cfg.cache_features:
+        use_cached_features(splits, raw_model.vision, device, cache_root(cfg), log, master)   # the resumed weights'
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         start_log(log_path, step)
+        if ref_ckpt:
+            keep_reference(ref_ckpt, cfg.out_dir)
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
@@ -251,15 +223,26 @@ def run_training(cfg, log, loss_fn):
         if tracker:
             tracker.log({k: v for k, v in entry.items() if k != 'step'}, step=entry['step'])
 
+    saved_step = step if ckpt else None          # the last checkpoint written (or resumed from)
+
     def save():
-        # Self-contained: eval.py needs no other file (the reference travels inside) and no working directory.
+        # The run folder is self-contained: eval.py needs no other file (reference.pt, once) and no working directory.
         save_checkpoint({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                          'scaler': scaler.state_dict() if scaler else None,
                          'config': config_mod.as_dict(cfg), 'model_args': vars(raw_model.lm.config),
                          'vocab': vocab.state(), 'step': step, 'data_position': step * global_batch,
-                         'data_fingerprint': fingerprint, 'ref_ckpt': ref_ckpt, 'reference': reference,
+                         **inputs, 'ref_ckpt': ref_ckpt,
                          'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None}},
                         ckpt_path)
+
+    def check_finite():
+        # Read where the loop waits for the device anyway; the bad weights are never saved.
+        bad = int(first_bad)
+        if bad <= cfg.max_iters:
+            kept = f"the last good checkpoint, step {saved_step}, is {ckpt_path}" if saved_step is not None else \
+                "no checkpoint was written before it"
+            raise Diverged(f"the loss or gradient became NaN or infinite at step {bad}; stopped without saving; "
+                           f"{kept} (a lower --learning_rate or a --grad_clip may help)")
 
     # ---- the training loop ----
     peak = device_peak_flops(device)
@@ -276,14 +259,19 @@ def run_training(cfg, log, loss_fn):
     ref_probs_of = target_weights_source(cfg, ref_probs, device)
     progress = Progress(cfg.max_iters, done=step)
     t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
+    first_bad = torch.tensor(cfg.max_iters + 1, device=device)      # the first non-finite step, on the device
+    stopper.deferring = True                     # from here a signal ends the run after the step in progress
+    stopper.where = f"a second time, at once ({ckpt_path} is the last checkpoint written)"
     while step < cfg.max_iters:
         loss_sum, lr, flops, tokens = train_step(cfg, model, raw_model, optimizer, train_data, batches, step,
                                                  ref_probs_of, loss_fn, device, ctx, world, scaler)
         step, iters, flops_since, tokens_since = step + 1, iters + 1, flops_since + flops, tokens_since + tokens
+        first_bad = torch.where(torch.isfinite(loss_sum) | (first_bad <= cfg.max_iters), first_bad, step)
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             if ddp:
                 dist.all_reduce(loss_sum)                  # the processes' parts of the step's loss
             loss_val = loss_sum.item()                     # syncs the device, so timing is real
+            check_finite()
             dt = time.time() - t_last
             peak = device_peak_flops(device, flops_since / dt)
             mfu = flops_since / dt / peak if peak else float('nan')        # this process on its device
@@ -296,6 +284,8 @@ def run_training(cfg, log, loss_fn):
             t_last, flops_since, tokens_since, iters = time.time(), 0.0, 0, 0
         do_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
         do_save = (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_iters
+        if do_eval or do_save:
+            check_finite()                       # on every process: the same answer (gradients are all-reduced)
         if master and (do_eval or do_save):
             if cuda:
                 torch.cuda.synchronize()         # the step's queued GPU work is training time
@@ -305,6 +295,19 @@ def run_training(cfg, log, loss_fn):
             if do_save:
                 save()
             t_last += time.time() - t_pause      # evaluation and checkpoints are not training time
+        saved_step = step if do_save else saved_step       # (the master wrote it)
+        if stopper.requested():                  # the same answer on every process: all stop here
+            check_finite()
+            if master and not do_save:
+                save()
+            barrier()                            # the others wait for the master's checkpoint
+            raise Interrupted(f"stopped by {stopper.received or 'a signal to another process'} after step "
+                              f"{step}: {ckpt_path} holds it; --resume=True continues the run")
+    stopper.deferring = False
+    if isinstance(train_data.images, ImageFiles) and train_data.images.broken().any():
+        log(f"data: skipped {int(train_data.images.broken().sum())} training images that went bad during the run "
+            f"(--skip_bad; their captions did not train)")
+    stopper.where = f"after the last step ({ckpt_path} is complete; the final evaluation did not finish)"
 
     # ---- the finish: curves, test metrics ----
     results = None
@@ -313,8 +316,8 @@ def run_training(cfg, log, loss_fn):
         if cfg.final_eval:
             results, captions = evaluation.evaluate(raw_model, splits['test'], vocab, device, ctx=ctx,
                                                     reference=reference)
-            with open(os.path.join(cfg.out_dir, 'eval_test.json'), 'w') as f:
-                json.dump(results, f, indent=1)
+            atomic_write(os.path.join(cfg.out_dir, 'eval_test.json'),
+                         lambda f: f.write(json.dumps(results, indent=1).encode()))
             log('\nsample captions (greedy, test):\n' + evaluation.sample_report(captions, splits['test']))
             log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n" +
                 evaluation.format_table({cfg.loss: results}))

@@ -85,7 +85,7 @@ def test_splits_keep_all_captions_of_an_image_together(tmp_path):
     assert not (images['train'] & images['val']) and not (images['train'] & images['test'])
     assert not (images['val'] & images['test'])
     assert sum(len(d) for d in splits.values()) == 120
-    assert split_of('/x/1.jpg', 0.2, 0.2) == split_of('/y/1.jpg', 0.2, 0.2)   # by file name, stable
+    assert split_of('1.jpg', 0.2, 0.2) == split_of('1.jpg', 0.2, 0.2)         # by relative path, stable
     everything = load_splits(cfg, names=('all',), log=lambda *a: None)['all']
     assert len(everything) == 120
 
@@ -210,7 +210,7 @@ def test_long_captions_are_truncated_and_counted(tmp_path):
 
 def test_reference_cache_out_of_range_is_refused(tmp_path):
     from data import make_vocab
-    from reference import cache_paths, ensure_reference, load_cache
+    from reference import cache_paths, ensure_reference, expected_manifest, load_cache, write_cache
     cfg = Config(n_train=64, n_val=16, n_test=8, n_layer=1, n_head=2, n_embd=16, ref_max_iters=2,
                  ref_ckpt=str(tmp_path / 'ref.pt'), device='cpu')
     splits = load_splits(cfg)
@@ -222,6 +222,9 @@ def test_reference_cache_out_of_range_is_refused(tmp_path):
     bad = np.load(npy)
     bad[1, 1] = 1.5
     np.save(npy, bad)
+    with pytest.raises(ValueError, match='changed since its manifest'):          # edited after it was written
+        load_cache(cfg.ref_ckpt, splits['train'], vocab)
+    write_cache(bad, expected_manifest(splits['train'], vocab, cfg.ref_ckpt), cfg.ref_ckpt)    # or written so
     with pytest.raises(ValueError, match='outside'):
         load_cache(cfg.ref_ckpt, splits['train'], vocab)
 

@@ -149,7 +149,7 @@ def test_resume_refuses_changed_training_data(tiny_cfg, tmp_path):
     row = next(i for i, line in enumerate(text[1:], 1) if ' dog ' in line)    # one word of one caption
     text[row] = text[row].replace(' dog ', ' cat ', 1)
     (folder / 'captions.csv').write_text('\n'.join(text))
-    with pytest.raises(ConfigError, match="training data differ"):
+    with pytest.raises(ConfigError, match=r"the training captions \(token rows\) differ"):
         train_quiet(dataclasses.replace(cfg, resume=True, max_iters=8))
 
 
@@ -270,17 +270,19 @@ def test_step_reads_reference_probabilities_before_the_forward(tiny_cfg):
     assert order == ['ref_probs', 'forward'] * 2
 
 
-def test_no_image_cache_in_dataloader_workers(tmp_path, monkeypatch):
+@pytest.mark.filterwarnings('ignore:This DataLoader will create')
+def test_images_are_decoded_once_and_shared_with_dataloader_workers(tmp_path):
     from images import ImageFiles
     from test_captions import write_image
-    write_image(tmp_path / '0.jpg', 0)
-    files = ImageFiles([str(tmp_path / '0.jpg')], 16)
-    monkeypatch.setattr(torch.utils.data, 'get_worker_info', lambda: object())    # as inside a worker
-    files[0]
-    assert files.cache == {}
-    monkeypatch.undo()
-    files[0]
-    assert list(files.cache) == [0]                       # the main process keeps its one cache
+    for i in range(4):
+        write_image(tmp_path / f'{i}.jpg', i)
+    files = ImageFiles([str(tmp_path / f'{i}.jpg') for i in range(4)], 16)
+    loader = torch.utils.data.DataLoader(files, batch_size=2, num_workers=2, collate_fn=torch.stack)
+    first = torch.cat(list(loader))
+    for i in range(4):
+        os.remove(tmp_path / f'{i}.jpg')                  # the next epochs cannot decode them again
+    assert torch.equal(torch.cat(list(loader)), first)    # other workers, another epoch: the workers' decodes
+    assert torch.equal(files[3], first[3])                # and the main process's
 
 
 def test_scoring_reports_progress(tiny_cfg, monkeypatch):

@@ -13,6 +13,7 @@ import torchvision
 
 import encoder
 import sample
+from checkpoint import cache_root
 from data import load_splits, make_vocab
 from caption_scores import bleu4, cider_d, words
 from model import LVLM, ViT, gpt_config
@@ -23,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def shapes_h(tiny_cfg, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)                  # encoder and feature caches go to ./out
+    monkeypatch.chdir(tmp_path)                  # nothing is written where the command runs
     cfg = dataclasses.replace(tiny_cfg, arch='h', init_vision='clip', freeze_vision=True, image_size=24,
                               enc_max_iters=30, enc_batch_size=64, enc_learning_rate=3e-3)
     splits = load_splits(cfg)
@@ -39,7 +40,7 @@ def test_clip_pretraining_learns_and_is_cached(shapes_h):
     path = encoder.ensure_encoder(cfg, splits['train'], vocab, 'cpu', log=logs.append, val=splits['val'])
     losses = [float(line.split('loss ')[1].split()[0]) for line in logs if 'contrastive loss' in line]
     assert losses[-1] < losses[0]                                   # the contrastive loss falls
-    assert os.path.isfile(path) and path.startswith(os.path.join('out', 'encoder'))
+    assert os.path.isfile(path) and path.startswith(os.path.join(cache_root(cfg), 'encoder'))
     again = []
     assert encoder.ensure_encoder(cfg, splits['train'], vocab, 'cpu', log=again.append) == path and not again
     vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, 0.0)
@@ -103,7 +104,7 @@ def test_cached_features_stand_in_for_pixels(shapes_h):
     with torch.no_grad():
         expected = model(pixels, splits['test'].idx[rows])
     logs = []
-    encoder.use_cached_features(splits, model.vision, 'cpu', log=logs.append)
+    encoder.use_cached_features(splits, model.vision, 'cpu', cache_root(cfg), log=logs.append)
     assert len(logs) == 3                                           # one cache per split, computed once
     features, idx, _, _ = splits['test'].batch(rows, 'cpu')
     assert features.shape == (8, model.n_prefix, cfg.vit_embd)
@@ -113,10 +114,11 @@ def test_cached_features_stand_in_for_pixels(shapes_h):
     fresh = load_splits(cfg, names=('test',))
     fresh['test'].encode(vocab)
     logs = []
-    encoder.use_cached_features(fresh, model.vision, 'cpu', log=logs.append)
+    encoder.use_cached_features(fresh, model.vision, 'cpu', cache_root(cfg), log=logs.append)
     assert not logs                                                 # read back, not recomputed
     torch.nn.init.zeros_(model.vision.pos)                          # other weights: another cache
-    encoder.use_cached_features(load_splits(cfg, names=('test',)), model.vision, 'cpu', log=logs.append)
+    encoder.use_cached_features(load_splits(cfg, names=('test',)), model.vision, 'cpu', cache_root(cfg),
+                                log=logs.append)
     assert len(logs) == 1
 
 

@@ -7,7 +7,8 @@ import torch
 from config import Config
 from data import load_splits, make_vocab
 from prior_loss import IGNORE, token_nll
-from reference import cache_paths, ensure_reference, load_cache, load_reference, train_reference
+from reference import (cache_paths, ensure_reference, expected_manifest, load_cache, load_reference, train_reference,
+                       write_cache)
 
 
 @pytest.fixture(scope='module')
@@ -84,7 +85,7 @@ def test_cache_with_nan_is_refused(built, tmp_path):
     shutil.copy(meta, cache_paths(str(moved))[1])
     bad = np.load(npy)
     bad[0, 0] = np.nan
-    np.save(cache_paths(str(moved))[0], bad)
+    write_cache(bad, expected_manifest(splits['train'], vocab, str(moved)), str(moved))   # a NaN reference's scores
     with pytest.raises(ValueError, match='NaN'):
         load_cache(str(moved), splits['train'], vocab)
 

@@ -86,8 +86,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     path = str(tmp_path / 'log.jsonl')
     open(path, 'w').write('old\n')
 
-    def torn(tmp):
-        open(tmp, 'w').write('half')
+    def torn(f):
+        f.write(b'half')
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -287,17 +287,22 @@ def tiny_ref(tiny_cfg):
 
 
 def test_reference_cache_of_the_wrong_shape_is_refused(tiny_ref):
-    from reference import cache_paths, ensure_reference, load_cache
+    from reference import cache_paths, ensure_reference, expected_manifest, load_cache, write_cache
     cfg, splits, vocab = tiny_ref
     _, probs = ensure_reference(cfg, splits['train'], vocab, 'cpu', log=lambda *a: None)
     npy = cache_paths(cfg.ref_ckpt)[0]
     good = np.array(probs)
+    manifest = expected_manifest(splits['train'], vocab, cfg.ref_ckpt)
     for wrong in (np.concatenate([good, good]), good[:10]):               # doubled, short
         np.save(npy, wrong)
+        with pytest.raises(ValueError, match=f'cache file {npy} is missing, truncated or changed'):
+            load_cache(cfg.ref_ckpt, splits['train'], vocab)
+        write_cache(wrong, manifest, cfg.ref_ckpt)                        # even with a manifest that fits it
         with pytest.raises(ValueError, match=f'reference cache {npy} holds a float32 array of shape'):
             load_cache(cfg.ref_ckpt, splits['train'], vocab)
+    write_cache(good, manifest, cfg.ref_ckpt)
     open(npy, 'wb').write(b'\x93NUMPY torn')
-    with pytest.raises(ValueError, match='cannot be read'):
+    with pytest.raises(ValueError, match='changed since its manifest'):
         load_cache(cfg.ref_ckpt, splits['train'], vocab)
 
 

@@ -106,7 +106,7 @@ def test_ddp_two_processes_match_one_process(tiny_cfg, tmp_path):
     assert a[0][1] == pytest.approx(b[0][1], rel=1e-6)             # same data, same init
     for (_, la), (_, lb) in zip(a, b):
         assert la == pytest.approx(lb, rel=1e-4)
-    assert sorted(os.listdir(two)) == ['ckpt.pt', 'log.jsonl', 'loss.png']   # rank 0 wrote, once
+    assert sorted(os.listdir(two)) == ['ckpt.pt', 'log.jsonl', 'loss.png', 'reference.pt']   # rank 0 wrote, once
 
 
 def test_init_lm_gpt2_from_a_local_folder(tiny_cfg, tmp_path):

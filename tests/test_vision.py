@@ -119,6 +119,6 @@ def test_blocks_features_and_their_own_cache(tmp_path, monkeypatch):
     logs = []
     for vision in (head, blocks):
         splits = load_splits(cfg, names=('val',))
-        encoder.use_cached_features(splits, vision, 'cpu', log=logs.append)
+        encoder.use_cached_features(splits, vision, 'cpu', str(tmp_path / 'cache'), log=logs.append)
         assert splits['val'].images[0].shape == (1, vision.width)
-    assert len(logs) == 2 and len(glob.glob('out/features/*/features.npy')) == 2     # not one cache for both
+    assert len(logs) == 2 and len(glob.glob(str(tmp_path / 'cache/features/*/features.npy'))) == 2   # not one for both

@@ -1,0 +1,93 @@
+"""
+Continuing a run: what a resume may change, what it checks, and the run folder's own copy of its
+reference. A resume continues the same computation, or is refused with one line saying why:
+settings before any data is read, then the training captions, images and reference by content.
+"""
+
+import dataclasses
+import os
+
+import torch
+
+import config as config_mod
+from checkpoint import atomic_write, file_sha256, load_checkpoint
+from config import ConfigError
+from reference import default_ref_ckpt
+
+# What a resume may change: how long, how often, where and how fast, never what is computed.
+# The data's and caches' places may move too: what they hold is checked by content.
+RESUMABLE = ('max_iters', 'log_interval', 'eval_interval', 'ckpt_interval', 'final_eval', 'num_workers',
+             'device', 'compile', 'out_dir', 'resume', 'wandb_project', 'dataset', 'image_root', 'cache_dir')
+# What a checkpoint records of its inputs, checked on resume: {key: what it is}.
+INPUTS = {'data_fingerprint': 'training captions (token rows)', 'image_fingerprint': 'training images',
+          'reference_sha256': 'reference LM'}
+
+
+def check_resume(cfg, ckpt_path, global_batch):
+    """Before any data is read: (the checkpoint a resume continues, cfg with its schedule), or (None,
+    cfg) for a new run. A resume may change the RESUMABLE settings and nothing else, nor the global
+    batch. Extending max_iters keeps the checkpoint's learning-rate schedule: the cosine still ends
+    where the run first planned (lr_decay_iters) and the added steps run at its minimum rate."""
+    if not cfg.resume:
+        return None, cfg
+    ckpt = load_checkpoint(ckpt_path, required=('model', 'optimizer', 'config', 'step', 'rng'))
+    saved = {**config_mod.as_dict(config_mod.Config()), **ckpt['config']}   # keys added since: defaults
+    saved['lr_decay_iters'] = saved['lr_decay_iters'] or saved['max_iters']
+    cfg = dataclasses.replace(cfg, lr_decay_iters=cfg.lr_decay_iters or saved['lr_decay_iters'])
+    now = config_mod.as_dict(cfg)
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"--resume would change the result: {', '.join(changed)} (a resume may change only "
+                          f"{', '.join(RESUMABLE)})")
+    if ckpt['data_position'] != ckpt['step'] * global_batch:
+        raise ConfigError(f"--resume: the global batch is {global_batch}, not the checkpoint's (other process count?)")
+    return ckpt, cfg
+
+
+def resume(ckpt, model, optimizer, scaler, inputs, log, ckpt_path, cfg):
+    """Load model, optimiser (and loss scaler) from a checked checkpoint (check_resume); returns its step,
+    or 0 for a new run. Refused if the training captions, images or the reference are not the ones it
+    was trained with (`inputs`, as INPUTS): the run would not continue the same computation."""
+    if ckpt is None:
+        return 0
+    changed = [what for key, what in INPUTS.items() if key in ckpt and ckpt[key] != inputs[key]]
+    if changed:
+        raise ConfigError(f"--resume: the {' and the '.join(changed)} differ from the checkpoint's, so the run "
+                          f"would not continue the same computation; restore them, or start a new out_dir")
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if scaler is not None:
+        scaler.load_state_dict(ckpt['scaler'])
+    saved = ckpt['config']
+    moved = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUMABLE
+             if k != 'resume' and saved.get(k, getattr(cfg, k)) != getattr(cfg, k)]
+    log(f"resumed from {ckpt_path} at step {ckpt['step']}" + (f" ({', '.join(moved)})" if moved else ''))
+    return ckpt['step']
+
+
+def restore_rng(ckpt, cuda):
+    """Dropout masks continue as if never interrupted (call last: other set-up draws from the RNG)."""
+    torch.set_rng_state(ckpt['rng']['cpu'])
+    if cuda and ckpt['rng']['cuda'] is not None:
+        torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+
+
+def copy_file(src, dst):
+    """dst becomes a copy of src (atomically), unless it is one already."""
+    if not os.path.isfile(dst) or file_sha256(dst) != file_sha256(src):
+        with open(src, 'rb') as f:
+            atomic_write(dst, lambda out: out.write(f.read()))
+
+
+def keep_reference(ref_ckpt, out_dir):
+    """The run's own copy of its reference, written once (checkpoints name it by digest), so that
+    the run folder holds everything eval.py needs wherever it moves."""
+    copy_file(ref_ckpt, os.path.join(out_dir, 'reference.pt'))
+
+
+def restore_reference(cfg, train):
+    """A resumed run whose cache folder lacks its reference (the run folder moved, or --cache_dir
+    changed) puts its own copy there instead of training it again (ensure_reference checks it)."""
+    kept, default = os.path.join(cfg.out_dir, 'reference.pt'), default_ref_ckpt(cfg, train)
+    if not cfg.ref_ckpt and os.path.isfile(kept) and not os.path.isfile(default):
+        copy_file(kept, default)
