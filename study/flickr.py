@@ -12,8 +12,8 @@ frozen) with several seeds, in three conditions:
     python -m study.flickr                                   # all three, ntp and prior, seeds 1-5
     python -m study.flickr --conditions=full --losses=ntp,prior,gain --seeds=1,2,3 --results=DIR
 
-Each run is `python train.py CONFIG --loss=L --seed=S ...` in its own process, in this directory
-(its caches go to ./out, as train.py's do). All objectives of one seed share the initialisation
+Each run is `python train.py CONFIG --loss=L --seed=S ...` in its own process, in this directory;
+all runs share the cache folder beside their out_dirs (<out>/cache: the references, the features). All objectives of one seed share the initialisation
 and batches, so they are compared in pairs. The first run builds the reference and the encoder's
 features alone on every core; the rest run --jobs at a time with --threads each. Each run's test
 metrics, command, commit and wall time go to <results>/runs/<name>.json (an existing one is not
