@@ -15,7 +15,8 @@ import torch
 
 from config import ConfigError, cli, parse_flags
 from data import load_splits
-from eval import load_trained, reference_of, retrieval_candidates
+from eval import load_trained, reference_of
+from retrieval import retrieval_candidates
 from prior_loss import IGNORE, token_nll
 from reference import reference_from
 

@@ -293,7 +293,7 @@ def test_retrieval_by_likelihood_ratio_ranks_what_the_image_adds(tiny_cfg):
     count made here from the model's logits; a reference that finds one caption far likelier than the
     others makes that caption lose, wherever it stood."""
     from data import make_vocab
-    from eval import retrieval_candidates, retrieval_metrics
+    from retrieval import retrieval_candidates, retrieval_metrics
     from model import LVLM, gpt_config
     cfg = dataclasses.replace(tiny_cfg, arch='h')
     data = load_splits(cfg, names=('train',))['train'].subset(range(40))
