@@ -83,7 +83,7 @@ def target_weights_source(cfg, ref_probs, device):
     oracle's (P_r = 1 on every non-visual token: weight 1 on image-relevant tokens, 0 elsewhere)
     and the label ceiling's (P_r = 1/2 on non-visual tokens: relevant tokens weigh twice the
     others, which keep NTP's share); nothing for NTP. A function (rows, idx, targets, classes) -> [B,T] or None."""
-    if cfg.loss in ('prior', 'gain', 'prior_gain'):
+    if cfg.loss in REFERENCE_LOSSES:
         return lambda rows, idx, targets, classes: to_device(
             torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]), device)
     if cfg.loss in ('oracle', 'label'):

@@ -145,17 +145,18 @@ class EfficientNetLite(GridEncoder):
             self.load_state_dict(lite_key_map(state_dict, self))
         self.measure(image_size)
 
-    def forward(self, images):
+    def feature_map(self, images, head=True):
+        """[B, C, h, w] after the last block, then the head convolution if `head`."""
         x = (images + 1) * (255 / 2 / 128) - 127 / 128          # [-1, 1] -> (pixel - 127) / 128, as trained
         x = self.blocks(self.stem(x.contiguous(memory_format=torch.channels_last)))   # ~1.5x faster on CPU
-        if self.features == 'head':
-            x = self.head(x)
-        return x.flatten(2).transpose(1, 2)                      # [B, h*w, C]
+        return self.head(x) if head else x
+
+    def forward(self, images):
+        return self.feature_map(images, self.features == 'head').flatten(2).transpose(1, 2)   # [B, h*w, C]
 
     def logits(self, images):
         """ImageNet-1k logits (only to check the port)."""
-        x = self.head(self.blocks(self.stem((images + 1) * (255 / 2 / 128) - 127 / 128)))
-        return self.classifier(x.mean(dim=(2, 3)))
+        return self.classifier(self.feature_map(images).mean(dim=(2, 3)))
 
 
 # The published weights' names (EfficientNet-PyTorch's layout) -> this file's.

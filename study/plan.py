@@ -22,7 +22,7 @@ from data import load_splits
 from prior_loss import IGNORE, gain_weights, token_nll, token_weights
 from reference import load_cache
 from shapes import CLASS_NAMES
-from train import train
+from train import target_weights_source, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {'u': 'configs/shapes_u.py', 'h': 'configs/shapes_h.py'}
@@ -133,7 +133,6 @@ def class_weights(objective, cfg, model, data, vocab, ckpt, n_rows=2000):
     """The objective's mean training weight per true token class (1 = NTP). Weights fixed before training
     (PRIOR, the label ceiling) over every training caption; the gain weightings', which move with the
     model, as the trained model gives them on the first n_rows training captions."""
-    from train import target_weights_source
     rows = torch.arange(len(data))
     ref_probs = np.asarray(load_cache(ckpt['ref_ckpt'], data, vocab)) if cfg.loss != 'label' else None
     if objective not in STATIC_WEIGHTS:
