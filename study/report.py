@@ -51,7 +51,7 @@ def by_seed(runs, setting, objective, lr, seeds, **extra):
 
 
 def compare(new, base):
-    """PRIOR-vs-NTP statistics over the seeds both have: relative gain (paired t, bootstrap 95% CI),
+    """PRIOR-vs-NTP statistics over the seeds both have: relative gain (paired t, t-based 95% CI),
     each metric's relative change, absolute differences of the caption shares, class losses."""
     seeds = sorted(set(new) & set(base))
     a, b = [new[s]['test'] for s in seeds], [base[s]['test'] for s in seeds]

@@ -1,6 +1,6 @@
 """
 The study's statistics: paired comparisons over seeds (t-based intervals and p-values, Holm's
-correction across a table), bootstrap intervals, power-law fits, sample efficiency. Pure numpy
+correction across a table), power-law fits with a bootstrap interval, sample efficiency. Pure numpy
 and math; nothing here trains or reads files.
 """
 
@@ -8,10 +8,7 @@ import math
 
 import numpy as np
 
-# Two-sided 95% critical values of Student's t by degrees of freedom.
-T_CRIT_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
-             12: 2.18, 15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}
-N_BOOT = 10000
+N_BOOT = 10000                  # bootstrap draws for power_law_ci
 
 
 def finite(values):
@@ -24,17 +21,6 @@ def mean_std(values):
     if len(v) == 0:
         return float('nan'), float('nan'), 0
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
-
-
-def paired_t(diffs):
-    """(t of the mean paired difference, its two-sided 95% critical value, significant?)."""
-    d = finite(diffs)
-    if len(d) < 2:
-        return float('nan'), float('inf'), False
-    se = d.std(ddof=1) / math.sqrt(len(d))
-    t = d.mean() / se if se > 0 else (0.0 if d.mean() == 0 else math.copysign(math.inf, d.mean()))
-    crit = T_CRIT_95[max(df for df in T_CRIT_95 if df <= len(d) - 1)]
-    return float(t), crit, bool(abs(t) > crit)
 
 
 def t_sf2(t, df):
@@ -102,17 +88,6 @@ def holm(p_values, alpha=0.05):
         running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted, [a < alpha for a in adjusted]
-
-
-def bootstrap_ci(values, stat=np.mean, seed=0, level=0.95):
-    """Percentile bootstrap interval of stat(values), resampling the values (seeds) with replacement."""
-    v = finite(values)
-    if len(v) < 2:
-        return float('nan'), float('nan')
-    rng = np.random.default_rng(seed)
-    draws = np.array([stat(v[rng.integers(len(v), size=len(v))]) for _ in range(N_BOOT)])
-    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
 
 
 def relative_change(new, base, higher_better):
