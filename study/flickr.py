@@ -11,6 +11,7 @@ frozen) with several seeds, in three conditions:
 
     python -m study.flickr                                   # all three, ntp and prior, seeds 1-5
     python -m study.flickr --conditions=full --losses=ntp,prior,gain --seeds=1,2,3 --results=DIR
+    python -m study.flickr --report=True                     # the tables of the runs finished so far
 
 Each run is `python train.py CONFIG --loss=L --seed=S ...` in its own process, in this directory;
 all runs share the cache folder beside their out_dirs (<out>/cache: the references, the features). All objectives of one seed share the initialisation
@@ -23,6 +24,7 @@ correction across every test of the summary. For the noisy condition it also giv
 training weight on the real caption tokens and on each kind of added noise.
 """
 
+import collections
 import concurrent.futures
 import csv
 import json
@@ -46,7 +48,7 @@ from study.plan import ROOT
 from tokenizer import get_tokenizer
 
 FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3,4,5', 'conditions': 'frozen,full,noisy',
-         'losses': 'ntp,prior', 'jobs': 2, 'threads': 1, 'results': 'study/results/flickr', 'out': 'out/flickr_study'}
+         'losses': 'ntp,prior', 'jobs': 2, 'threads': 1, 'results': 'study/results/flickr', 'out': 'out/flickr_study', 'report': False}
 CONDITIONS = {'frozen': ['--freeze_lm=True'], 'full': [], 'noisy': []}
 METRICS = ('retrieval_r1', 'retrieval_r5', 'retrieval_ratio_r1', 'retrieval_ratio_r5', 'bleu4', 'cider', 'distinct',
            'loss', 'loss_top_weight')
@@ -88,12 +90,16 @@ def noisy_dataset(config, out_root):
     return folder, os.path.join(cfg.dataset, 'images')
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
     name = f"{condition}_{loss}_seed{seed}"
     path = os.path.join(runs_dir, name + '.json')
     if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+        return read_json(path)
     out_dir = os.path.join(out_root, name)
     env = dict(os.environ, PYTHONUNBUFFERED='1', **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), config, f'--loss={loss}', f'--seed={seed}',
@@ -120,7 +126,8 @@ def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
 def noise_weights(out_root, noisy_folder, images):
     """PRIOR's mean training weight (alpha 1, mean 1 per caption) on real caption tokens and on each kind
     of added noise, from the reference that the noisy runs trained with (it does not depend on the seed)."""
-    ckpt_dirs = [d for d in sorted(os.listdir(out_root)) if d.startswith('noisy_prior_')]
+    ckpt_dirs = [d for d in sorted(os.listdir(out_root))
+                 if d.startswith('noisy_prior_') and os.path.isfile(os.path.join(out_root, d, 'ckpt.pt'))]
     if not ckpt_dirs:
         return None
     _, vocab, cfg, ckpt = load_trained(os.path.join(out_root, ckpt_dirs[0], 'ckpt.pt'), 'cpu')
@@ -154,6 +161,7 @@ def summary(records, conditions, losses, config, weights=None):
             for m in METRICS:
                 tests[cond, loss, m] = stats.t_test([by[cond, loss, s]['test'][m] - by[cond, losses[0], s]['test'][m]
                                                      for s in seeds])
+    tests = {key: t for key, t in tests.items() if t['n'] > 1}        # the family Holm corrects for
     adjusted, survives = stats.holm([t['p'] for t in tests.values()]) if tests else ([], [])
     for key, p, ok in zip(tests, adjusted, survives):
         tests[key].update(p_holm=p, significant=ok)
@@ -170,17 +178,21 @@ def summary(records, conditions, losses, config, weights=None):
             row = [f"{mean:.4f} ± {std:.4f}" for mean, std, _ in cells]
             for loss in losses[1:]:
                 t = tests.get((cond, loss, m))
+                if t is None:                    # fewer than two seed pairs
+                    row.append('n/a')
+                    continue
                 better = loss if (t['mean'] < 0) == (m in LOWER_BETTER) else losses[0]
                 row.append(f"{t['mean']:+.4f} [{t['ci'][0]:+.4f}, {t['ci'][1]:+.4f}], {t['p']:.3f}, {t['p_holm']:.3f}"
-                           + (f" (**{better}**)" if t['significant'] else '') if t and t['n'] > 1 else 'n/a')
+                           + (f" (**{better}**)" if t['significant'] else ''))
             lines.append(f"| {m}{' (lower is better)' if m in LOWER_BETTER else ''} | " + ' | '.join(row) + ' |')
         lines.append('')
     if weights:
         lines += ["PRIOR's mean training weight per token kind on the noisy training captions (1 = NTP): " +
                   ', '.join(f"{k} {w:.2f} ({n:,} tokens)" for k, (w, n) in weights.items()) + '.', '']
     walls = sorted(r['wall_s'] for r in records)
+    commits = ', '.join(f"{c[:7]} ({n} run{'s' * (n > 1)})" for c, n in collections.Counter(r['commit'] for r in records).items())
     lines += [f"{len(records)} runs; wall time {walls[0] / 60:.1f} to {walls[-1] / 60:.1f} min each (the first "
-              f"builds the caches). Commit of the first run: {records[0]['commit']}. ± is the std over seeds; "
+              f"builds the caches). Commits: {commits}. ± is the std over seeds; "
               f"intervals are t-based over the seed pairs; p is the paired t-test's; Holm p is corrected across "
               f"all {len(tests)} tests above; bold: significant after that correction (and which side is better)."]
     return '\n'.join(lines) + '\n'
@@ -212,12 +224,19 @@ def main(argv):
         noisy, images = noisy_dataset(args['config'], out_root)
         extra['noisy'] = [f'--dataset={noisy}', f'--image_root={images}']
     todo = [(c, loss, s) for c in conditions for s in seeds for loss in losses]
-    first = run(args['config'], *todo[0], out_root, runs_dir, 0, extra[todo[0][0]])    # alone: builds the caches
-    with concurrent.futures.ThreadPoolExecutor(args['jobs']) as pool:
-        rest = list(pool.map(lambda job: run(args['config'], *job, out_root, runs_dir, args['threads'], extra[job[0]]),
-                             todo[1:]))
-    weights = noise_weights(out_root, noisy, images) if noisy and 'prior' in losses else None
-    text = summary([first] + rest, conditions, losses, args['config'], weights)
+    if args['report']:                           # an interrupted comparison: the finished runs only, none started
+        paths = [os.path.join(runs_dir, f"{c}_{loss}_seed{s}.json") for c, loss, s in todo]
+        records = [read_json(p) for p in paths if os.path.isfile(p)]
+        if not records:
+            raise ConfigError(f"--report: no finished run in {runs_dir}")
+        conditions = [c for c in conditions if any(r['condition'] == c for r in records)]
+    else:
+        first = run(args['config'], *todo[0], out_root, runs_dir, 0, extra[todo[0][0]])    # alone: builds the caches
+        with concurrent.futures.ThreadPoolExecutor(args['jobs']) as pool:
+            records = [first] + list(pool.map(
+                lambda job: run(args['config'], *job, out_root, runs_dir, args['threads'], extra[job[0]]), todo[1:]))
+    weights = noise_weights(out_root, noisy, images) if 'noisy' in conditions and 'prior' in losses else None
+    text = summary(records, conditions, losses, args['config'], weights)
     with open(os.path.join(results, 'summary.md'), 'w') as f:
         f.write(text)
     print(text)

@@ -107,6 +107,16 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     assert math.isfinite(record['test']['loss_top_weight'])      # an NTP run is scored on the reference's tokens too
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and 'seed1:' not in again.stdout and '| retrieval_r1' in again.stdout
+    for name in ('noisy_ntp_seed2', 'noisy_prior_seed2'):                 # as if interrupted before these two
+        (tmp_path / 'results' / 'runs' / f'{name}.json').unlink()
+    report = subprocess.run(cmd + ['--report=True'], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert '## full (seed 1, seed 2)' in report.stdout and '## noisy (seed 1)' in report.stdout
+    assert not (tmp_path / 'results' / 'runs' / 'noisy_ntp_seed2.json').exists()          # nothing was run
+    assert 'all 9 tests' in report.stdout                      # Holm over the full condition's pairs only
+    empty = subprocess.run(cmd + ['--report=True', f'--results={tmp_path / "none"}'], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert empty.returncode != 0 and 'no finished run' in empty.stderr and 'Traceback' not in empty.stderr
     margin = subprocess.run([sys.executable, '-m', 'study.retrieval_margin',
                              f'--ckpt={tmp_path}/out/full_ntp_seed1/ckpt.pt', '--split=test'],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
