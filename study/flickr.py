@@ -11,7 +11,8 @@ frozen) with several seeds, in three conditions:
 
     python -m study.flickr                                   # all three, ntp and prior, seeds 1-5
     python -m study.flickr --conditions=full --losses=ntp,prior,gain --seeds=1,2,3 --results=DIR
-    python -m study.flickr --report=True                     # the tables of the runs finished so far
+    python -m study.flickr --report=True                     # the tables of the runs finished so far (no LVLM
+                                                             # trains; the noisy captions' reference may)
 
 Each run is `python train.py CONFIG --loss=L --seed=S ...` in its own process, in this directory;
 all runs share the cache folder beside their out_dirs (<out>/cache: the references, the features). All objectives of one seed share the initialisation
@@ -39,10 +40,9 @@ import torch
 
 from captions import split_of
 from config import ConfigError, cli, load_config, parse_flags
-from data import load_splits
-from eval import load_trained
+from data import load_splits, make_vocab
 from prior_loss import IGNORE, token_weights
-from reference import load_cache
+from reference import ensure_reference
 from study import stats
 from study.plan import ROOT
 from tokenizer import get_tokenizer
@@ -123,32 +123,38 @@ def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
     return record
 
 
-def noise_weights(out_root, noisy_folder, images):
+def noise_weights(config, out_root, noisy_folder, images, seed):
     """PRIOR's mean training weight (alpha 1, mean 1 per caption) on real caption tokens and on each kind
-    of added noise, from the reference that the noisy runs trained with (it does not depend on the seed)."""
-    ckpt_dirs = [d for d in sorted(os.listdir(out_root))
-                 if d.startswith('noisy_prior_') and os.path.isfile(os.path.join(out_root, d, 'ckpt.pt'))]
-    if not ckpt_dirs:
-        return None
-    _, vocab, cfg, ckpt = load_trained(os.path.join(out_root, ckpt_dirs[0], 'ckpt.pt'), 'cpu')
-    train = load_splits(cfg, names=('train',), log=lambda *a: None)['train'].encode(vocab)
-    weights = token_weights(torch.from_numpy(np.asarray(load_cache(ckpt['ref_ckpt'], train, vocab))), train.targets)
+    of added noise. It depends on the reference alone: the one the noisy runs of `seed` train with (the
+    same cache; trained here first if no run has made it yet)."""
+    cfg = load_config([config, f'--dataset={noisy_folder}', f'--image_root={images}', f'--seed={seed}',
+                       f'--out_dir={os.path.join(out_root, f"noisy_prior_seed{seed}")}', '--device=cpu'])
+    train = load_splits(cfg, names=('train',), log=lambda *a: None)['train']
+    vocab = make_vocab(cfg, train)
+    train.encode(vocab)
+    _, ref_probs = ensure_reference(cfg, train, vocab, torch.device('cpu'), log=lambda *a: None)
+    weights = token_weights(torch.from_numpy(np.asarray(ref_probs)), train.targets)
     with open(os.path.join(noisy_folder, 'noise.json')) as f:
         spans = json.load(f)
     enc = get_tokenizer()
-    sums = {'caption': [0.0, 0], 'boilerplate': [0.0, 0], 'attribution': [0.0, 0]}
+    frame, stop = enc.encode(' Photo by'), enc.encode('.')          # an attribution: frame + name + stop
+    sums = {kind: [0.0, 0] for kind in ('caption', 'boilerplate', 'attribution name', 'attribution frame')}
     for row, text in enumerate(train.texts):
         prefix, suffix = spans[f"{os.path.basename(train.images.paths[int(train.image_index[row])])}\t{text}"]
         tokens, pre, suf = enc.encode(text), enc.encode(prefix), enc.encode(' ' + suffix) if suffix else []
         n = int((train.targets[row] != IGNORE).sum()) - 1          # caption tokens before the closing EOT
-        if n != len(tokens) or tokens[:len(pre)] != pre or tokens[n - len(suf):] != suf:
-            continue                             # truncated to block_size, or a merge across the seam: not counted
+        if n != len(tokens) or tokens[:len(pre)] != pre or tokens[n - len(suf):] != suf or \
+                (suf and (suf[:len(frame)] != frame or suf[-1:] != stop)):
+            continue                             # truncated to block_size, or a merge across a seam: not counted
         n_pre, n_suf = len(pre), len(suf)
         w = weights[row, :n].tolist()
-        for kind, part in (('boilerplate', w[:n_pre]), ('caption', w[n_pre:n - n_suf]), ('attribution', w[n - n_suf:n])):
+        name = w[n - n_suf + len(frame):n - 1] if suf else []
+        frame_w = w[n - n_suf:n - n_suf + len(frame)] + w[n - 1:n] if suf else []
+        for kind, part in (('boilerplate', w[:n_pre]), ('caption', w[n_pre:n - n_suf]), ('attribution name', name),
+                           ('attribution frame', frame_w)):
             sums[kind][0] += sum(part)
             sums[kind][1] += len(part)
-    return {k: (s / c if c else float('nan'), c) for k, (s, c) in sums.items()}
+    return {'seed': seed, 'kinds': {k: (s / c if c else float('nan'), c) for k, (s, c) in sums.items()}}
 
 
 def summary(records, conditions, losses, config, weights=None):
@@ -187,8 +193,9 @@ def summary(records, conditions, losses, config, weights=None):
             lines.append(f"| {m}{' (lower is better)' if m in LOWER_BETTER else ''} | " + ' | '.join(row) + ' |')
         lines.append('')
     if weights:
-        lines += ["PRIOR's mean training weight per token kind on the noisy training captions (1 = NTP): " +
-                  ', '.join(f"{k} {w:.2f} ({n:,} tokens)" for k, (w, n) in weights.items()) + '.', '']
+        lines += [f"PRIOR's mean training weight per token kind on the noisy training captions (1 = NTP; from the "
+                  f"reference of seed {weights['seed']}; an attribution's frame is ' Photo by' and its final '.'): " +
+                  ', '.join(f"{k} {w:.2f} ({n:,} tokens)" for k, (w, n) in weights['kinds'].items()) + '.', '']
     walls = sorted(r['wall_s'] for r in records)
     commits = ', '.join(f"{c[:7]} ({n} run{'s' * (n > 1)})" for c, n in collections.Counter(r['commit'] for r in records).items())
     lines += [f"{len(records)} runs; wall time {walls[0] / 60:.1f} to {walls[-1] / 60:.1f} min each (the first "
@@ -235,7 +242,7 @@ def main(argv):
         with concurrent.futures.ThreadPoolExecutor(args['jobs']) as pool:
             records = [first] + list(pool.map(
                 lambda job: run(args['config'], *job, out_root, runs_dir, args['threads'], extra[job[0]]), todo[1:]))
-    weights = noise_weights(out_root, noisy, images) if 'noisy' in conditions and 'prior' in losses else None
+    weights = noise_weights(args['config'], out_root, noisy, images, seeds[0]) if noisy and 'prior' in losses else None
     text = summary(records, conditions, losses, args['config'], weights)
     with open(os.path.join(results, 'summary.md'), 'w') as f:
         f.write(text)

@@ -97,7 +97,7 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     table = (tmp_path / 'results' / 'summary.md').read_text()
     for metric in ('retrieval_r1', 'retrieval_ratio_r1', 'loss_top_weight', 'bleu4', 'cider', 'distinct'):
         assert f'| {metric}' in table
-    assert 'Holm' in table and "PRIOR's mean training weight" in table and 'attribution' in table
+    assert 'Holm' in table and "PRIOR's mean training weight" in table and 'attribution name' in table
     noisy = list(csv.DictReader(open(tmp_path / 'out' / 'noisy_data' / 'captions.csv')))
     clean = list(csv.DictReader(open(data / 'captions.csv')))
     changed = [a['image'] for a, b in zip(noisy, clean) if a['caption'] != b['caption']]
