@@ -15,14 +15,15 @@ frozen) with several seeds, in three conditions:
                                                              # trains; the noisy captions' reference may)
 
 Each run is `python train.py CONFIG --loss=L --seed=S ...` in its own process, in this directory;
-all runs share the cache folder beside their out_dirs (<out>/cache: the references, the features). All objectives of one seed share the initialisation
-and batches, so they are compared in pairs. The first run builds the reference and the encoder's
-features alone on every core; the rest run --jobs at a time with --threads each. Each run's test
-metrics, command, commit and wall time go to <results>/runs/<name>.json (an existing one is not
-re-run: an interrupted comparison resumes); <results>/summary.md holds the tables: mean ± std per
-objective, the paired difference to NTP with its t-based 95% interval and p-value, and Holm's
-correction across every test of the summary. For the noisy condition it also gives PRIOR's mean
-training weight on the real caption tokens and on each kind of added noise.
+all runs share the cache folder beside their out_dirs (<out>/cache: the references, the features).
+All objectives of one seed share the initialisation and batches, so they are compared in pairs. The
+first run builds the reference and the encoder's features alone on every core; the rest run --jobs at
+a time with --threads each. Each run's test metrics, command, commit and wall time go to
+<results>/runs/<name>.json (an existing one is not re-run: an interrupted comparison resumes);
+<results>/summary.md holds the tables: mean ± std per objective, the paired difference to NTP with
+its t-based 95% interval and p-value, and Holm's correction across every test of the summary. For
+the noisy condition it also gives PRIOR's mean training weight on the real caption tokens and on
+each kind of added noise (from the noisy captions' reference: it needs no noisy run).
 """
 
 import collections
@@ -48,7 +49,8 @@ from study.plan import ROOT
 from tokenizer import get_tokenizer
 
 FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3,4,5', 'conditions': 'frozen,full,noisy',
-         'losses': 'ntp,prior', 'jobs': 2, 'threads': 1, 'results': 'study/results/flickr', 'out': 'out/flickr_study', 'report': False}
+         'losses': 'ntp,prior', 'jobs': 2, 'threads': 1, 'results': 'study/results/flickr', 'out': 'out/flickr_study',
+         'report': False}
 CONDITIONS = {'frozen': ['--freeze_lm=True'], 'full': [], 'noisy': []}
 METRICS = ('retrieval_r1', 'retrieval_r5', 'retrieval_ratio_r1', 'retrieval_ratio_r5', 'bleu4', 'cider', 'distinct',
            'loss', 'loss_top_weight')
@@ -133,7 +135,7 @@ def noise_weights(config, out_root, noisy_folder, images, seed):
     vocab = make_vocab(cfg, train)
     train.encode(vocab)
     _, ref_probs = ensure_reference(cfg, train, vocab, torch.device('cpu'), log=lambda *a: None)
-    weights = token_weights(torch.from_numpy(np.asarray(ref_probs)), train.targets)
+    weights = token_weights(torch.from_numpy(np.array(ref_probs)), train.targets)      # a copy: the cache is read-only
     with open(os.path.join(noisy_folder, 'noise.json')) as f:
         spans = json.load(f)
     enc = get_tokenizer()
@@ -197,7 +199,8 @@ def summary(records, conditions, losses, config, weights=None):
                   f"reference of seed {weights['seed']}; an attribution's frame is ' Photo by' and its final '.'): " +
                   ', '.join(f"{k} {w:.2f} ({n:,} tokens)" for k, (w, n) in weights['kinds'].items()) + '.', '']
     walls = sorted(r['wall_s'] for r in records)
-    commits = ', '.join(f"{c[:7]} ({n} run{'s' * (n > 1)})" for c, n in collections.Counter(r['commit'] for r in records).items())
+    commits = ', '.join(f"{c[:7]} ({n} run{'s' * (n > 1)})"
+                        for c, n in collections.Counter(r['commit'] for r in records).items())
     lines += [f"{len(records)} runs; wall time {walls[0] / 60:.1f} to {walls[-1] / 60:.1f} min each (the first "
               f"builds the caches). Commits: {commits}. ± is the std over seeds; "
               f"intervals are t-based over the seed pairs; p is the paired t-test's; Holm p is corrected across "
