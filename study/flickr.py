@@ -92,13 +92,17 @@ def noisy_dataset(config, out_root):
     return folder, os.path.join(cfg.dataset, 'images')
 
 
+def run_name(condition, loss, seed):
+    return f"{condition}_{loss}_seed{seed}"
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
 
 
 def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
-    name = f"{condition}_{loss}_seed{seed}"
+    name = run_name(condition, loss, seed)
     path = os.path.join(runs_dir, name + '.json')
     if os.path.isfile(path):
         return read_json(path)
@@ -235,7 +239,7 @@ def main(argv):
         extra['noisy'] = [f'--dataset={noisy}', f'--image_root={images}']
     todo = [(c, loss, s) for c in conditions for s in seeds for loss in losses]
     if args['report']:                           # an interrupted comparison: the finished runs only, none started
-        paths = [os.path.join(runs_dir, f"{c}_{loss}_seed{s}.json") for c, loss, s in todo]
+        paths = [os.path.join(runs_dir, run_name(*job) + '.json') for job in todo]
         records = [read_json(p) for p in paths if os.path.isfile(p)]
         if not records:
             raise ConfigError(f"--report: no finished run in {runs_dir}")
