@@ -39,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from captions import split_of
+from captions import detect, split_of
 from config import ConfigError, cli, load_config, parse_flags
 from data import load_splits, make_vocab
 from prior_loss import IGNORE, token_weights
@@ -69,12 +69,15 @@ def noisy_dataset(config, out_root):
     """A copy of the recipe's captions.csv where a share of the training split's captions carry alt-text
     noise (val and test rows unchanged), pointing at the same images; and its noise spans per row."""
     cfg = load_config([config])
+    kind, source, images = detect(cfg.dataset, cfg.image_root)
+    if kind != 'csv':
+        raise ConfigError(f"the noisy condition copies a captions.csv; {cfg.dataset!r} is {kind}")
     folder = os.path.join(out_root, 'noisy_data')
     path, spans_path = os.path.join(folder, 'captions.csv'), os.path.join(folder, 'noise.json')
     if os.path.isfile(spans_path):
-        return folder, os.path.join(cfg.dataset, 'images')
+        return folder, images
     rng, rows, spans = random.Random(0), [], {}
-    with open(os.path.join(cfg.dataset, 'captions.csv'), newline='') as f:
+    with open(source, newline='') as f:
         for row in csv.DictReader(f):
             prefix = suffix = ''
             if split_of(row['image'], cfg.val_frac, cfg.test_frac) == 'train':
@@ -89,7 +92,7 @@ def noisy_dataset(config, out_root):
         csv.writer(f).writerows([('image', 'caption')] + rows)
     with open(spans_path, 'w') as f:
         json.dump(spans, f)
-    return folder, os.path.join(cfg.dataset, 'images')
+    return folder, images
 
 
 def run_name(condition, loss, seed):

@@ -11,7 +11,9 @@ import sys
 import pytest
 
 from captions import split_of
+from config import ConfigError
 from study import stats
+from study.flickr import noisy_dataset
 from study.plan import PRESETS, SETTINGS, run_name, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +75,22 @@ def test_paired_statistics():
     assert stats.first_step_reaching([(0, 0.2), (5, 0.6), (10, 0.9)], 0.5) == 5
     assert stats.first_step_reaching([(0, 0.2)], 0.5) is None
     assert stats.relative_change(0.9, 0.8, True) == pytest.approx(0.125) and stats.relative_change(1, 0, True) is None
+
+
+def test_noisy_captions_keep_the_recipes_image_folder(tmp_path):
+    """The noisy copy of a captions.csv named by path, with its images elsewhere, points at those images
+    and keeps every row; a dataset that is not a CSV gets one line naming it."""
+    from test_captions import make_folder
+    data = make_folder(tmp_path, n_images=6)
+    config = tmp_path / 'csv_path.py'
+    config.write_text(f"dataset = {str(data / 'captions.csv')!r}\nimage_root = {str(data / 'images')!r}\n")
+    folder, images = noisy_dataset(str(config), str(tmp_path / 'out'))
+    assert images == str(data / 'images')
+    assert len(list(csv.DictReader(open(os.path.join(folder, 'captions.csv'))))) == 12
+    jsonl = make_folder(tmp_path / 'j', n_images=2, fmt='jsonl')
+    config.write_text(f"dataset = {str(jsonl)!r}\n")
+    with pytest.raises(ConfigError, match='captions.csv'):
+        noisy_dataset(str(config), str(tmp_path / 'out2'))
 
 
 @pytest.mark.slow
