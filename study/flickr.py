@@ -18,10 +18,12 @@ Each run is `python train.py CONFIG --loss=L --seed=S ...` in its own process, i
 all runs share the cache folder beside their out_dirs (<out>/cache: the references, the features).
 All objectives of one seed share the initialisation and batches, so they are compared in pairs. The
 first run builds the reference and the encoder's features alone on every core; the rest run --jobs at
-a time with --threads each. Each run's test metrics, command, commit and wall time go to
-<results>/runs/<name>.json (an existing one is not re-run: an interrupted comparison resumes);
-<results>/summary.md holds the tables: mean ± std per objective, the paired difference to NTP with
-its t-based 95% interval and p-value, and Holm's correction across every test of the summary. For
+a time with --threads each. Each run's test metrics, command, wall time, and the commit (with any
+uncommitted files) as it started go to <results>/runs/<name>.json (an existing one is not re-run, so an
+interrupted comparison resumes; one made by another config file or other settings is refused);
+<results>/summary.md holds the tables over the seeds where every objective finished: mean ± std per
+objective, the paired difference to NTP with its t-based 95% interval and p-value, and Holm's
+correction across every test of the summary. For
 the noisy condition it also gives PRIOR's mean training weight on the real caption tokens and on
 each kind of added noise (from the noisy captions' reference: it needs no noisy run).
 """
@@ -29,6 +31,7 @@ each kind of added noise (from the noisy captions' reference: it needs no noisy 
 import collections
 import concurrent.futures
 import csv
+import io
 import json
 import os
 import random
@@ -40,6 +43,7 @@ import numpy as np
 import torch
 
 from captions import detect, split_of
+from checkpoint import atomic_write, content_key, file_sha256
 from config import ConfigError, cli, load_config, parse_flags
 from data import load_splits, make_vocab
 from prior_loss import IGNORE, token_weights
@@ -67,31 +71,36 @@ NOISE_SHARE = {'boilerplate': 0.3, 'attribution': 0.3}     # of training caption
 
 def noisy_dataset(config, out_root):
     """A copy of the recipe's captions.csv where a share of the training split's captions carry alt-text
-    noise (val and test rows unchanged), pointing at the same images; and its noise spans per row."""
+    noise (val and test rows unchanged, rows repeating an earlier image and caption dropped as data does),
+    pointing at the same images; and its noise spans per row. Remade when its source or recipe changes."""
     cfg = load_config([config])
     kind, source, images = detect(cfg.dataset, cfg.image_root)
     if kind != 'csv':
         raise ConfigError(f"the noisy condition copies a captions.csv; {cfg.dataset!r} is {kind}")
     folder = os.path.join(out_root, 'noisy_data')
     path, spans_path = os.path.join(folder, 'captions.csv'), os.path.join(folder, 'noise.json')
-    if os.path.isfile(spans_path):
+    made_from = content_key([file_sha256(source), cfg.val_frac, cfg.test_frac, NOISE_SHARE, BOILERPLATE, FIRST, LAST])
+    if os.path.isfile(spans_path) and read_json(spans_path).get('made_from') == made_from:
         return folder, images
-    rng, rows, spans = random.Random(0), [], {}
+    rng, rows, spans, seen = random.Random(0), [], {}, set()
     with open(source, newline='') as f:
         for row in csv.DictReader(f):
+            image, caption = os.path.normpath(row['image']), (row['caption'] or '').strip()
+            if (image, caption) in seen:
+                continue
+            seen.add((image, caption))
             prefix = suffix = ''
-            if split_of(row['image'], cfg.val_frac, cfg.test_frac) == 'train':
+            if split_of(image, cfg.val_frac, cfg.test_frac) == 'train':
                 if rng.random() < NOISE_SHARE['boilerplate']:
                     prefix = rng.choice(BOILERPLATE) + ' '
                 if rng.random() < NOISE_SHARE['attribution']:
                     suffix = f" Photo by {rng.choice(FIRST)} {rng.choice(LAST)}."
-            spans[f"{row['image']}\t{prefix}{row['caption']}{suffix}"] = [prefix.strip(), suffix.strip()]
-            rows.append((row['image'], prefix + row['caption'] + suffix))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, 'w', newline='') as f:
-        csv.writer(f).writerows([('image', 'caption')] + rows)
-    with open(spans_path, 'w') as f:
-        json.dump(spans, f)
+            spans[f"{image}\t{prefix}{caption}{suffix}"] = [prefix.strip(), suffix.strip()]
+            rows.append((row['image'], prefix + caption + suffix))
+    text = io.StringIO()
+    csv.writer(text).writerows([('image', 'caption')] + rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    atomic_write(spans_path, lambda f: f.write(json.dumps({'made_from': made_from, 'spans': spans}).encode()))  # last
     return folder, images
 
 
@@ -104,16 +113,44 @@ def read_json(path):
         return json.load(f)
 
 
+def settings(command):
+    """What decides a run's result in its command: train.py's arguments, not where train.py is or --resume."""
+    return [a for a in command.split()[1:] if a != '--resume=True']
+
+
+def git(*args):
+    return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def command(config, condition, loss, seed, out_root, extra):
+    return [sys.executable, os.path.join(ROOT, 'train.py'), config, f'--loss={loss}', f'--seed={seed}',
+            f'--out_dir={os.path.join(out_root, run_name(condition, loss, seed))}'] + CONDITIONS[condition] + extra
+
+
+def finished(config, condition, loss, seed, out_root, runs_dir, extra):
+    """The record of a run that finished before, or None; one made by other settings is refused."""
+    path = os.path.join(runs_dir, run_name(condition, loss, seed) + '.json')
+    if not os.path.isfile(path):
+        return None
+    record = read_json(path)
+    cmd = command(config, condition, loss, seed, out_root, extra)
+    if settings(record['command']) != settings(' '.join(cmd[1:])) or \
+            record.get('config_sha256', file_sha256(config)) != file_sha256(config):
+        raise ConfigError(f"{path} was made by `{record['command']}` with another {config} or other settings than "
+                          f"this comparison's; move it away or pass another --results")
+    return record
+
+
 def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
+    record = finished(config, condition, loss, seed, out_root, runs_dir, extra)
+    if record:
+        return record
     name = run_name(condition, loss, seed)
-    path = os.path.join(runs_dir, name + '.json')
-    if os.path.isfile(path):
-        return read_json(path)
-    out_dir = os.path.join(out_root, name)
+    out_dir, cmd = os.path.join(out_root, name), command(config, condition, loss, seed, out_root, extra)
+    if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
+        cmd.append('--resume=True')
     env = dict(os.environ, PYTHONUNBUFFERED='1', **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), config, f'--loss={loss}', f'--seed={seed}',
-           f'--out_dir={out_dir}'] + CONDITIONS[condition] + extra + \
-        (['--resume=True'] if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')) else [])
+    commit, changed = git('rev-parse', 'HEAD'), git('status', '--porcelain', '--untracked-files=no').splitlines()
     t0 = time.time()
     os.makedirs(out_root, exist_ok=True)
     with open(os.path.join(out_root, name + '.log'), 'w') as log:
@@ -123,33 +160,33 @@ def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
     with open(os.path.join(out_dir, 'eval_test.json')) as f:
         test = json.load(f)
     record = dict(name=name, condition=condition, loss=loss, seed=seed, command=' '.join(cmd[1:]),
-                  wall_s=round(time.time() - t0, 1), test=test, commit=subprocess.run(
-                      ['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip())
-    os.makedirs(runs_dir, exist_ok=True)
-    with open(path, 'w') as f:
-        json.dump(record, f, indent=1)
+                  config_sha256=file_sha256(config), wall_s=round(time.time() - t0, 1), test=test,
+                  commit=commit, uncommitted=[line[3:] for line in changed])    # the code as the run started
+    atomic_write(os.path.join(runs_dir, name + '.json'), lambda f: f.write(json.dumps(record, indent=1).encode()))
     print(f"{name}: {', '.join(f'{m} {test[m]:.4f}' for m in METRICS)} ({record['wall_s']:.0f} s)", flush=True)
     return record
 
 
 def noise_weights(config, out_root, noisy_folder, images, seed):
-    """PRIOR's mean training weight (alpha 1, mean 1 per caption) on real caption tokens and on each kind
-    of added noise. It depends on the reference alone: the one the noisy runs of `seed` train with (the
-    same cache; trained here first if no run has made it yet)."""
+    """PRIOR's mean training weight (the recipe's alpha; mean 1 per caption) on real caption tokens and on
+    each kind of added noise, the name's tokens also split into word starts and the rest of each word. It
+    depends on the reference alone: the one the noisy runs of `seed` train with (the same cache; trained
+    here first if no run has made it yet)."""
     cfg = load_config([config, f'--dataset={noisy_folder}', f'--image_root={images}', f'--seed={seed}',
                        f'--out_dir={os.path.join(out_root, f"noisy_prior_seed{seed}")}', '--device=cpu'])
     train = load_splits(cfg, names=('train',), log=lambda *a: None)['train']
     vocab = make_vocab(cfg, train)
     train.encode(vocab)
     _, ref_probs = ensure_reference(cfg, train, vocab, torch.device('cpu'), log=lambda *a: None)
-    weights = token_weights(torch.from_numpy(np.array(ref_probs)), train.targets)      # a copy: the cache is read-only
-    with open(os.path.join(noisy_folder, 'noise.json')) as f:
-        spans = json.load(f)
+    weights = token_weights(torch.from_numpy(np.array(ref_probs)), train.targets,      # a copy: the cache is read-only
+                            cfg.alpha, cfg.weight_floor)
+    spans = read_json(os.path.join(noisy_folder, 'noise.json'))['spans']
     enc = get_tokenizer()
     frame, stop = enc.encode(' Photo by'), enc.encode('.')          # an attribution: frame + name + stop
-    sums = {kind: [0.0, 0] for kind in ('caption', 'boilerplate', 'attribution name', 'attribution frame')}
+    kinds = ('caption', 'boilerplate', 'attribution name', 'attribution frame', 'name: word starts', 'name: word rest')
+    sums = {kind: [0.0, 0] for kind in kinds}
     for row, text in enumerate(train.texts):
-        prefix, suffix = spans[f"{os.path.basename(train.images.paths[int(train.image_index[row])])}\t{text}"]
+        prefix, suffix = spans[f"{os.path.relpath(train.images.paths[int(train.image_index[row])], images)}\t{text}"]
         tokens, pre, suf = enc.encode(text), enc.encode(prefix), enc.encode(' ' + suffix) if suffix else []
         n = int((train.targets[row] != IGNORE).sum()) - 1          # caption tokens before the closing EOT
         if n != len(tokens) or tokens[:len(pre)] != pre or tokens[n - len(suf):] != suf or \
@@ -159,8 +196,10 @@ def noise_weights(config, out_root, noisy_folder, images, seed):
         w = weights[row, :n].tolist()
         name = w[n - n_suf + len(frame):n - 1] if suf else []
         frame_w = w[n - n_suf:n - n_suf + len(frame)] + w[n - 1:n] if suf else []
+        starts = [enc.decode([t]).startswith(' ') for t in tokens[n - n_suf + len(frame):n - 1]] if suf else []
         for kind, part in (('boilerplate', w[:n_pre]), ('caption', w[n_pre:n - n_suf]), ('attribution name', name),
-                           ('attribution frame', frame_w)):
+                           ('attribution frame', frame_w), ('name: word starts', [x for x, s in zip(name, starts) if s]),
+                           ('name: word rest', [x for x, s in zip(name, starts) if not s])):
             sums[kind][0] += sum(part)
             sums[kind][1] += len(part)
     return {'seed': seed, 'kinds': {k: (s / c if c else float('nan'), c) for k, (s, c) in sums.items()}}
@@ -169,10 +208,13 @@ def noise_weights(config, out_root, noisy_folder, images, seed):
 def summary(records, conditions, losses, config, weights=None):
     """The tables: per condition and metric, each objective's mean ± std and its paired difference to NTP."""
     by = {(r['condition'], r['loss'], r['seed']): r for r in records}
+    # A condition's columns and tests all use the seeds where every objective finished.
+    complete = {cond: sorted({s for (c, _, s) in by if c == cond and all((cond, loss, s) in by for loss in losses)})
+                for cond in conditions}
     tests = {}
     for cond in conditions:
+        seeds = complete[cond]
         for loss in losses[1:]:
-            seeds = sorted(s for (c, l, s) in by if c == cond and l == losses[0] and (cond, loss, s) in by)
             for m in METRICS:
                 tests[cond, loss, m] = stats.t_test([by[cond, loss, s]['test'][m] - by[cond, losses[0], s]['test'][m]
                                                      for s in seeds])
@@ -182,14 +224,19 @@ def summary(records, conditions, losses, config, weights=None):
         tests[key].update(p_holm=p, significant=ok)
     lines = [f"# {' vs '.join(losses)} on real photos ({config})", '']
     for cond in conditions:
-        seeds = sorted({s for (c, l, s) in by if c == cond})
+        seeds = complete[cond]
+        partial = sorted({s for (c, _, s) in by if c == cond} - set(seeds))
+        if not seeds:
+            lines += [f"## {cond}: no seed where every objective finished", '']
+            continue
         lines += [f"## {cond} ({', '.join(f'seed {s}' for s in seeds)})", '',
+                  *([f"Not counted: seed {', '.join(map(str, partial))} (not every objective finished).", '']
+                    if partial else []),
                   '| metric | ' + ' | '.join(losses) + ' | ' + ' | '.join(
                       f'{loss} - {losses[0]} [95% CI], p, Holm p' for loss in losses[1:]) + ' |',
                   '|---' * (2 * len(losses)) + '|']
         for m in METRICS:
-            cells = [stats.mean_std([by[cond, loss, s]['test'][m] for s in seeds if (cond, loss, s) in by])
-                     for loss in losses]
+            cells = [stats.mean_std([by[cond, loss, s]['test'][m] for s in seeds]) for loss in losses]
             row = [f"{mean:.4f} ± {std:.4f}" for mean, std, _ in cells]
             for loss in losses[1:]:
                 t = tests.get((cond, loss, m))
@@ -241,9 +288,9 @@ def main(argv):
         noisy, images = noisy_dataset(args['config'], out_root)
         extra['noisy'] = [f'--dataset={noisy}', f'--image_root={images}']
     todo = [(c, loss, s) for c in conditions for s in seeds for loss in losses]
+    done = [finished(args['config'], *job, out_root, runs_dir, extra[job[0]]) for job in todo]   # checked first
     if args['report']:                           # an interrupted comparison: the finished runs only, none started
-        paths = [os.path.join(runs_dir, run_name(*job) + '.json') for job in todo]
-        records = [read_json(p) for p in paths if os.path.isfile(p)]
+        records = [r for r in done if r]
         if not records:
             raise ConfigError(f"--report: no finished run in {runs_dir}")
         conditions = [c for c in conditions if any(r['condition'] == c for r in records)]

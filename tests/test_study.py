@@ -116,6 +116,7 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     for metric in ('retrieval_r1', 'retrieval_ratio_r1', 'loss_top_weight', 'bleu4', 'cider', 'distinct'):
         assert f'| {metric}' in table
     assert 'Holm' in table and "PRIOR's mean training weight" in table and 'attribution name' in table
+    assert 'name: word starts' in table and 'name: word rest' in table
     noisy = list(csv.DictReader(open(tmp_path / 'out' / 'noisy_data' / 'captions.csv')))
     clean = list(csv.DictReader(open(data / 'captions.csv')))
     changed = [a['image'] for a, b in zip(noisy, clean) if a['caption'] != b['caption']]
@@ -125,13 +126,17 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     assert math.isfinite(record['test']['loss_top_weight'])      # an NTP run is scored on the reference's tokens too
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and 'seed1:' not in again.stdout and '| retrieval_r1' in again.stdout
-    for name in ('noisy_ntp_seed2', 'noisy_prior_seed2'):                 # as if interrupted before these two
-        (tmp_path / 'results' / 'runs' / f'{name}.json').unlink()
+    assert len(record['commit']) == 40 and isinstance(record['uncommitted'], list)   # the code as it started
+    (tmp_path / 'results' / 'runs' / 'noisy_prior_seed2.json').unlink()          # as if interrupted before it
     report = subprocess.run(cmd + ['--report=True'], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert report.returncode == 0, report.stderr[-2000:]
     assert '## full (seed 1, seed 2)' in report.stdout and '## noisy (seed 1)' in report.stdout
-    assert not (tmp_path / 'results' / 'runs' / 'noisy_ntp_seed2.json').exists()          # nothing was run
+    assert 'Not counted: seed 2' in report.stdout                # NTP's seed 2 has no partner: out of every column
+    assert not (tmp_path / 'results' / 'runs' / 'noisy_prior_seed2.json').exists()          # nothing was run
     assert 'all 9 tests' in report.stdout                      # Holm over the full condition's pairs only
+    config.write_text(config.read_text() + "max_iters = 5\n")    # another recipe: its old results are not reused
+    changed = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert changed.returncode != 0 and 'move it away' in changed.stderr and 'Traceback' not in changed.stderr
     empty = subprocess.run(cmd + ['--report=True', f'--results={tmp_path / "none"}'], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600, env=env)
     assert empty.returncode != 0 and 'no finished run' in empty.stderr and 'Traceback' not in empty.stderr
