@@ -197,9 +197,11 @@ def noise_weights(config, out_root, noisy_folder, images, seed):
         name = w[n - n_suf + len(frame):n - 1] if suf else []
         frame_w = w[n - n_suf:n - n_suf + len(frame)] + w[n - 1:n] if suf else []
         starts = [enc.decode([t]).startswith(' ') for t in tokens[n - n_suf + len(frame):n - 1]] if suf else []
+        word_starts = [x for x, s in zip(name, starts) if s]
+        word_rest = [x for x, s in zip(name, starts) if not s]
         for kind, part in (('boilerplate', w[:n_pre]), ('caption', w[n_pre:n - n_suf]), ('attribution name', name),
-                           ('attribution frame', frame_w), ('name: word starts', [x for x, s in zip(name, starts) if s]),
-                           ('name: word rest', [x for x, s in zip(name, starts) if not s])):
+                           ('attribution frame', frame_w), ('name: word starts', word_starts),
+                           ('name: word rest', word_rest)):
             sums[kind][0] += sum(part)
             sums[kind][1] += len(part)
     return {'seed': seed, 'kinds': {k: (s / c if c else float('nan'), c) for k, (s, c) in sums.items()}}
@@ -255,10 +257,11 @@ def summary(records, conditions, losses, config, weights=None):
     walls = sorted(r['wall_s'] for r in records)
     commits = ', '.join(f"{c[:7]} ({n} run{'s' * (n > 1)})"
                         for c, n in collections.Counter(r['commit'] for r in records).items())
-    lines += [f"{len(records)} runs; wall time {walls[0] / 60:.1f} to {walls[-1] / 60:.1f} min each (the first "
-              f"builds the caches). Commits: {commits}. ± is the std over seeds; "
-              f"intervals are t-based over the seed pairs; p is the paired t-test's; Holm p is corrected across "
-              f"all {len(tests)} tests above; bold: significant after that correction (and which side is better)."]
+    lines += [f"{len(records)} runs; wall time {walls[0] / 60:.1f} to {walls[-1] / 60:.1f} min each (a resumed run: "
+              f"its last part; the first run also builds the caches). Commits as the runs started: {commits}. "
+              f"± is the std over seeds; intervals are t-based over the seed pairs; p is the paired t-test's; Holm p "
+              f"is corrected across all {len(tests)} tests above; bold: significant after that correction (and which "
+              f"side is better)."]
     return '\n'.join(lines) + '\n'
 
 
