@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-N_BOOT = 10000                  # bootstrap draws for power_law_ci
+N_BOOT = 1000                   # bootstrap draws for power_law_ci
 
 
 def finite(values):
@@ -112,7 +112,7 @@ def power_law_ci(points, seed=0, level=0.95):
     xs = sorted(points)
     rng = np.random.default_rng(seed)
     ks = []
-    for _ in range(N_BOOT // 10):
+    for _ in range(N_BOOT):
         ys = [np.mean(np.asarray(points[x])[rng.integers(len(points[x]), size=len(points[x]))]) for x in xs]
         ks.append(fit_power_law(xs, ys)[0])
     lo, hi = np.quantile(ks, [(1 - level) / 2, (1 + level) / 2])
