@@ -14,6 +14,7 @@ from captions import split_of
 from config import ConfigError
 from study import stats
 from study.flickr import noisy_dataset
+from study.noise_echo import strip_noise
 from study.plan import PRESETS, SETTINGS, run_name, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +94,12 @@ def test_noisy_captions_keep_the_recipes_image_folder(tmp_path):
         noisy_dataset(str(config), str(tmp_path / 'out2'))
 
 
+def test_noise_is_cut_from_captions_and_nothing_else():
+    assert strip_noise('Stock photo: A dog runs . Photo by Ana Silva.') == 'A dog runs .'
+    assert strip_noise('Image of a man on a bench .') == 'a man on a bench .'
+    assert strip_noise('A photo of a dog by the sea .') == 'A photo of a dog by the sea .'    # no noise to cut
+
+
 @pytest.mark.slow
 def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     """study.flickr on a tiny photo folder with the pretrained EfficientNet-Lite0: every (condition, loss,
@@ -140,6 +147,16 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     empty = subprocess.run(cmd + ['--report=True', f'--results={tmp_path / "none"}'], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600, env=env)
     assert empty.returncode != 0 and 'no finished run' in empty.stderr and 'Traceback' not in empty.stderr
+    echo = subprocess.run([sys.executable, '-m', 'study.noise_echo', '--seeds=1,2', f'--out={tmp_path / "out"}',
+                           f'--results={tmp_path / "results"}'], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert echo.returncode == 0, echo.stderr[-2000:]
+    shares = json.loads((tmp_path / 'results' / 'noise_echo' / 'noisy_prior_seed1.json').read_text())
+    assert 0 <= shares['attribution'] <= 1 and 0 <= shares['boilerplate'] <= 1 and len(shares['examples']) == 3
+    noisy_eval = json.loads((tmp_path / 'results' / 'runs' / 'noisy_ntp_seed1.json').read_text())['test']
+    ntp = json.loads((tmp_path / 'results' / 'noise_echo' / 'noisy_ntp_seed1.json').read_text())
+    assert ntp['bleu4'] == pytest.approx(noisy_eval['bleu4'], abs=1e-9)     # the run's own captions, again
+    assert '| attribution |' in (tmp_path / 'results' / 'noise_echo.md').read_text()
     margin = subprocess.run([sys.executable, '-m', 'study.retrieval_margin',
                              f'--ckpt={tmp_path}/out/full_ntp_seed1/ckpt.pt', '--split=test'],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
