@@ -75,8 +75,10 @@ def main(argv):
             name = run_name('noisy', loss, seed)
             path, ckpt = os.path.join(folder, name + '.json'), os.path.join(args['out'], name, 'ckpt.pt')
             if not os.path.isfile(path):
+                if not os.path.isfile(os.path.join(args['results'], 'runs', name + '.json')):
+                    continue                     # not finished (yet): its checkpoint may be a mid-run one
                 if not os.path.isfile(ckpt):
-                    continue                     # not run (yet)
+                    raise ConfigError(f"{ckpt}: the checkpoint of the finished run {name} is not there (--out)")
                 record = {'name': name, 'ckpt': ckpt, **echo(ckpt, args['n_generate'])}
                 atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
                 print(f"{name}: {', '.join(f'{m} {record[m]:.3f}' for m in METRICS)}", flush=True)
