@@ -49,7 +49,7 @@ from data import load_splits, make_vocab
 from prior_loss import IGNORE, token_weights
 from reference import ensure_reference
 from study import stats
-from study.plan import ROOT
+from study.plan import ROOT, code_state
 from tokenizer import get_tokenizer
 
 FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3,4,5', 'conditions': 'frozen,full,noisy',
@@ -118,10 +118,6 @@ def settings(command):
     return [a for a in command.split()[1:] if a != '--resume=True']
 
 
-def git(*args):
-    return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
 def command(config, condition, loss, seed, out_root, extra):
     return [sys.executable, os.path.join(ROOT, 'train.py'), config, f'--loss={loss}', f'--seed={seed}',
             f'--out_dir={os.path.join(out_root, run_name(condition, loss, seed))}'] + CONDITIONS[condition] + extra
@@ -150,7 +146,7 @@ def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
     if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
         cmd.append('--resume=True')
     env = dict(os.environ, PYTHONUNBUFFERED='1', **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
-    commit, changed = git('rev-parse', 'HEAD'), git('status', '--porcelain', '--untracked-files=no').splitlines()
+    commit, uncommitted = code_state()
     t0 = time.time()
     os.makedirs(out_root, exist_ok=True)
     with open(os.path.join(out_root, name + '.log'), 'w') as log:
@@ -161,7 +157,7 @@ def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
         test = json.load(f)
     record = dict(name=name, condition=condition, loss=loss, seed=seed, command=' '.join(cmd[1:]),
                   config_sha256=file_sha256(config), wall_s=round(time.time() - t0, 1), test=test,
-                  commit=commit, uncommitted=[line[3:] for line in changed])    # the code as the run started
+                  commit=commit, uncommitted=uncommitted)    # the code as the run started
     atomic_write(os.path.join(runs_dir, name + '.json'), lambda f: f.write(json.dumps(record, indent=1).encode()))
     print(f"{name}: {', '.join(f'{m} {test[m]:.4f}' for m in METRICS)} ({record['wall_s']:.0f} s)", flush=True)
     return record

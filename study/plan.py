@@ -11,6 +11,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import subprocess
 import time
 
 import numpy as np
@@ -69,6 +70,13 @@ def spec(setting, objective, lr, seed, **extra):
     return dict(setting=setting, objective=objective, lr=lr, seed=seed, **extra)
 
 
+def code_state():
+    """The commit checked out and the tracked files changed since: the code a run starts with."""
+    def git(*args):                              # porcelain lines start with a status column: keep its spaces
+        return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
+    return git('rev-parse', 'HEAD'), [line[3:] for line in git('status', '--porcelain', '--untracked-files=no').splitlines()]
+
+
 def run_name(s):
     parts = [s['setting'], s['objective'], f"lr{s['lr']:g}", f"s{s['seed']}"]
     parts += [f"{k}{s[k]:g}" if isinstance(s[k], float) else f"{k}{s[k]}" for k in SPEC_KEYS if k in s]
@@ -100,6 +108,7 @@ def execute(s, preset, out_root, runs_dir, data_seed):
     # a checkpoint without a record: the run was interrupted, and continues where it stopped
     cfg = dataclasses.replace(cfg, resume=os.path.exists(os.path.join(cfg.out_dir, 'ckpt.pt')))
     os.makedirs(cfg.out_dir, exist_ok=True)
+    commit, uncommitted = code_state()
     t0 = time.time()
     with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as logf:
         train(cfg, log=lambda *a, **k: print(*a, file=logf, flush=True))
@@ -121,7 +130,7 @@ def execute(s, preset, out_root, runs_dir, data_seed):
                   n_params=sum(p.numel() for p in model.parameters()),
                   n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad),
                   class_weights=weights, sample_captions=captions[:3], train_seconds=train_seconds,
-                  seconds=time.time() - t0)
+                  seconds=time.time() - t0, commit=commit, uncommitted=uncommitted)
     os.makedirs(runs_dir, exist_ok=True)
     with open(path + f'.tmp{os.getpid()}', 'w') as f:
         json.dump(record, f, indent=1)

@@ -15,6 +15,7 @@ from config import ConfigError
 from study import stats
 from study.flickr import noisy_dataset
 from study.noise_echo import strip_noise
+from study import plan
 from study.plan import PRESETS, SETTINGS, run_name, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +59,25 @@ def test_study_tiny_end_to_end_and_resume(tmp_path):
     for name in ('summary.md', 'curves.png', 'scaling.png', 'weak_spot.png'):
         assert (res / name).stat().st_size > 0
     assert '## Main comparison' in text and 'relative gain' in text
+    assert all(len(r['commit']) == 40 for r in runs.values())   # the code each run started with
     again = run_study(tmp_path)                                 # resumes: nothing left to do
     assert ' to do' in again and all(line.endswith(' 0 to do') for line in again.splitlines() if ' to do' in line)
+
+
+def test_code_state_names_the_commit_and_each_changed_file(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    git('init', '-q')
+    for name in ('a.py', 'b.py'):
+        (tmp_path / name).write_text('x = 1\n')
+    git('add', '.')
+    git('commit', '-qm', 'first')
+    (tmp_path / 'a.py').write_text('x = 2\n')                  # changed, not staged: the line starts with a space
+    (tmp_path / 'new.py').write_text('y = 1\n')                # untracked: not the code that ran
+    monkeypatch.setattr(plan, 'ROOT', str(tmp_path))
+    commit, changed = plan.code_state()
+    assert len(commit) == 40 and changed == ['a.py']
 
 
 def test_paired_statistics():
