@@ -7,10 +7,11 @@ The replication study: does PRIOR beat NTP on the shapes data, where, why, and a
     python -m study --preset=beyond    # beyond PRIOR: the gain weightings and the label ceiling, into study/results_beyond/
 
 Options: --jobs=N runs at a time (default 2, one per core) with --threads=N torch threads each
-(default 1); --seeds=1,2,3,4,5 and --data_seed=N re-run the protocol on other seeds or other data
-(write those to another --results=DIR); --out=DIR for checkpoints (default out/study/<preset>).
-Every run writes <results>/runs/<name>.json, and a run whose JSON exists is skipped, so an
-interrupted study resumes where it stopped.
+(default 1); --seeds=6,7,8 and --data_seed=N re-run the protocol on other seeds or other data (by
+default into study/results_<preset>_data<N>_seeds<...>/, or --results=DIR); --out=DIR for
+checkpoints (default out/study/<results folder>). Every run writes <results>/runs/<name>.json, and a
+run whose JSON exists is skipped, so an interrupted study resumes where it stopped; one made with
+other settings (another data seed, preset or config file) is refused before anything runs.
 
 The protocol (study/plan.py): for each setting (configs/shapes_u.py, configs/shapes_h.py) and
 objective of the preset (full: NTP, PRIOR, PRIOR + weight floor), a learning-rate sweep on val;
@@ -25,7 +26,7 @@ import sys
 os.environ.setdefault('OMP_NUM_THREADS', '1')   # before torch: worker processes inherit it
 
 from config import ConfigError, cli, parse_flags  # noqa: E402
-from study.plan import PRESETS, ROOT, load_runs, run_protocol  # noqa: E402
+from study.plan import PRESETS, ROOT, check_runs, load_runs, run_protocol  # noqa: E402
 from study.report import write_report  # noqa: E402
 
 FLAGS = {'preset': 'full', 'report': False, 'jobs': 2, 'threads': 1, 'seeds': '', 'data_seed': 1234,
@@ -39,11 +40,14 @@ def main(argv):
     preset = dict(PRESETS[args['preset']])
     if args['seeds']:
         preset['seeds'] = [int(s) for s in str(args['seeds']).split(',')]
-    default_dir = 'results' if args['preset'] == 'full' and args['data_seed'] == 1234 and not args['seeds'] else \
-        f"results_{args['preset']}"
+    # the default folder names what differs from the protocol's own runs, so other seeds or data never mix with them
+    default_dir = 'results' if args['preset'] == 'full' else f"results_{args['preset']}"
+    default_dir += f"_data{args['data_seed']}" * (args['data_seed'] != 1234)
+    default_dir += f"_seeds{'-'.join(map(str, preset['seeds']))}" * bool(args['seeds'])
     results = args['results'] or os.path.join(ROOT, 'study', default_dir)
     out = args['out'] or os.path.join('out', 'study', os.path.basename(results.rstrip('/')))
     runs_dir = os.path.join(results, 'runs')
+    check_runs(load_runs(runs_dir), preset, out, args['data_seed'])
     runtime = None
     if not args['report']:
         runtime = run_protocol(preset, out, runs_dir, args['data_seed'], args['jobs'], args['threads'])

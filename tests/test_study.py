@@ -62,6 +62,10 @@ def test_study_tiny_end_to_end_and_resume(tmp_path):
     assert all(len(r['commit']) == 40 for r in runs.values())   # the code each run started with
     again = run_study(tmp_path)                                 # resumes: nothing left to do
     assert ' to do' in again and all(line.endswith(' 0 to do') for line in again.splitlines() if ' to do' in line)
+    other = subprocess.run([sys.executable, '-m', 'study', '--preset=tiny', '--data_seed=77', f'--results={res}',
+                            f'--out={tmp_path / "out"}'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and 'data_seed=1234 (here 77)' in other.stderr    # never mixes two data sets
+    assert len(other.stderr.strip().splitlines()) == 1
 
 
 def test_code_state_names_the_commit_and_each_changed_file(tmp_path, monkeypatch):
