@@ -163,6 +163,20 @@ def generate_captions(model, data, vocab, rows, device, batch_size=256):
     return out
 
 
+def rows_by_image(data):
+    """Each image's caption rows, images in order of first appearance."""
+    out = {}
+    for row, img in enumerate(data.image_index.tolist()):
+        out.setdefault(img, []).append(row)
+    return out
+
+
+def caption_refs(data, rows):
+    """The references of a caption scored against its image: the words of every caption of each row's image."""
+    by_image = rows_by_image(data)
+    return [[words(data.texts[r]) for r in by_image[int(data.image_index[row])]] for row in rows]
+
+
 def evaluate(model, data, vocab, device, n_generate=200, ctx=None, reference=None):
     """All metrics of a split, and the greedy captions as (row, text) pairs. Shapes: teacher-forced
     on every caption, greedy on the first n_generate. Data on disk: caption loss, loss on the
@@ -177,13 +191,9 @@ def evaluate(model, data, vocab, device, n_generate=200, ctx=None, reference=Non
         metrics = {'loss': (nll.sum() / (data.targets != IGNORE).sum()).item()}
         metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_probs) if reference else float('nan')
         metrics.update(retrieval_metrics(model, data, device, ctx=ctx, ref_probs=ref_probs))
-        by_image = {}
-        for row, img in enumerate(data.image_index.tolist()):
-            by_image.setdefault(img, []).append(row)
-        gen_rows = torch.tensor([r[0] for r in list(by_image.values())[:n_generate]])
+        gen_rows = torch.tensor([r[0] for r in list(rows_by_image(data).values())[:n_generate]])
         captions = generate_captions(model, data, vocab, gen_rows, device)
-        hyps = [words(c) for c in captions]
-        refs = [[words(data.texts[r]) for r in by_image[int(data.image_index[row])]] for row in gen_rows.tolist()]
+        hyps, refs = [words(c) for c in captions], caption_refs(data, gen_rows.tolist())
         metrics.update(bleu4=bleu4(hyps, refs), cider=cider_d(hyps, refs),
                        distinct=len(set(captions)) / len(captions))     # 1/n: one caption whatever the image
     else:

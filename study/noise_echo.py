@@ -26,7 +26,7 @@ from checkpoint import atomic_write, cache_root
 from config import ConfigError, cli, parse_flags
 from data import load_splits
 from encoder import use_cached_features
-from eval import evaluate, load_trained
+from eval import caption_refs, evaluate, load_trained
 from study import stats
 from study.flickr import BOILERPLATE, read_json, run_name
 
@@ -49,10 +49,7 @@ def echo(ckpt_path, n_generate):
     if cfg.arch == 'h' and cfg.freeze_vision and cfg.init_vision != 'scratch' and cfg.cache_features:
         use_cached_features({'test': data}, model.vision, torch.device('cpu'), cache_root(cfg), log=lambda *a: None)
     metrics, captions = evaluate(model, data, vocab, torch.device('cpu'), n_generate=n_generate)
-    rows_of = {}
-    for row, image in enumerate(data.image_index.tolist()):
-        rows_of.setdefault(image, []).append(row)
-    refs = [[words(data.texts[r]) for r in rows_of[int(data.image_index[row])]] for row, _ in captions]
+    refs = caption_refs(data, [row for row, _ in captions])
     texts = [text for _, text in captions]
     cut = [strip_noise(t) for t in texts]
     return {'attribution': sum(bool(ATTRIBUTION.search(t)) for t in texts) / len(texts),
