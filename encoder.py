@@ -296,6 +296,12 @@ def compute_features(vision, data, device, batch_size=128):
     return out
 
 
+def caches_features(cfg):
+    """Whether a run reads its images through cached features: an H-LVLM whose pretrained encoder stays frozen
+    (every pass would give the same features again; on CPU the encoder costs more than the rest)."""
+    return cfg.arch == 'h' and cfg.freeze_vision and cfg.init_vision != 'scratch' and cfg.cache_features
+
+
 def use_cached_features(splits, vision, device, folder, log=print, is_master=True):
     """Replace every split's images by the frozen `vision` encoder's features, computed on first use
     into folder/features/<key of the images' content + encoder weights>/ and checked against both

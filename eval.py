@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 from caption_scores import bleu4, cider_d, words
-from checkpoint import atomic_write, load_checkpoint
+from checkpoint import atomic_write, cache_root, load_checkpoint
 from config import ConfigError, cli, from_dict, parse_flags
 from data import Vocab, load_splits
 from device import precision_context, resolve_device
+from encoder import caches_features, use_cached_features
 from model import LVLM, GPTConfig
 from prior_loss import IGNORE, token_nll, token_weights
 from reference import reference_file, reference_from, reference_of, score_captions
@@ -312,6 +313,9 @@ def main(argv):
     if args['dataset']:                           # evaluate on other data than the run's own
         cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
     data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)
+    if caches_features(cfg):                      # as train.py: the frozen encoder's features, computed once,
+        cfg.out_dir = os.path.dirname(os.path.abspath(args['ckpt']))      # beside the run folder as it is now
+        use_cached_features({args['split']: data}, model.vision, device, cache_root(cfg))
     ctx = precision_context(device, cfg.precision)            # the run's own, as its final eval
     metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'], ctx=ctx,
                                  reference=reference)

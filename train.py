@@ -29,7 +29,7 @@ from config import ConfigError, Diverged, Interrupted
 from data import load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width, to_device
 from device import (barrier, device_peak_flops, grad_scaler, peak_memory, precision_context, resolve_device,
                     resolve_precision, setup_processes)
-from encoder import ensure_encoder, load_encoder_into, pretrained_vision, use_cached_features
+from encoder import caches_features, ensure_encoder, load_encoder_into, pretrained_vision, use_cached_features
 from images import ImageFiles
 from model import LVLM, gpt_config
 from optim import lr_at, make_optimizer, optimizer_step, set_lr
@@ -207,7 +207,7 @@ def run_training(cfg, log, loss_fn, ckpt, stopper):
     inputs = {'data_fingerprint': train_data.fingerprint(), 'image_fingerprint': train_data.image_fingerprint(),
               'reference_sha256': reference and weights_digest(reference['model'])}
     step = resume(ckpt, model, optimizer, scaler, inputs, log, ckpt_path, cfg)
-    if cfg.arch == 'h' and cfg.freeze_vision and cfg.init_vision != 'scratch' and cfg.cache_features:
+    if caches_features(cfg):
         use_cached_features(splits, raw_model.vision, device, cache_root(cfg), log, master)   # the resumed weights'
     if master:
         start_log(log_path, step)

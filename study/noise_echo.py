@@ -25,7 +25,7 @@ from caption_scores import bleu4, cider_d, words
 from checkpoint import atomic_write, cache_root
 from config import ConfigError, cli, parse_flags
 from data import load_splits
-from encoder import use_cached_features
+from encoder import caches_features, use_cached_features
 from eval import caption_refs, evaluate, load_trained
 from study import stats
 from study.flickr import BOILERPLATE, read_json, run_name
@@ -46,7 +46,7 @@ def echo(ckpt_path, n_generate):
     """The figures of one checkpoint on its test split, and three of its captions."""
     model, vocab, cfg, _ = load_trained(ckpt_path, torch.device('cpu'))
     data = load_splits(cfg, names=('test',), log=lambda *a: None)['test'].encode(vocab)
-    if cfg.arch == 'h' and cfg.freeze_vision and cfg.init_vision != 'scratch' and cfg.cache_features:
+    if caches_features(cfg):
         use_cached_features({'test': data}, model.vision, torch.device('cpu'), cache_root(cfg), log=lambda *a: None)
     metrics, captions = evaluate(model, data, vocab, torch.device('cpu'), n_generate=n_generate)
     refs = caption_refs(data, [row for row, _ in captions])

@@ -1,6 +1,7 @@
 """The H-LVLM's encoders: the offline CLIP-style ViT, torchvision models with their weights loaded
 through torchvision's own path, the cached features of a frozen encoder, and captioning metrics."""
 import dataclasses
+import json
 import os
 import random
 import subprocess
@@ -120,6 +121,22 @@ def test_cached_features_stand_in_for_pixels(shapes_h):
     encoder.use_cached_features(load_splits(cfg, names=('test',)), model.vision, 'cpu', cache_root(cfg),
                                 log=logs.append)
     assert len(logs) == 1
+
+
+def test_eval_reads_the_frozen_encoders_features_from_the_runs_cache(shapes_h, tmp_path, capsys, monkeypatch):
+    import eval as evaluation
+    from train import train
+    cfg, _, _ = shapes_h
+    train(cfg, log=lambda *a: None)                               # its final test eval reads cached features
+    features = sorted(p.parent.name for p in (tmp_path / 'cache' / 'features').glob('*/features.npy'))
+    monkeypatch.setattr(ViT, 'forward', lambda *a: pytest.fail('eval ran the frozen encoder again'))
+    monkeypatch.chdir(tmp_path / 'cache')                         # the cache is found from any directory
+    evaluation.main([f'--ckpt={cfg.out_dir}/ckpt.pt', '--split=test', '--n_generate=8', f'--out={tmp_path / "e.json"}'])
+    assert 'encoder:' not in capsys.readouterr().out               # read back, nothing computed
+    assert sorted(p.parent.name for p in (tmp_path / 'cache' / 'features').glob('*/features.npy')) == features
+    mine, trains = json.loads((tmp_path / 'e.json').read_text()), json.loads((tmp_path / 'run' / 'eval_test.json').read_text())
+    for key in ('loss', 'loss_relevant', 'attr_acc'):              # from the same features as train's own eval
+        assert mine[key] == trains[key]
 
 
 def test_torchvision_encoder_loads_weights_through_torchvision(tmp_path):
