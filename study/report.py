@@ -100,7 +100,7 @@ def aggregate(preset, runs):
     seeds = preset['seeds']
     plan = list(phases(preset, runs))
     agg = {'preset': preset, 'sweep': {}, 'best_lr': {}, 'main': {}, 'comparisons': {}, 'sample_efficiency': {},
-           'class_weights': {}, 'scaling': {}, 'frozen_lm': {}}
+           'class_weights': {}, 'final_val': {}, 'scaling': {}, 'frozen_lm': {}}
     if len(plan) < 2:
         return agg                               # the sweep is not finished: nothing to compare yet
     objectives = preset['objectives']
@@ -117,6 +117,7 @@ def aggregate(preset, runs):
             tag = f'{st}/{cond}'
             agg['main'][tag] = {obj: {m: stats.mean_std([metric(r['test'], m) for r in g.values()])
                                       for m in TABLE_METRICS} for obj, g in group.items()}
+            agg['final_val'][tag] = {obj: [r['val']['attr_acc'] for r in g.values()] for obj, g in group.items()}
             for obj in objectives[1:]:
                 if obj in group and 'ntp' in group:
                     agg['comparisons'][f'{tag}/{obj}'] = compare(group[obj], group['ntp'])
@@ -253,6 +254,9 @@ def summary_text(agg, preset, preset_name, data_seed, runtime):
         lines.append(f"| {key} | {', '.join(f'{lr}: {v:.3f}' for lr, v in sweep.items())} | {agg['best_lr'][key]:g} |")
     lines += ['', '## Every comparison with NTP (test split, paired by seed; Holm across the relative gains)', '']
     lines += headline_table(agg)
+    ran = {obj: [g[obj] for g in agg['final_val'].values() if obj in g] for obj in preset['objectives']}
+    lines += ['', "Final val attr_acc, mean over the conditions and seeds each objective ran in: " + ', '.join(
+        f"{obj} {np.mean(sum(v, [])):.4f} ({len(v)} conditions)" for obj, v in ran.items()) + '.']
     lines += ['', '## Main comparison (test split, mean ± std over seeds)', '']
     for tag in agg['main']:
         lines += main_section(agg, tag, preset) + ['']

@@ -60,6 +60,7 @@ def test_study_tiny_end_to_end_and_resume(tmp_path):
         assert (res / name).stat().st_size > 0
     assert '## Main comparison' in text and 'relative gain' in text
     assert '| U, clean | prior | ' in text and '| H, noisy | prior | ' in text      # the headline table, a row each
+    assert 'ntp 0.' in text.split('Final val attr_acc')[1].split('\n')[0]
     assert all(len(r['commit']) == 40 for r in runs.values())   # the code each run started with
     again = run_study(tmp_path)                                 # resumes: nothing left to do
     assert ' to do' in again and all(line.endswith(' 0 to do') for line in again.splitlines() if ' to do' in line)
