@@ -304,6 +304,8 @@ def check(cfg):
         raise ValueError("n_embd and vit_embd must be multiples of n_head")
     if cfg.loss in ('oracle', 'label') and cfg.dataset != 'shapes':
         raise ValueError(f"loss {cfg.loss!r} needs the true token classes, which only the built-in shapes data has")
+    if cfg.loss in ('oracle', 'label') and (cfg.alpha != 1 or cfg.weight_floor):
+        raise ValueError(f"loss {cfg.loss!r} fixes its weights from the token classes: alpha and weight_floor do not apply")
     if cfg.init_vision != 'scratch' and cfg.arch != 'h':
         raise ValueError(f"init_vision {cfg.init_vision!r} initialises the H-LVLM's encoder; arch 'u' has none")
     if cfg.init_vision == 'pretrained' and cfg.vision == 'vit':

@@ -23,7 +23,7 @@ The loss divides by the number of caption tokens in the batch, or by `n_tokens` 
 batch is one micro-batch of a larger step (gradient accumulation, DDP): dividing every part
 by the whole step's count makes the step's loss the same however it is cut.
 
-Beyond PRIOR (not in the paper; the study tests them, README: Results). A weight of (1 - P_r)
+Beyond PRIOR (not in the paper; README: Beyond PRIOR, where the study tests them). A weight of (1 - P_r)
 cannot tell a token that needs the image from one that nothing predicts (a photographer's name):
 both are hard for the text alone. What the LVLM itself already gets from the image can:
 
@@ -93,6 +93,8 @@ def prior_loss(logits, targets, ref_probs, alpha=1.0, weight_floor=0.0, n_tokens
 def gain_weights(nll, targets, ref_probs, loss, alpha=1.0):
     """The weights [B,T] of loss 'gain' or 'prior_gain' (see the top of this file), mean 1 per caption,
     from the LVLM's own per-token NLL of this step and the reference's probabilities."""
+    if loss not in ('gain', 'prior_gain'):
+        raise ValueError(f"gain_weights: loss must be 'gain' or 'prior_gain', got {loss!r}")
     gain = -nll.float() - ref_probs.float().clamp(min=1e-30).log()     # log p(t | image) - log P_r(t)
     if loss == 'gain':
         return per_caption_mean_one(1.0 + gain.clamp(0.0, 1.0), targets)

@@ -33,6 +33,7 @@ OBJECTIVES = {'ntp': {'loss': 'ntp'}, 'prior': {'loss': 'prior'}, 'prior_floor':
               'prior_a05': {'loss': 'prior', 'alpha': 0.5}, 'label': {'loss': 'label'}, 'gain': {'loss': 'gain'},
               'prior_gain': {'loss': 'prior_gain'}}
 STATIC_WEIGHTS = ('prior', 'prior_floor', 'prior_a05', 'label')     # weights fixed before training (else: the model's)
+DYNAMIC_WEIGHT_ROWS = 2000                       # the training captions whose weights the gain weightings report
 SELECT_METRIC = 'attr_acc'                       # chosen on val, teacher-forced, higher is better
 SPEC_KEYS = ('caption_noise', 'n_train', 'max_iters', 'freeze_lm')    # what a spec may change beyond the preset
 
@@ -58,7 +59,7 @@ PRESETS = {
         base=dict(n_train=96, n_val=32, n_test=32, n_layer=1, n_head=2, n_embd=16, vit_layer=1, vit_embd=16,
                   max_iters=8, warmup_iters=2, batch_size=8, eval_interval=2, eval_batches=1, log_interval=4,
                   ckpt_interval=0, ref_max_iters=4, ref_batch_size=16, enc_max_iters=4, enc_batch_size=16),
-        objectives=('ntp', 'prior', 'prior_floor', 'gain'), noisy_objectives=('ntp', 'prior'),
+        objectives=('ntp', 'prior', 'prior_floor', 'label', 'gain', 'prior_gain'), noisy_objectives=('ntp', 'prior'),
         lrs=[2e-3, 4e-3, 8e-3], seeds=[1, 2], floor=0.2, n_generate=4, caption_noise=0.3,
         compute_fractions=[1 / 4, 1 / 2], data_fractions=[1 / 2], scaling_seeds=2, frozen_lm_seeds=1),
 }
@@ -138,7 +139,7 @@ def execute(s, preset, out_root, runs_dir, data_seed):
     return record
 
 
-def class_weights(objective, cfg, model, data, vocab, ckpt, n_rows=2000):
+def class_weights(objective, cfg, model, data, vocab, ckpt, n_rows=DYNAMIC_WEIGHT_ROWS):
     """The objective's mean training weight per true token class (1 = NTP). Weights fixed before training
     (PRIOR, the label ceiling) over every training caption; the gain weightings', which move with the
     model, as the trained model gives them on the first n_rows training captions."""
@@ -197,7 +198,7 @@ def val_score(runs, setting, objective, lr, preset):
 
 def sweep_lrs(runs, setting, objective, preset):
     """The rates to sweep: the preset's, extended by its lr_step (default 2) past an edge that wins (up to
-    twice each way), so the chosen rate always has a tried neighbour on both sides."""
+    twice each way), so the chosen rate has a tried neighbour on both sides unless it lies beyond both extensions."""
     lrs, step = list(preset['lrs']), preset.get('lr_step', 2)
     for _ in range(4):
         scores = {lr: val_score(runs, setting, objective, lr, preset) for lr in lrs}

@@ -19,7 +19,8 @@ import matplotlib
 import numpy as np
 
 from study import stats
-from study.plan import SETTINGS, best_lr, phases, run_name, select_seeds, setting_value, spec, sweep_lrs, val_score
+from study.plan import (DYNAMIC_WEIGHT_ROWS, SETTINGS, STATIC_WEIGHTS, best_lr, phases, run_name, select_seeds,
+                        setting_value, spec, sweep_lrs, val_score)
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -117,7 +118,7 @@ def aggregate(preset, runs):
             tag = f'{st}/{cond}'
             agg['main'][tag] = {obj: {m: stats.mean_std([metric(r['test'], m) for r in g.values()])
                                       for m in TABLE_METRICS} for obj, g in group.items()}
-            agg['final_val'][tag] = {obj: [r['val']['attr_acc'] for r in g.values()] for obj, g in group.items()}
+            agg['final_val'][tag] = {obj: {sd: r['val']['attr_acc'] for sd, r in g.items()} for obj, g in group.items()}
             for obj in objectives[1:]:
                 if obj in group and 'ntp' in group:
                     agg['comparisons'][f'{tag}/{obj}'] = compare(group[obj], group['ntp'])
@@ -179,7 +180,8 @@ def verdict(s):
     """t, p and the verdict; for a headline test, after Holm's correction across the table."""
     if 'p_holm' in s:
         return (f"paired t = {s['t']:.2f}, p = {s['p']:.3f}, Holm-adjusted p = {s['p_holm']:.3f} (n = {s['n']}): "
-                + ('**significant**' if s['significant_holm'] else 'not significant') + ' after correction')
+                + (('**significantly better**' if s['mean'] > 0 else '**significantly worse**') if s['significant_holm']
+                   else 'not significant') + ' after correction')
     return (f"paired t = {s['t']:.2f}, p = {s['p']:.3f} (n = {s['n']}, uncorrected): "
             + ('**significant**' if s['significant'] else 'not significant'))
 
@@ -214,9 +216,15 @@ def main_section(agg, tag, preset):
         lines.append(f"  Sample efficiency: reaches NTP's final val attr_acc in {len(reached)} of {len(se)} seeds"
                      + (f", at step {at} of {se[0]['ntp_steps']} (speed-up {speedup})" if reached else '') + '.')
         w = agg['class_weights'][f'{tag}/{obj}']
-        lines.append(f"  Mean training weight per token class (1 = NTP): relevant {w['relevant']:.2f}, "
-                     f"filler {w['filler']:.2f}, noise {w['noise']:.2f}.")
+        lines.append(f"  Mean training weight per token class (1 = NTP{weights_from(obj)}): relevant "
+                     f"{w['relevant']:.2f}, filler {w['filler']:.2f}, noise {w['noise']:.2f}"
+                     + (" (names and cities, and the wrong shape words)" if cond == 'noisy' else '') + '.')
     return lines
+
+
+def weights_from(objective):
+    return '' if objective in STATIC_WEIGHTS else \
+        f"; as the trained model weighs the first {DYNAMIC_WEIGHT_ROWS:,} training captions"
 
 
 def headline_table(agg):
@@ -229,9 +237,10 @@ def headline_table(agg):
         g, w = c['relative_gain'], agg['class_weights'][key]
         acc = agg['main'][f'{st}/{cond}']
         reached = sum(1 for e in agg['sample_efficiency'][key] if e['speedup'])
+        sig = (' **sig. better**' if g['mean'] > 0 else ' **sig. worse**') if g['significant_holm'] else ''
         lines.append(f"| {st.upper()}, {cond} | {obj} | {acc['ntp']['attr_acc'][0]:.3f} -> {acc[obj]['attr_acc'][0]:.3f} | "
                      f"{pct(g).replace('95% CI ', '')} | {g['t']:.2f}, {g['p']:.3f}, {g['p_holm']:.3f}"
-                     f"{' **sig.**' if g['significant_holm'] else ''} | {pts(c['recall']).replace(' pts', '')} | "
+                     f"{sig} | {pts(c['recall']).replace(' pts', '')} | "
                      f"{pts(c['exact']).replace(' pts', '')} | {c['loss_relevant']['mean']:+.3f} / "
                      f"{c['loss_filler']['mean']:+.3f} | {reached} of {len(agg['sample_efficiency'][key])} seeds | "
                      f"{w['relevant']:.2f} / {w['filler']:.2f} / {w['noise']:.2f} |")
@@ -255,8 +264,10 @@ def summary_text(agg, preset, preset_name, data_seed, runtime):
     lines += ['', '## Every comparison with NTP (test split, paired by seed; Holm across the relative gains)', '']
     lines += headline_table(agg)
     ran = {obj: [g[obj] for g in agg['final_val'].values() if obj in g] for obj in preset['objectives']}
-    lines += ['', "Final val attr_acc, mean over the conditions and seeds each objective ran in: " + ', '.join(
-        f"{obj} {np.mean(sum(v, [])):.4f} ({len(v)} conditions)" for obj, v in ran.items()) + '.']
+    fresh = [sd for sd in preset['seeds'] if sd not in select_seeds(preset)]
+    lines += ['', f"Final val attr_acc, mean over the conditions each objective ran in and seeds {fresh} (not those "
+              "that chose the rates): " + ', '.join(f"{obj} {np.mean([v for g in c for sd, v in g.items() if sd in fresh]):.4f}"
+                                                    f" ({len(c)} conditions)" for obj, c in ran.items()) + '.']
     lines += ['', '## Main comparison (test split, mean ± std over seeds)', '']
     for tag in agg['main']:
         lines += main_section(agg, tag, preset) + ['']
@@ -336,7 +347,7 @@ def plot_weak_spot(agg, preset, path):
     axes[0].set_title('Where each weighting puts the weight (U)', fontsize=10), axes[0].legend(fontsize=7)
     objectives = preset['objectives']
     width = 0.8 / len(objectives)
-    for k, obj in enumerate(objectives):
+    for k, obj in enumerate(o for o in objectives if o in agg['main']['u/clean']):     # a partial report: those run
         means = [agg['main']['u/clean'][obj][f'loss_{c}'][0] for c in classes]
         stds = [agg['main']['u/clean'][obj][f'loss_{c}'][1] for c in classes]
         axes[1].bar(np.arange(3) + k * width, means, yerr=stds, width=width, color=COLOURS[obj], label=obj)

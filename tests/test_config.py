@@ -38,6 +38,9 @@ def test_unknown_key_names_the_nearest():
 def test_oracle_needs_token_classes():
     with pytest.raises(ValueError, match='oracle'):
         load_config(['--loss=oracle', '--dataset=/data/flickr8k'])
+    for flag in ('--alpha=2', '--weight_floor=0.2'):             # the ceilings' weights are fixed: 2:1 and 1:0
+        with pytest.raises(ValueError, match='alpha and weight_floor do not apply'):
+            load_config(['--loss=label', flag])
 
 
 def test_config_file_then_flags(tmp_path):

@@ -125,6 +125,8 @@ def test_gain_weights_follow_their_formulas():
             m = targets[b] != IGNORE
             torch.testing.assert_close(w[b][m], m.sum() * raw[b][m] / raw[b][m].sum())
             assert (w[b][~m] == 0).all()
+    with pytest.raises(ValueError, match="'gain' or 'prior_gain'"):    # a typo is not silently prior_gain
+        gain_weights(nll, targets, ref_probs, 'gian')
 
 
 def test_gain_upweights_what_the_image_explains_not_what_nothing_predicts():

@@ -53,6 +53,8 @@ def test_study_tiny_end_to_end_and_resume(tmp_path):
     assert len(agg['scaling']['ntp']['compute']['points']) == len(preset['compute_fractions']) + 1
     assert set(agg['class_weights']['u/clean/prior']) == {'relevant', 'filler', 'noise'}
     assert math.isfinite(agg['class_weights']['u/clean/gain']['relevant'])   # the gain weights, from the trained model
+    label = agg['class_weights']['h/clean/label']                          # the ceiling: relevant tokens x2
+    assert 1.6 < label['relevant'] / label['filler'] < 2.4 and label['noise'] == pytest.approx(label['filler'], rel=0.2)
     assert 'vs NTP**' in text and '**gain vs NTP**' in text
     h_frozen = runs[run_name(spec('h', 'ntp', agg['best_lr']['h/ntp'], preset['seeds'][0], freeze_lm=True))]
     assert h_frozen['n_trained'] < runs[run_name(spec('h', 'ntp', agg['best_lr']['h/ntp'], preset['seeds'][0]))]['n_trained']

@@ -61,6 +61,21 @@ def test_short_train_and_eval(tiny_cfg, arch, loss):
         assert all(torch.equal(ckpt['model'][f'lm.{k}'], v) for k, v in ref.items())
 
 
+def test_objective_sends_each_loss_to_its_formula_with_the_configs_alpha(tiny_cfg):
+    from prior_loss import gain_loss, ntp_loss, prior_loss
+    from train import objective
+    torch.manual_seed(0)
+    logits, targets, ref = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5)), torch.rand(2, 5)
+    targets[1, 3:] = IGNORE
+    for loss, want in (('gain', lambda: gain_loss(logits, targets, ref, 'gain', 0.5)),
+                       ('prior_gain', lambda: gain_loss(logits, targets, ref, 'prior_gain', 0.5)),
+                       ('prior', lambda: prior_loss(logits, targets, ref, 0.5, 0.1))):
+        cfg = dataclasses.replace(tiny_cfg, loss=loss, alpha=0.5, weight_floor=0.1)
+        assert torch.equal(objective(cfg, logits, targets, ref), want())
+    assert torch.equal(objective(dataclasses.replace(tiny_cfg, loss='ntp'), logits, targets), ntp_loss(logits, targets))
+    assert not torch.equal(gain_loss(logits, targets, ref, 'prior_gain', 0.5), gain_loss(logits, targets, ref, 'prior_gain'))
+
+
 def test_eval_cli_and_figure(tiny_cfg, tmp_path):
     train(tiny_cfg, log=lambda *a: None)
     ckpt = os.path.join(tiny_cfg.out_dir, 'ckpt.pt')
