@@ -147,29 +147,21 @@ def class_weights(objective, cfg, model, data, vocab, ckpt, n_rows=DYNAMIC_WEIGH
     ref_probs = np.asarray(load_cache(ckpt['ref_ckpt'], data, vocab)) if cfg.loss != 'label' else None
     if objective not in STATIC_WEIGHTS:
         rows = rows[:n_rows]
-    _, idx, targets, classes = data.batch(rows, 'cpu')
-    p_r = target_weights_source(cfg, ref_probs, 'cpu')(rows, idx, targets, classes)
-    if objective in STATIC_WEIGHTS:
-        w = token_weights(p_r, targets, cfg.alpha, cfg.weight_floor)
-    else:
-        with torch.no_grad():
-            nll = torch.cat([token_nll(model(*data.batch(rows[i:i + 256], 'cpu')[:2]), targets[i:i + 256])
-                             for i in range(0, len(rows), 256)])
-        w = gain_weights(nll, targets, p_r, cfg.loss, cfg.alpha)
+    w, classes = objective_weights(objective, cfg, model, data, rows, ref_probs)
     return {c: float(w[classes == k].mean()) for k, c in enumerate(CLASS_NAMES)}
 
 
-def check_runs(runs, preset, out_root, data_seed):
-    """Refuse a finished run made with other settings (another --data_seed, preset or config file) than
-    this study would use for its spec: reusing it would mix two experiments. Compares the settings both
-    know, except where the run's files went."""
-    for name, r in runs.items():
-        want = json.loads(json.dumps(config_mod.as_dict(make_config(r['spec'], preset, out_root, data_seed))))
-        diff = sorted(k for k in set(want) & set(r['config']) - {'out_dir', 'resume'} if want[k] != r['config'][k])
-        if diff:
-            shown = ', '.join(f"{k}={r['config'][k]!r} (here {want[k]!r})" for k in diff[:3])
-            raise config_mod.ConfigError(f"run {name} was made with other settings than this study's: {shown}; "
-                                         f"pass another --results")
+def objective_weights(objective, cfg, model, data, rows, ref_probs):
+    """(weights [len(rows), T] the objective gives the rows of `data`, their true token classes). ref_probs:
+    P_r [len(data), T] of every row (None for the label ceiling); the gain weightings also run `model`."""
+    _, idx, targets, classes = data.batch(rows, 'cpu')
+    p_r = target_weights_source(cfg, ref_probs, 'cpu')(rows, idx, targets, classes)
+    if objective in STATIC_WEIGHTS:
+        return token_weights(p_r, targets, cfg.alpha, cfg.weight_floor), classes
+    with torch.no_grad():
+        nll = torch.cat([token_nll(model(*data.batch(rows[i:i + 256], 'cpu')[:2]), targets[i:i + 256])
+                         for i in range(0, len(rows), 256)])
+    return gain_weights(nll, targets, p_r, cfg.loss, cfg.alpha), classes
 
 
 def load_runs(runs_dir):

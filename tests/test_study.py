@@ -64,6 +64,15 @@ def test_study_tiny_end_to_end_and_resume(tmp_path):
     assert '| U, clean | prior | ' in text and '| H, noisy | prior | ' in text      # the headline table, a row each
     assert 'ntp 0.' in text.split('Final val attr_acc')[1].split('\n')[0]
     assert all(len(r['commit']) == 40 for r in runs.values())   # the code each run started with
+    weights = subprocess.run([sys.executable, '-m', 'study.token_weights', '--preset=tiny', f'--results={res}',
+                              '--objectives=label,gain'], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert weights.returncode == 0, weights.stderr[-3000:]
+    table = (res / 'token_weights.md').read_text()
+    for split in ('train', 'val'):                              # post hoc, on captions trained on and not
+        assert f'| U, clean | gain | {split} |' in table and f'| H, clean | label | {split} |' in table
+    val = next(line for line in table.splitlines() if line.startswith('| U, clean | label | val |')).split(' | ')
+    assert 1.6 < float(val[3].split()[0]) / float(val[4].split()[0]) < 2.4      # relevant vs filler: the ceiling's 2:1
     again = run_study(tmp_path)                                 # resumes: nothing left to do
     assert ' to do' in again and all(line.endswith(' 0 to do') for line in again.splitlines() if ' to do' in line)
     other = subprocess.run([sys.executable, '-m', 'study', '--preset=tiny', '--data_seed=77', f'--results={res}',
