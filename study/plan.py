@@ -164,6 +164,19 @@ def objective_weights(objective, cfg, model, data, rows, ref_probs):
     return gain_weights(nll, targets, p_r, cfg.loss, cfg.alpha), classes
 
 
+def check_runs(runs, preset, out_root, data_seed):
+    """Refuse a finished run made with other settings (another --data_seed, preset or config file) than
+    this study would use for its spec: reusing it would mix two experiments. Compares the settings both
+    know, except where the run's files went."""
+    for name, r in runs.items():
+        want = json.loads(json.dumps(config_mod.as_dict(make_config(r['spec'], preset, out_root, data_seed))))
+        diff = sorted(k for k in set(want) & set(r['config']) - {'out_dir', 'resume'} if want[k] != r['config'][k])
+        if diff:
+            shown = ', '.join(f"{k}={r['config'][k]!r} (here {want[k]!r})" for k in diff[:3])
+            raise config_mod.ConfigError(f"run {name} was made with other settings than this study's: {shown}; "
+                                         f"pass another --results")
+
+
 def load_runs(runs_dir):
     out = {}
     for fn in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
