@@ -26,7 +26,7 @@ import sys
 os.environ.setdefault('OMP_NUM_THREADS', '1')   # before torch: worker processes inherit it
 
 from config import ConfigError, cli, parse_flags  # noqa: E402
-from study.plan import PRESETS, ROOT, check_runs, load_runs, run_protocol  # noqa: E402
+from study.plan import PRESETS, check_runs, load_runs, results_folder, run_protocol  # noqa: E402
 from study.report import write_report  # noqa: E402
 
 FLAGS = {'preset': 'full', 'report': False, 'jobs': 2, 'threads': 1, 'seeds': '', 'data_seed': 1234,
@@ -40,11 +40,7 @@ def main(argv):
     preset = dict(PRESETS[args['preset']])
     if args['seeds']:
         preset['seeds'] = [int(s) for s in str(args['seeds']).split(',')]
-    # the default folder names what differs from the protocol's own runs, so other seeds or data never mix with them
-    default_dir = 'results' if args['preset'] == 'full' else f"results_{args['preset']}"
-    default_dir += f"_data{args['data_seed']}" * (args['data_seed'] != 1234)
-    default_dir += f"_seeds{'-'.join(map(str, preset['seeds']))}" * bool(args['seeds'])
-    results = args['results'] or os.path.join(ROOT, 'study', default_dir)
+    results = args['results'] or results_folder(args['preset'], args['data_seed'], args['seeds'] and preset['seeds'])
     out = args['out'] or os.path.join('out', 'study', os.path.basename(results.rstrip('/')))
     runs_dir = os.path.join(results, 'runs')
     check_runs(load_runs(runs_dir), preset, out, args['data_seed'])

@@ -71,6 +71,14 @@ def spec(setting, objective, lr, seed, **extra):
     return dict(setting=setting, objective=objective, lr=lr, seed=seed, **extra)
 
 
+def results_folder(preset_name, data_seed=1234, seeds=None):
+    """The default results folder: it names what differs from the protocol's own runs (the preset, a data
+    seed, seeds), so re-runs on other seeds or data never mix with them."""
+    name = 'results' if preset_name == 'full' else f"results_{preset_name}"
+    name += f"_data{data_seed}" * (data_seed != 1234) + (f"_seeds{'-'.join(map(str, seeds))}" if seeds else '')
+    return os.path.join(ROOT, 'study', name)
+
+
 def code_state():
     """The commit checked out and the tracked files changed since: the code a run starts with."""
     def git(*args):                              # porcelain lines start with a status column: keep its spaces

@@ -17,7 +17,6 @@ Each run at its setting's chosen rate, every seed and condition whose checkpoint
 brackets, the reference's mean P_r. Writes <results>/token_weights.md.
 """
 
-import json
 import os
 import sys
 
@@ -25,13 +24,13 @@ import numpy as np
 import torch
 
 from checkpoint import atomic_write
-from config import ConfigError, cli, from_dict, parse_flags
+from config import ConfigError, cli, parse_flags
 from data import load_splits
 from eval import load_trained, reference_probs
 from reference import reference_of
 from shapes import FILLER, NOISE, RELEVANT, SHAPES
-from study.plan import (DYNAMIC_WEIGHT_ROWS, PRESETS, ROOT, SETTINGS, best_lr, load_runs, objective_weights, run_name,
-                        spec)
+from study.plan import DYNAMIC_WEIGHT_ROWS, PRESETS, SETTINGS, best_lr, load_runs, objective_weights, results_folder
+from study.report import CONDITIONS, by_seed
 from tokenizer import get_tokenizer
 
 FLAGS = {'preset': 'beyond', 'results': '', 'objectives': '', 'rows': DYNAMIC_WEIGHT_ROWS}
@@ -66,16 +65,15 @@ def main(argv):
     if args['preset'] not in PRESETS:
         raise ConfigError(f"--preset must be one of {list(PRESETS)}, got {args['preset']!r}")
     preset = PRESETS[args['preset']]
-    results = args['results'] or os.path.join(ROOT, 'study', 'results' if args['preset'] == 'full' else
-                                              f"results_{args['preset']}")
+    results = args['results'] or results_folder(args['preset'])
     objectives = [o for o in (args['objectives'].split(',') if args['objectives'] else preset['objectives']) if o != 'ntp']
     runs, rows, skipped = load_runs(os.path.join(results, 'runs')), [], 0
     for st in SETTINGS:
         for obj in objectives:
             lr = best_lr(runs, st, obj, preset)
-            for cond, extra in (('clean', {}), ('noisy', {'caption_noise': preset['caption_noise']})):
-                found = [runs.get(run_name(spec(st, obj, lr, sd, **extra))) for sd in preset['seeds']]
-                found = [r for r in found if r]
+            for cond, key in CONDITIONS.items():
+                extra = {key: preset['caption_noise']} if key else {}
+                found = list(by_seed(runs, st, obj, lr, preset['seeds'], **extra).values())
                 done = [r for r in found if os.path.isfile(os.path.join(r['config']['out_dir'], 'ckpt.pt'))]
                 skipped += len(found) - len(done)
                 per_seed = [run_weights(r, args['rows']) for r in done]
