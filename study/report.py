@@ -12,7 +12,6 @@ The metrics were fixed before the comparison ran (see the README):
 """
 
 import json
-import math
 import os
 
 import matplotlib
@@ -362,7 +361,7 @@ def write_report(preset, preset_name, runs, results_dir, data_seed, runtime=None
     agg = aggregate(preset, runs)
     os.makedirs(results_dir, exist_ok=True)
     with open(os.path.join(results_dir, 'study.json'), 'w') as f:
-        json.dump(agg, f, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
+        json.dump(agg, f, indent=1)
     if not agg['main']:
         return 'the sweep has not finished: no report yet\n'
     text = summary_text(agg, preset, preset_name, data_seed, runtime)

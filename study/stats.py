@@ -81,10 +81,14 @@ def t_test(values, level=0.95):
 
 
 def holm(p_values, alpha=0.05):
-    """Holm's step-down correction for a family of tests: (adjusted p-values, which are significant)."""
-    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    adjusted, running = [1.0] * len(p_values), 0.0
+    """Holm's step-down correction for a family of tests: (adjusted p-values, which are significant).
+    A test not yet run (p NaN, in a partial study) still counts in the family's size, which is fixed in
+    advance, and stays NaN and not significant."""
+    order = sorted(range(len(p_values)), key=lambda i: (math.isnan(p_values[i]), p_values[i]))
+    adjusted, running = [float('nan')] * len(p_values), 0.0
     for rank, i in enumerate(order):
+        if math.isnan(p_values[i]):
+            break
         running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted, [a < alpha for a in adjusted]

@@ -106,6 +106,9 @@ def test_paired_statistics():
     assert stats.t_sf2(1.95996, 10 ** 6) == pytest.approx(0.05, abs=1e-5) and stats.t_sf2(0.0, 3) == 1.0
     adjusted, survives = stats.holm([0.01, 0.04, 0.03, 0.2])
     assert adjusted == pytest.approx([0.04, 0.09, 0.09, 0.2]) and survives == [True, False, False, False]
+    adjusted, survives = stats.holm([float('nan'), 0.01, 0.04, float('nan')])   # a partial study: 4 in the family
+    assert math.isnan(adjusted[0]) and math.isnan(adjusted[3]) and adjusted[1:3] == pytest.approx([0.04, 0.12])
+    assert survives == [False, True, False, False]
     k, a, r2 = stats.fit_power_law([1, 10, 100], [1.0, 0.5, 0.25])
     assert k == pytest.approx(math.log10(2)) and r2 == pytest.approx(1.0)
     assert stats.first_step_reaching([(0, 0.2), (5, 0.6), (10, 0.9)], 0.5) == 5
