@@ -35,6 +35,7 @@ OBJECTIVES = {'ntp': {'loss': 'ntp'}, 'prior': {'loss': 'prior'}, 'prior_floor':
 STATIC_WEIGHTS = ('prior', 'prior_floor', 'prior_a05', 'label')     # weights fixed before training (else: the model's)
 DYNAMIC_WEIGHT_ROWS = 2000                       # the training captions whose weights the gain weightings report
 SELECT_METRIC = 'attr_acc'                       # chosen on val, teacher-forced, higher is better
+CONDITIONS = {'clean': {}, 'noisy': 'caption_noise'}    # training captions as drawn, or noised (its spec key)
 SPEC_KEYS = ('caption_noise', 'n_train', 'max_iters', 'freeze_lm')    # what a spec may change beyond the preset
 
 PRESETS = {
@@ -194,6 +195,15 @@ def load_runs(runs_dir):
             out[r['name']] = r
     return out
 
+
+def by_seed(runs, setting, objective, lr, seeds, **extra):
+    """{seed: run JSON} of one condition's runs that have finished."""
+    out = {}
+    for sd in seeds:
+        r = runs.get(run_name(spec(setting, objective, lr, sd, **extra)))
+        if r is not None:
+            out[sd] = r
+    return out
 
 # ---------------------------------------------------------------------------------------------
 # The protocol, phase by phase; a phase may read the results of the phases before it.

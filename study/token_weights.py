@@ -29,8 +29,8 @@ from data import load_splits
 from eval import load_trained, reference_probs
 from reference import reference_of
 from shapes import FILLER, NOISE, RELEVANT, SHAPES
-from study.plan import DYNAMIC_WEIGHT_ROWS, PRESETS, SETTINGS, best_lr, load_runs, objective_weights, results_folder
-from study.report import CONDITIONS, by_seed
+from study.plan import (CONDITIONS, DYNAMIC_WEIGHT_ROWS, PRESETS, SETTINGS, best_lr, by_seed, load_runs,
+                        objective_weights, results_folder)
 from tokenizer import get_tokenizer
 
 FLAGS = {'preset': 'beyond', 'results': '', 'objectives': '', 'rows': DYNAMIC_WEIGHT_ROWS}
