@@ -70,7 +70,8 @@ def plot_weak_spot(agg, preset, path):
     tags = [t for t in agg['class_weights'] if t.startswith('u/')]
     for k, tag in enumerate(tags):
         axes[0].bar(np.arange(3) + k * 0.8 / len(tags), [agg['class_weights'][tag][c] for c in classes],
-                    width=0.8 / len(tags), label=tag)
+                    width=0.8 / len(tags), label=tag, color=COLOURS[tag.split('/')[-1]],
+                    hatch='//' if '/noisy/' in tag else None, edgecolor='white')      # noisy: hatched
     axes[0].set_xticks(np.arange(3) + 0.4 - 0.4 / max(1, len(tags))), axes[0].set_xticklabels(classes)
     axes[0].axhline(1.0, color='gray', lw=0.8), axes[0].set_ylabel('mean training weight (NTP = 1)')
     axes[0].set_title('Where each weighting puts the weight (U)', fontsize=10), axes[0].legend(fontsize=7)
