@@ -21,8 +21,8 @@ first run builds the reference and the encoder's features alone on every core; t
 a time with --threads each. Each run's test metrics, command, wall time, and the commit (with any
 uncommitted files) as it started go to <results>/runs/<name>.json (an existing one is not re-run, so an
 interrupted comparison resumes; one made by another config file or other settings is refused);
-<results>/summary.md holds the tables over the seeds where every objective finished: mean ± std per
-objective, the paired difference to NTP with its t-based 95% interval and p-value, and Holm's
+<results>/summary.md (NTP vs PRIOR; other objectives: summary_ntp-gain.md and so on) holds the tables
+over the seeds where every objective finished: mean ± std per objective, the paired difference to NTP with its t-based 95% interval and p-value, and Holm's
 correction across every test of the summary. For
 the noisy condition it also gives PRIOR's mean training weight on the real caption tokens and on
 each kind of added noise (from the noisy captions' reference: it needs no noisy run).
@@ -272,6 +272,13 @@ def as_list(args, key, cast=str, allowed=None):
     return values
 
 
+def summary_path(results, losses):
+    """summary.md holds the NTP-vs-PRIOR comparison; any other set of objectives gets its own file
+    (summary_ntp-gain.md), so that comparing a new weighting on the same runs does not replace it."""
+    default = losses == FLAGS['losses'].split(',')
+    return os.path.join(results, 'summary.md' if default else f"summary_{'-'.join(losses)}.md")
+
+
 def main(argv):
     args = parse_flags(argv, FLAGS)
     seeds = as_list(args, 'seeds', int)
@@ -300,7 +307,7 @@ def main(argv):
                 lambda job: run(args['config'], *job, out_root, runs_dir, args['threads'], extra[job[0]]), todo[1:]))
     weights = noise_weights(args['config'], out_root, noisy, images, seeds[0]) if noisy and 'prior' in losses else None
     text = summary(records, conditions, losses, args['config'], weights)
-    with open(os.path.join(results, 'summary.md'), 'w') as f:
+    with open(summary_path(results, losses), 'w') as f:
         f.write(text)
     print(text)
 

@@ -97,6 +97,13 @@ def test_code_state_names_the_commit_and_each_changed_file(tmp_path, monkeypatch
     assert len(commit) == 40 and changed == ['a.py']
 
 
+def test_flickr_summary_of_another_comparison_has_its_own_file():
+    from study.flickr import summary_path
+    assert summary_path('R', ['ntp', 'prior']) == os.path.join('R', 'summary.md')
+    assert summary_path('R', ['ntp', 'gain']) == os.path.join('R', 'summary_ntp-gain.md')
+    assert summary_path('R', ['ntp', 'prior_gain']) != summary_path('R', ['ntp', 'prior', 'gain'])
+
+
 def test_paired_statistics():
     assert stats.t_test([0.1, 0.12, 0.09, 0.11, 0.1])['p'] < 1e-4
     assert stats.t_test([0.1, -0.1, 0.05, -0.06])['p'] > 0.5
