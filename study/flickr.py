@@ -22,8 +22,8 @@ a time with --threads each. Each run's test metrics, command, wall time, and the
 uncommitted files) as it started go to <results>/runs/<name>.json (an existing one is not re-run, so an
 interrupted comparison resumes; one made by another config file or other settings is refused);
 <results>/summary.md (NTP vs PRIOR; other objectives: summary_ntp-gain.md and so on) holds the tables
-over the seeds where every objective finished: mean ± std per objective, the paired difference to NTP with its t-based 95% interval and p-value, and Holm's
-correction across every test of the summary. For
+over the seeds where every objective finished: mean ± std per objective, the paired difference to NTP
+with its t-based 95% interval and p-value, and Holm's correction across every test of the summary. For
 the noisy condition it also gives PRIOR's mean training weight on the real caption tokens and on
 each kind of added noise (from the noisy captions' reference: it needs no noisy run).
 """

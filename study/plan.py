@@ -205,6 +205,7 @@ def by_seed(runs, setting, objective, lr, seeds, **extra):
             out[sd] = r
     return out
 
+
 # ---------------------------------------------------------------------------------------------
 # The protocol, phase by phase; a phase may read the results of the phases before it.
 
