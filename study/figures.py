@@ -6,7 +6,7 @@ condition, the scaling fits, and where each weighting puts its weight (with the 
 import matplotlib
 import numpy as np
 
-from study.plan import CONDITIONS, SETTINGS, by_seed
+from study.plan import CONDITIONS, SETTINGS, by_seed, condition_extra
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -26,10 +26,10 @@ def save_figure(fig, title, path):
 def plot_curves(runs, agg, preset, path):
     fig, axes = plt.subplots(len(SETTINGS), len(CONDITIONS), figsize=(11, 7.5), squeeze=False)
     for i, st in enumerate(SETTINGS):
-        for j, (cond, key) in enumerate(CONDITIONS.items()):
+        for j, cond in enumerate(CONDITIONS):
             ax = axes[i, j]
             for obj in preset['objectives']:
-                extra = {key: preset['caption_noise']} if key else {}
+                extra = condition_extra(preset, cond)
                 g = by_seed(runs, st, obj, agg['best_lr'][f'{st}/{obj}'], preset['seeds'], **extra)
                 if not g:
                     continue

@@ -35,7 +35,7 @@ OBJECTIVES = {'ntp': {'loss': 'ntp'}, 'prior': {'loss': 'prior'}, 'prior_floor':
 STATIC_WEIGHTS = ('prior', 'prior_floor', 'prior_a05', 'label')     # weights fixed before training (else: the model's)
 DYNAMIC_WEIGHT_ROWS = 2000                       # the training captions whose weights the gain weightings report
 SELECT_METRIC = 'attr_acc'                       # chosen on val, teacher-forced, higher is better
-CONDITIONS = {'clean': {}, 'noisy': 'caption_noise'}    # training captions as drawn, or noised (its spec key)
+CONDITIONS = ('clean', 'noisy')                  # training captions as drawn, or with caption noise
 SPEC_KEYS = ('caption_noise', 'n_train', 'max_iters', 'freeze_lm')    # what a spec may change beyond the preset
 
 PRESETS = {
@@ -196,6 +196,11 @@ def load_runs(runs_dir):
     return out
 
 
+def condition_extra(preset, condition):
+    """The spec keys that make a run of `condition` (clean: none)."""
+    return {'caption_noise': preset['caption_noise']} if condition == 'noisy' else {}
+
+
 def by_seed(runs, setting, objective, lr, seeds, **extra):
     """{seed: run JSON} of one condition's runs that have finished."""
     out = {}
@@ -254,7 +259,7 @@ def phases(preset, runs):
         return
     best = {(st, obj): best_lr(runs, st, obj, preset) for st in SETTINGS for obj in objectives}
     yield 'main', [spec(st, obj, best[st, obj], sd) for st in SETTINGS for obj in objectives for sd in seeds]
-    yield 'caption noise', [spec(st, obj, best[st, obj], sd, caption_noise=preset['caption_noise'])
+    yield 'caption noise', [spec(st, obj, best[st, obj], sd, **condition_extra(preset, 'noisy'))
                             for st in SETTINGS for obj in preset['noisy_objectives'] for sd in seeds]
     scaling = []
     for obj in ('ntp', 'prior'):

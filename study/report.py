@@ -17,8 +17,8 @@ import os
 import numpy as np
 
 from study import figures, stats
-from study.plan import (CONDITIONS, DYNAMIC_WEIGHT_ROWS, SETTINGS, STATIC_WEIGHTS, best_lr, by_seed, phases,
-                        select_seeds, setting_value, sweep_lrs, val_score)
+from study.plan import (CONDITIONS, DYNAMIC_WEIGHT_ROWS, SETTINGS, STATIC_WEIGHTS, best_lr, by_seed, condition_extra,
+                        phases, select_seeds, setting_value, sweep_lrs, val_score)
 
 REL_METRICS = ('acc_count', 'acc_colour', 'acc_shape', 'acc_position', 'grounded')
 ABS_METRICS = ('recall', 'exact')
@@ -94,8 +94,8 @@ def aggregate(preset, runs):
             agg['sweep'][f'{st}/{obj}'] = {f'{lr:g}': val_score(runs, st, obj, lr, preset) for lr in lrs}
             agg['best_lr'][f'{st}/{obj}'] = best_lr(runs, st, obj, preset)
     for st in SETTINGS:
-        for cond, key in CONDITIONS.items():
-            extra = {key: preset['caption_noise']} if key else {}
+        for cond in CONDITIONS:
+            extra = condition_extra(preset, cond)
             group = {obj: by_seed(runs, st, obj, agg['best_lr'][f'{st}/{obj}'], seeds, **extra) for obj in objectives}
             group = {obj: g for obj, g in group.items() if g}          # noisy captions: only the noisy_objectives
             tag = f'{st}/{cond}'

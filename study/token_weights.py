@@ -29,8 +29,8 @@ from data import load_splits
 from eval import load_trained, reference_probs
 from reference import reference_of
 from shapes import FILLER, NOISE, RELEVANT, SHAPES
-from study.plan import (CONDITIONS, DYNAMIC_WEIGHT_ROWS, PRESETS, SETTINGS, best_lr, by_seed, load_runs,
-                        objective_weights, results_folder)
+from study.plan import (CONDITIONS, DYNAMIC_WEIGHT_ROWS, PRESETS, SETTINGS, best_lr, by_seed, condition_extra,
+                        load_runs, objective_weights, results_folder)
 from tokenizer import get_tokenizer
 
 FLAGS = {'preset': 'beyond', 'results': '', 'objectives': '', 'rows': DYNAMIC_WEIGHT_ROWS}
@@ -71,8 +71,8 @@ def main(argv):
     for st in SETTINGS:
         for obj in objectives:
             lr = best_lr(runs, st, obj, preset)
-            for cond, key in CONDITIONS.items():
-                extra = {key: preset['caption_noise']} if key else {}
+            for cond in CONDITIONS:
+                extra = condition_extra(preset, cond)
                 found = list(by_seed(runs, st, obj, lr, preset['seeds'], **extra).values())
                 done = [r for r in found if os.path.isfile(os.path.join(r['config']['out_dir'], 'ckpt.pt'))]
                 skipped += len(found) - len(done)
