@@ -32,13 +32,15 @@ import time
 import numpy as np
 import torch
 
-import config as config_mod
-from data import load_splits, make_loader, make_vocab, micro_batches, to_device
-from device import (device_peak_flops, grad_scaler, peak_memory, precision_context, reset_peak_memory,
-                    resolve_device, resolve_precision)
+from config import load_config, settings_help
+from data import load_splits, make_loader, make_vocab, micro_batches
 from model import GPT, gpt_config
-from optim import make_optimizer
 from reference import score_captions, target_probs
+from runs.cli import cli, parse_flags
+from runs.devices import (device_peak_flops, grad_scaler, peak_memory, precision_context, reset_peak_memory,
+                          resolve_device, resolve_precision, to_device)
+from runs.optim import make_optimizer
+from runs.progress import sequence_flops
 from train import build_model, train_step
 
 BENCH_FLAGS = {'bench_iters': 20, 'bench_warmup': 3}
@@ -52,65 +54,66 @@ def parse_args(argv):
     """(bench flags, Config): bench-only flags apart, the rest exactly as train.py reads them."""
     ours = [a for a in argv if a.startswith('--') and a[2:].partition('=')[0] in BENCH_FLAGS]
     rest = [a for a in argv if a not in ours]
-    return config_mod.parse_flags(ours, BENCH_FLAGS), config_mod.load_config(['--n_train=2048'] + rest)
+    return parse_flags(ours, BENCH_FLAGS), load_config(['--n_train=2048'] + rest)
 
 
-def main(argv):
-    bench, cfg = parse_args(argv)
-    device = resolve_device(cfg.device)
-    cuda = str(device).startswith('cuda')
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    ctx, scaler = precision_context(device, cfg.precision), grad_scaler(device, cfg.precision)
+class Bench:
+    """One model, optimiser and reference as train.py builds them (a scratch LM of the same shape),
+    the training split, and cached P_r: random values, memory-mapped from disk like train.py's cache."""
 
-    # ---- data, models, optimiser: train.py's pieces, with a scratch LM of the same shape ----
-    splits = load_splits(cfg, names=('train', 'val'))
-    vocab = make_vocab(cfg, splits['train'])
-    for data in splits.values():
-        data.encode(vocab)
-    train = splits['train']
-    lm = gpt_config(cfg, vocab)
-    build_cfg = dataclasses.replace(cfg, init_lm='scratch', init_vision='scratch', n_layer=lm.n_layer, n_head=lm.n_head,
-                                    n_embd=lm.n_embd)          # weights do not change speed; frozen parts stay frozen
-    raw_model = build_model(build_cfg, vocab, device)
-    optimizer = make_optimizer(raw_model, cfg.learning_rate, cfg)
-    torch.manual_seed(cfg.seed + 1)
-    ref = GPT(lm).to(device).eval().requires_grad_(False)
-    model, ref_fwd = (torch.compile(raw_model), torch.compile(ref)) if cfg.compile else (raw_model, ref)
-    model.train()
-    # cached P_r: random values, memory-mapped from disk like train.py's np.load(mmap_mode='r')
-    tmp = tempfile.TemporaryDirectory()
-    cache = os.path.join(tmp.name, 'ref_probs_train.npy')
-    np.save(cache, np.random.default_rng(0).random(train.targets.shape, dtype=np.float32))
-    ref_probs = np.load(cache, mmap_mode='r')
+    def __init__(self, cfg, n_iters):
+        self.cfg, self.device = cfg, resolve_device(cfg.device)
+        self.cuda = str(self.device).startswith('cuda')
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.ctx, self.scaler = precision_context(self.device, cfg.precision), grad_scaler(self.device, cfg.precision)
+        self.splits = load_splits(cfg, names=('train', 'val'))
+        self.vocab = make_vocab(cfg, self.splits['train'])
+        for data in self.splits.values():
+            data.encode(self.vocab)
+        self.train = self.splits['train']
+        lm = gpt_config(cfg, self.vocab)
+        build_cfg = dataclasses.replace(cfg, init_lm='scratch', init_vision='scratch', n_layer=lm.n_layer,
+                                        n_head=lm.n_head, n_embd=lm.n_embd)    # weights do not change speed
+        self.raw_model = build_model(build_cfg, self.vocab, self.device)       # frozen parts stay frozen
+        self.optimizer = make_optimizer(self.raw_model, cfg.learning_rate, cfg)
+        torch.manual_seed(cfg.seed + 1)
+        self.ref = GPT(lm).to(self.device).eval().requires_grad_(False)
+        self.model, self.ref_fwd = (torch.compile(self.raw_model), torch.compile(self.ref)) if cfg.compile \
+            else (self.raw_model, self.ref)
+        self.model.train()
+        self.tmp = tempfile.TemporaryDirectory()
+        cache = os.path.join(self.tmp.name, 'ref_probs_train.npy')
+        np.save(cache, np.random.default_rng(0).random(self.train.targets.shape, dtype=np.float32))
+        self.ref_probs = np.load(cache, mmap_mode='r')
+        # one loader per variant over the same stream of rows, as train.py builds its own
+        self.loaders = {v: iter(make_loader(self.train, micro_batches(len(self.train), cfg, 1, 0, 0, n_iters),
+                                            cfg.num_workers, self.cuda)) for v in VARIANTS}
 
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    peak = device_peak_flops(device)
-    precision = resolve_precision(device, cfg.precision) + ('' if cuda else f', {torch.get_num_threads()} threads')
-    print(f"bench: {cfg.arch} LVLM, {n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
-          f"reference GPT {sum(p.numel() for p in ref.parameters()) / 1e6:.2f}M, vocab {vocab.size}; "
-          f"{raw_model.n_prefix} image + <= {cfg.block_size} text tokens; batch {cfg.batch_size} x "
-          f"{cfg.grad_accum} accum")
-    print(f"device: {torch.cuda.get_device_name(device) if cuda else 'cpu'}, {precision}, compile "
-          f"{cfg.compile}; peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s"
-          f"{'' if cuda else ' (measured fp32 matmul)'}; load average {os.getloadavg()[0]:.2f}")
+    def describe(self):
+        cfg, raw_model, device = self.cfg, self.raw_model, self.device
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        peak = device_peak_flops(device)
+        precision = resolve_precision(device, cfg.precision) + ('' if self.cuda else f', {torch.get_num_threads()} threads')
+        print(f"bench: {cfg.arch} LVLM, {n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
+              f"reference GPT {sum(p.numel() for p in self.ref.parameters()) / 1e6:.2f}M, vocab {self.vocab.size}; "
+              f"{raw_model.n_prefix} image + <= {cfg.block_size} text tokens; batch {cfg.batch_size} x "
+              f"{cfg.grad_accum} accum")
+        print(f"device: {torch.cuda.get_device_name(device) if self.cuda else 'cpu'}, {precision}, compile "
+              f"{cfg.compile}; peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s"
+              f"{'' if self.cuda else ' (measured fp32 matmul)'}; load average {os.getloadavg()[0]:.2f}")
 
-    # one loader per variant over the same stream of rows, as train.py builds its own
-    n_iters = bench['bench_warmup'] + bench['bench_iters']
-    loaders = {v: iter(make_loader(train, micro_batches(len(train), cfg.batch_size, cfg.grad_accum, 1, 0, cfg.seed,
-                                                        0, n_iters), cfg.num_workers, cuda)) for v in VARIANTS}
-
-    def timed(variant):
-        """The variant's loader and P_r source for train.step, each adding its seconds to `spent`
+    def timed(self, variant):
+        """The variant's loader and P_r source for train_step, each adding its seconds to `spent`
         (synced around the timed part, so the shares are upper bounds: train.py never syncs mid-run
         and may prepare a batch while the device still works)."""
         spent = dict(data=0.0, lookup=0.0, ref_flops=0.0)
 
         def next_batch():
-            sync()
+            self.sync()
             t = time.perf_counter()
-            batch = next(loaders[variant])
-            sync()
+            batch = next(self.loaders[variant])
+            self.sync()
             spent['data'] += time.perf_counter() - t
             return batch
 
@@ -118,40 +121,32 @@ def main(argv):
             if variant == 'ntp':
                 return None
             if variant == 'online':
-                spent['ref_flops'] += ref.flops_per_sequence(targets.size(1), mode='forward') * len(rows)
-                with torch.no_grad(), ctx:
-                    return target_probs(ref_fwd, idx, targets)
-            sync()
+                spent['ref_flops'] += sequence_flops(self.ref, targets.size(1), mode='forward') * len(rows)
+                with torch.no_grad(), self.ctx:
+                    return target_probs(self.ref_fwd, idx, targets)
+            self.sync()
             t = time.perf_counter()
-            p = to_device(torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]), device)
-            sync()
+            p = to_device(torch.from_numpy(self.ref_probs[rows.numpy(), :targets.size(1)]), self.device)
+            self.sync()
             spent['lookup'] += time.perf_counter() - t
             return p
         return spent, iter(next_batch, None), ref_probs_of
 
-    def step(variant, it):
+    def step(self, variant, it):
         """One iteration of train.py's own train_step. Returns seconds (total, data, P_r lookup) and the work done."""
-        spent, batches, ref_probs_of = timed(variant)
-        sync()
+        spent, batches, ref_probs_of = self.timed(variant)
+        self.sync()
         t0 = time.perf_counter()
-        _, _, flops, tokens = train_step(cfg, model, raw_model, optimizer, train, batches, it, ref_probs_of,
-                                         device=device, ctx=ctx, scaler=scaler)
-        sync()
+        _, _, flops, tokens = train_step(self.cfg, self.model, self.raw_model, self.optimizer, self.train, batches, it,
+                                         ref_probs_of, device=self.device, ctx=self.ctx, scaler=self.scaler)
+        self.sync()
         return dict(s=time.perf_counter() - t0, data=spent['data'] + spent['lookup'], lookup=spent['lookup'],
                     flops=flops, ref_flops=spent['ref_flops'], tokens=tokens,
-                    images=cfg.batch_size * cfg.grad_accum)
+                    images=self.cfg.batch_size * self.cfg.grad_accum)
 
-    # ---- the variants take turns, iteration by iteration ----
-    runs = {v: [] for v in VARIANTS}
-    mem = dict.fromkeys(VARIANTS, 0)
-    for it in range(n_iters):
-        for v in VARIANTS:
-            reset_peak_memory(cuda)
-            r = step(v, it)
-            mem[v] = max(mem[v], peak_memory(cuda))
-            if it >= bench['bench_warmup']:
-                runs[v].append(r)
 
+def report(bench, runs, mem, n_iters, n_warmup):
+    """The table of medians, the PRIOR/NTP step-time ratios, and what they mean."""
     def med(v, key='s'):
         return statistics.median(r[key] for r in runs[v])
 
@@ -159,8 +154,8 @@ def main(argv):
         return statistics.fmean(r[key] for r in runs[v])
 
     rates = {v: (mean(v, 'flops') + mean(v, 'ref_flops')) / med(v) for v in VARIANTS}     # all FLOPs done
-    peak = device_peak_flops(device, max(rates.values()))   # a CPU peak measured while busy can be too low
-    print(f"\n{bench['bench_iters']} timed iterations after {bench['bench_warmup']} warmup (medians):")
+    peak = device_peak_flops(bench.device, max(rates.values()))   # a CPU peak measured while busy can be too low
+    print(f"\n{n_iters} timed iterations after {n_warmup} warmup (medians):")
     print(f"{'variant':8} {'ms/iter':>9} {'tokens/s':>11} {'images/s':>10} {'MFU':>7} {'data':>7} "
           f"{'lookup':>7} {'peak mem':>10}")
     for v in VARIANTS:
@@ -177,19 +172,38 @@ def main(argv):
     print(f"PRIOR/NTP step time: cached {cached:.3f}, online {online:.3f} (FLOPs predict {predicted:.3f}, "
           f"so online costs {100 * (online / predicted - 1):+.1f}% over its FLOPs)")
     print(f"data = loader (+ P_r lookup for cached) share of step time; lookup = P_r lookup alone; "
-          f"peak mem = {'max_memory_allocated' if cuda else 'peak RSS (ru_maxrss)'} per variant")
+          f"peak mem = {'max_memory_allocated' if bench.cuda else 'peak RSS (ru_maxrss)'} per variant")
 
-    # ---- offline scoring, what PRIOR pays once per dataset instead of once per step ----
-    val = splits['val']
-    score_captions(ref, val, device)                        # warm up (allocator, kernels)
-    sync()
+
+def scoring_speed(bench):
+    """Offline scoring, what PRIOR pays once per dataset instead of once per step."""
+    val = bench.splits['val']
+    score_captions(bench.ref, val, bench.device)            # warm up (allocator, kernels)
+    bench.sync()
     t0 = time.perf_counter()
-    score_captions(ref, val, device)
-    sync()
+    score_captions(bench.ref, val, bench.device)
+    bench.sync()
     print(f"reference scoring (reference.score_captions, val split): {len(val) / (time.perf_counter() - t0):,.0f} "
           f"captions/s ({len(val)} captions, fp32)")
-    tmp.cleanup()
+
+
+def main(argv):
+    flags, cfg = parse_args(argv)
+    n_iters = flags['bench_warmup'] + flags['bench_iters']
+    bench = Bench(cfg, n_iters)
+    bench.describe()
+    runs, mem = {v: [] for v in VARIANTS}, dict.fromkeys(VARIANTS, 0)
+    for it in range(n_iters):                    # the variants take turns, iteration by iteration
+        for v in VARIANTS:
+            reset_peak_memory(bench.cuda)
+            r = bench.step(v, it)
+            mem[v] = max(mem[v], peak_memory(bench.cuda))
+            if it >= flags['bench_warmup']:
+                runs[v].append(r)
+    report(bench, runs, mem, flags['bench_iters'], flags['bench_warmup'])
+    scoring_speed(bench)
+    bench.tmp.cleanup()
 
 
 if __name__ == '__main__':
-    config_mod.cli(main, sys.argv[1:], __doc__, BENCH_HELP + config_mod.settings_help())
+    cli(main, sys.argv[1:], __doc__, BENCH_HELP + settings_help())

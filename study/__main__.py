@@ -25,7 +25,8 @@ import sys
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')   # before torch: worker processes inherit it
 
-from config import ConfigError, cli, parse_flags  # noqa: E402
+from runs.cli import cli, parse_flags  # noqa: E402
+from runs.errors import ConfigError  # noqa: E402
 from study.plan import PRESETS, check_runs, load_runs, results_folder, run_protocol  # noqa: E402
 from study.report import write_report  # noqa: E402
 

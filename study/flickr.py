@@ -42,15 +42,18 @@ import time
 import numpy as np
 import torch
 
-from captions import detect, split_of
-from checkpoint import atomic_write, content_key, file_sha256
-from config import ConfigError, cli, load_config, parse_flags
+from sources.captions import detect, split_of
+from runs.caches import content_key
+from runs.files import atomic_write, file_sha256
+from config import load_config
+from runs.cli import cli, parse_flags
+from runs.errors import ConfigError
 from data import load_splits, make_vocab
 from prior_loss import IGNORE, token_weights
 from reference import ensure_reference
 from study import stats
 from study.plan import ROOT, code_state
-from tokenizer import get_tokenizer
+from sources.tokenizer import get_tokenizer
 
 FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3,4,5', 'conditions': 'frozen,full,noisy',
          'losses': 'ntp,prior', 'jobs': 2, 'threads': 1, 'results': 'study/results/flickr', 'out': 'out/flickr_study',

@@ -21,11 +21,13 @@ import sys
 
 import torch
 
-from caption_scores import bleu4, cider_d, words
-from checkpoint import atomic_write, cache_root
-from config import ConfigError, cli, parse_flags
+from metrics.caption_scores import bleu4, cider_d, words
+from runs.caches import cache_root
+from runs.files import atomic_write
+from runs.cli import cli, parse_flags
+from runs.errors import ConfigError
 from data import load_splits
-from encoder import caches_features, use_cached_features
+from pretrained.features import caches_features, use_cached_features
 from eval import caption_refs, evaluate, load_trained
 from study import stats
 from study.flickr import BOILERPLATE, read_json, run_name

@@ -19,10 +19,12 @@ import torch
 
 import config as config_mod
 import eval as evaluation
-from data import load_splits
+from data import global_batch, load_splits
 from prior_loss import IGNORE, gain_weights, token_nll, token_weights
-from reference import load_cache
-from shapes import CLASS_NAMES
+from runs.errors import ConfigError
+from runs.progress import train_flops
+from runs.reference_files import load_cache
+from sources.shapes import CLASS_NAMES
 from train import target_weights_source, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +41,7 @@ CONDITIONS = ('clean', 'noisy')                  # training captions as drawn, o
 SPEC_KEYS = ('caption_noise', 'n_train', 'max_iters', 'freeze_lm')    # what a spec may change beyond the preset
 
 PRESETS = {
-    # The protocol's main preset: every number in the README's Results comes from it.
+    # The protocol's main preset: every number in docs/results.md comes from it.
     'full': dict(
         base=dict(),                             # configs/shapes_u.py and configs/shapes_h.py as they are
         objectives=('ntp', 'prior', 'prior_floor'), noisy_objectives=('ntp', 'prior'),
@@ -131,12 +133,12 @@ def execute(s, preset, out_root, runs_dir, data_seed):
     torch.manual_seed(0)
     metrics, captions = evaluation.evaluate(model, test, vocab, 'cpu', n_generate=preset['n_generate'])
     lengths = (train_data.targets != IGNORE).sum(1).float()
-    flops_per_sample = float(np.mean([model.flops_per_sample(int(n)) for n in lengths[:2000].tolist()]))
+    flops_per_sample = float(np.mean([train_flops(model, int(n)) for n in lengths[:2000].tolist()]))
     rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, 'log.jsonl'))]
     curve = [{k[4:] if k.startswith('val_') else k: v for k, v in r.items()} for r in rows if 'val_loss' in r]
     weights = class_weights(s['objective'], cfg, model, train_data, vocab, ckpt) if s['objective'] != 'ntp' else None
     record = dict(name=name, spec=s, config=config_mod.as_dict(cfg), test=metrics, val=curve[-1], curve=curve,
-                  flops=flops_per_sample * cfg.max_iters * cfg.batch_size * cfg.grad_accum,
+                  flops=flops_per_sample * cfg.max_iters * global_batch(cfg),
                   n_params=sum(p.numel() for p in model.parameters()),
                   n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad),
                   class_weights=weights, sample_captions=captions[:3], train_seconds=train_seconds,
@@ -182,7 +184,7 @@ def check_runs(runs, preset, out_root, data_seed):
         diff = sorted(k for k in set(want) & set(r['config']) - {'out_dir', 'resume'} if want[k] != r['config'][k])
         if diff:
             shown = ', '.join(f"{k}={r['config'][k]!r} (here {want[k]!r})" for k in diff[:3])
-            raise config_mod.ConfigError(f"run {name} was made with other settings than this study's: {shown}; "
+            raise ConfigError(f"run {name} was made with other settings than this study's: {shown}; "
                                          f"pass another --results")
 
 

@@ -2,7 +2,7 @@
 The study's report, rebuilt from the run JSONs alone: study.json (every aggregate), summary.md
 (each claim with its interval and test) and the figures (study/figures.py).
 
-The metrics were fixed before the comparison ran (see the README):
+The metrics were fixed before the comparison ran (see docs/results.md):
   - paper-style average relative gain over accuracy-type metrics whose NTP value is far from 0:
     the four attribute accuracies and `grounded` = 1 - hallucination (share of described
     objects that are in the image);
@@ -211,7 +211,7 @@ def weights_from(objective):
 
 
 def headline_table(agg):
-    """One row per comparison with NTP: what the README's Results table quotes."""
+    """One row per comparison with NTP: what docs/results.md's table quotes."""
     lines = ['| condition | objective | test attr_acc (NTP -> it) | relative gain [95% CI] | t, p, Holm p | '
              'recall, pts | exact, pts | loss relevant / filler, nats | reaches NTP\'s final val attr_acc | '
              'mean weight relevant / filler / noise |', '|---' * 10 + '|']

@@ -13,12 +13,14 @@ import sys
 import numpy as np
 import torch
 
-from config import ConfigError, cli, parse_flags
+from runs.cli import cli, parse_flags
+from runs.errors import ConfigError
 from data import load_splits
-from eval import load_trained, reference_of
-from retrieval import retrieval_candidates
+from eval import load_trained
+from metrics.retrieval import retrieval_candidates
 from prior_loss import IGNORE, token_nll
 from reference import reference_from
+from runs.reference_files import reference_of
 
 FLAGS = {'ckpt': '', 'split': 'val', 'n_images': 200, 'n_candidates': 10, 'seed': 0}
 
@@ -47,7 +49,7 @@ def main(argv):
     if not args['ckpt']:
         raise ConfigError("--ckpt: a train.py checkpoint")
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], 'cpu')
-    reference = reference_of(ckpt)
+    reference = reference_of(ckpt, None, ckpt['vocab']['gpt2_ids'])
     if not reference:
         raise ConfigError(f"{args['ckpt']} has no reference LM inside (loss=ntp with init_lm other than ref)")
     ref, _ = reference_from(reference, 'cpu')

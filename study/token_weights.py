@@ -23,15 +23,16 @@ import sys
 import numpy as np
 import torch
 
-from checkpoint import atomic_write
-from config import ConfigError, cli, parse_flags
+from runs.files import atomic_write
+from runs.cli import cli, parse_flags
+from runs.errors import ConfigError
 from data import load_splits
 from eval import load_trained, reference_probs
-from reference import reference_of
-from shapes import FILLER, NOISE, RELEVANT, SHAPES
+from runs.reference_files import reference_of
+from sources.shapes import FILLER, NOISE, RELEVANT, SHAPES
 from study.plan import (CONDITIONS, DYNAMIC_WEIGHT_ROWS, PRESETS, SETTINGS, best_lr, by_seed, condition_extra,
                         load_runs, objective_weights, results_folder)
-from tokenizer import get_tokenizer
+from sources.tokenizer import get_tokenizer
 
 FLAGS = {'preset': 'beyond', 'results': '', 'objectives': '', 'rows': DYNAMIC_WEIGHT_ROWS}
 GROUPS = ('relevant', 'filler', 'names and cities', 'wrong shape words')
@@ -49,7 +50,7 @@ def run_weights(run, n_rows):
     """{split: {group: (mean weight, mean P_r)}} on the first n_rows captions of train and val."""
     ckpt_path = os.path.join(run['config']['out_dir'], 'ckpt.pt')
     model, vocab, cfg, ckpt = load_trained(ckpt_path, 'cpu')
-    reference = reference_of(ckpt, ckpt_path, vocab) if cfg.loss != 'label' else None
+    reference = reference_of(ckpt, ckpt_path, vocab.gpt2_ids) if cfg.loss != 'label' else None
     out = {}
     for name, data in load_splits(cfg, names=('train', 'val'), log=lambda *a: None).items():
         data = data.encode(vocab).subset(range(min(n_rows, len(data))))

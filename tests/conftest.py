@@ -6,7 +6,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import tokenizer  # noqa: E402
+from sources import tokenizer  # noqa: E402
 
 
 def pytest_sessionstart(session):

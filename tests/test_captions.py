@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from captions import read_records, split_of
+from sources.captions import read_records, split_of
 from config import Config
 from data import load_splits
-from images import BadData, ImageFiles
+from sources.images import BadData, ImageFiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLICKR = os.path.join(ROOT, '..', 'shared', 'data', 'flickr8k')
@@ -210,7 +210,8 @@ def test_long_captions_are_truncated_and_counted(tmp_path):
 
 def test_reference_cache_out_of_range_is_refused(tmp_path):
     from data import make_vocab
-    from reference import cache_paths, ensure_reference, expected_manifest, load_cache, write_cache
+    from reference import ensure_reference
+    from runs.reference_files import cache_paths, expected_manifest, load_cache, write_cache
     cfg = Config(n_train=64, n_val=16, n_test=8, n_layer=1, n_head=2, n_embd=16, ref_max_iters=2,
                  ref_ckpt=str(tmp_path / 'ref.pt'), device='cpu')
     splits = load_splits(cfg)
@@ -294,7 +295,8 @@ def test_retrieval_by_likelihood_ratio_ranks_what_the_image_adds(tiny_cfg):
     count made here from the model's logits; a reference that finds one caption far likelier than the
     others makes that caption lose, wherever it stood."""
     from data import make_vocab
-    from retrieval import retrieval_candidates, retrieval_metrics
+    from eval import retrieval_metrics
+    from metrics.retrieval import retrieval_candidates
     from model import LVLM, gpt_config
     cfg = dataclasses.replace(tiny_cfg, arch='h')
     data = load_splits(cfg, names=('train',))['train'].subset(range(40))

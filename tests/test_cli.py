@@ -11,11 +11,11 @@ import types
 import pytest
 import torch
 
-import device as device_mod
-from config import ConfigError
-from checkpoint import load_checkpoint
-from optim import lr_at
-from progress import Progress, hms
+import runs.devices as device_mod
+from runs.errors import ConfigError
+from runs.files import load_checkpoint
+from runs.optim import lr_at
+from runs.progress import Progress, hms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,9 +36,9 @@ def train_quiet(cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize('script, shows', [('train.py', 'max_iters: int'), ('eval.py', '--ckpt='),
                                            ('bench.py', '--bench_iters'), ('reference.py', 'ref_max_iters'),
-                                           ('encoder.py', 'enc_max_iters'), ('plot.py', 'side by side')])
+                                           ('encoder.py', 'enc_max_iters'), ('-m runs.plots', 'side by side')])
 def test_every_entry_point_has_help(script, shows):
-    out = run([script, '--help'])
+    out = run(script.split() + ['--help'])
     assert out.returncode == 0 and shows in out.stdout and out.stderr == ''
 
 
@@ -48,7 +48,7 @@ def test_every_entry_point_has_help(script, shows):
                                         (['bench.py', '--arch=cnn'], "'arch' must be one of"),
                                         (['train.py', '--precision=fp8'], "precision 'fp8'"),
                                         (['eval.py', '--ckpt=/nowhere/ckpt.pt'], "no checkpoint at /nowhere"),
-                                        (['plot.py'], "name at least one run folder")])
+                                        (['-m', 'runs.plots'], "name at least one run folder")])
 def test_settings_mistakes_end_in_one_line(args, says):
     out = run(args)
     assert out.returncode == 2 and out.stdout == ''
@@ -70,7 +70,7 @@ def test_absent_device_is_refused_before_any_work(tiny_cfg):
 
 def test_progress_line_counts_and_estimates(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr('progress.time.time', lambda: now[0])
+    monkeypatch.setattr('runs.progress.time.time', lambda: now[0])
     p = Progress(100, every=5.0, done=20)                  # a resumed run: 20 done before
     now[0] += 8.0
     assert p.line(40) == "40/100, 8.0s elapsed, ETA 24.0s"   # 20 steps in 8 s, 60 to go
@@ -100,10 +100,10 @@ def test_data_check_speaks_only_when_slow(tmp_path, monkeypatch):
     from test_captions import make_folder
     folder = make_folder(tmp_path, n_images=4)
     logs = []
-    from captions import read_records
+    from sources.captions import read_records
     read_records(str(folder), log=logs.append)
     assert not any('checking' in line for line in logs)     # a small dataset: no progress lines
-    monkeypatch.setattr('progress.Progress.due', lambda self: True)
+    monkeypatch.setattr('runs.progress.Progress.due', lambda self: True)
     logs.clear()
     read_records(str(folder), log=logs.append)
     assert any(f'checking {folder}: ' in line for line in logs)
@@ -190,7 +190,7 @@ def test_eval_loads_no_optimiser_state(tiny_cfg, tmp_path):
 # ---- plots ----
 
 def test_plots_skip_empty_panels_and_compare_runs(tmp_path, monkeypatch):
-    import plot
+    import runs.plots as plot
     nan = float('nan')
     for name, shift in (('a', 0.0), ('b', 0.5)):
         run_dir = tmp_path / name
@@ -251,7 +251,7 @@ def test_step_reads_reference_probabilities_before_the_forward(tiny_cfg):
     """On CUDA a copy queued after the forward waits for it: the P_r rows must be read first, and the
     text width taken from host tensors."""
     from data import load_splits, make_loader, make_vocab, micro_batches
-    from optim import make_optimizer
+    from runs.optim import make_optimizer
     from train import build_model, train_step
     cfg = dataclasses.replace(tiny_cfg, init_lm='scratch')
     splits = load_splits(cfg, names=('train',))
@@ -264,7 +264,7 @@ def test_step_reads_reference_probabilities_before_the_forward(tiny_cfg):
     def ref_probs_of(rows, idx, targets, classes):
         order.append('ref_probs')
         return torch.rand(targets.shape)
-    batches = iter(make_loader(data, micro_batches(len(data), 8, 2, 1, 0, cfg.seed, 0, 1)))
+    batches = iter(make_loader(data, micro_batches(len(data), dataclasses.replace(cfg, batch_size=8, grad_accum=2), 1, 0, 0, 1)))
     train_step(dataclasses.replace(cfg, batch_size=8, grad_accum=2), model, model, make_optimizer(model, 1e-3, cfg),
                data, batches, 0, ref_probs_of)
     assert order == ['ref_probs', 'forward'] * 2
@@ -272,7 +272,7 @@ def test_step_reads_reference_probabilities_before_the_forward(tiny_cfg):
 
 @pytest.mark.filterwarnings('ignore:This DataLoader will create')
 def test_images_are_decoded_once_and_shared_with_dataloader_workers(tmp_path):
-    from images import ImageFiles
+    from sources.images import ImageFiles
     from test_captions import write_image
     for i in range(4):
         write_image(tmp_path / f'{i}.jpg', i)
@@ -292,7 +292,7 @@ def test_scoring_reports_progress(tiny_cfg, monkeypatch):
     data = load_splits(tiny_cfg, names=('val',))['val']
     vocab = make_vocab(tiny_cfg, data)
     data.encode(vocab)
-    monkeypatch.setattr('progress.Progress.due', lambda self: True)
+    monkeypatch.setattr('runs.progress.Progress.due', lambda self: True)
     lines = []
     score_captions(GPT(gpt_config(tiny_cfg, vocab)), data, 'cpu', batch_size=16, log=lines.append)
     assert lines[0].startswith('reference: scoring captions 16/64, ') and 'ETA' in lines[0] and len(lines) == 4

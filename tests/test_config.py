@@ -2,7 +2,9 @@ import os
 
 import pytest
 
-from config import Config, ConfigError, load_config, parse_flags
+from config import Config, load_config
+from runs.cli import parse_flags
+from runs.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,8 +5,8 @@ import torch
 from config import Config
 from data import Vocab, batch_indices, load_splits, shapes_split as make_shapes
 from prior_loss import IGNORE
-from shapes import ATTR_NAMES, ATTRIBUTES, CITIES, FILLER, NAMES, NOISE, RELEVANT
-from tokenizer import EOT, get_tokenizer
+from sources.shapes import ATTR_NAMES, ATTRIBUTES, CITIES, FILLER, NAMES, NOISE, RELEVANT
+from sources.tokenizer import EOT, get_tokenizer
 
 
 @pytest.fixture(scope='module')
@@ -131,6 +131,6 @@ def test_subset_is_those_rows(small):
 
 
 def test_the_caption_parser_reads_objects_with_or_without_the():
-    from shapes import parse_objects
+    from sources.shapes import parse_objects
     text = 'two shapes: a red circle in northwest, and a blue square at the south. a green cross'
     assert parse_objects(text) == [('red', 'circle', 'northwest'), ('blue', 'square', 'south')]

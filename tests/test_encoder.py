@@ -14,11 +14,13 @@ import torchvision
 
 import encoder
 import sample
-from checkpoint import cache_root
+from runs.caches import cache_root
 from data import load_splits, make_vocab
-from caption_scores import bleu4, cider_d, words
+from metrics.caption_scores import bleu4, cider_d, words
 from model import LVLM, ViT, gpt_config
-from vision import TorchvisionEncoder
+from pretrained.features import use_cached_features
+from pretrained.vision import TorchvisionEncoder, pretrained_vision
+from runs.progress import train_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,20 +107,20 @@ def test_cached_features_stand_in_for_pixels(shapes_h):
     with torch.no_grad():
         expected = model(pixels, splits['test'].idx[rows])
     logs = []
-    encoder.use_cached_features(splits, model.vision, 'cpu', cache_root(cfg), log=logs.append)
+    use_cached_features(splits, model.vision, 'cpu', cache_root(cfg), log=logs.append)
     assert len(logs) == 3                                           # one cache per split, computed once
     features, idx, _, _ = splits['test'].batch(rows, 'cpu')
     assert features.shape == (8, model.n_prefix, cfg.vit_embd)
     with torch.no_grad():
         torch.testing.assert_close(model(features, idx), expected, atol=2e-2, rtol=2e-2)   # float16 storage
-    assert model.flops_per_sample(10, with_vision=False) < model.flops_per_sample(10)
+    assert train_flops(model, 10, with_vision=False) < train_flops(model, 10)
     fresh = load_splits(cfg, names=('test',))
     fresh['test'].encode(vocab)
     logs = []
-    encoder.use_cached_features(fresh, model.vision, 'cpu', cache_root(cfg), log=logs.append)
+    use_cached_features(fresh, model.vision, 'cpu', cache_root(cfg), log=logs.append)
     assert not logs                                                 # read back, not recomputed
     torch.nn.init.zeros_(model.vision.pos)                          # other weights: another cache
-    encoder.use_cached_features(load_splits(cfg, names=('test',)), model.vision, 'cpu', cache_root(cfg),
+    use_cached_features(load_splits(cfg, names=('test',)), model.vision, 'cpu', cache_root(cfg),
                                 log=logs.append)
     assert len(logs) == 1
 
@@ -146,7 +148,7 @@ def test_torchvision_encoder_loads_weights_through_torchvision(tmp_path):
     torch.save(reference.state_dict(), path)
     cfg = dataclasses.replace(__import__('config').Config(), arch='h', vision='resnet18', init_vision='pretrained',
                               vision_ckpt=str(path), image_size=64)
-    enc = encoder.pretrained_vision(cfg).eval()
+    enc = pretrained_vision(cfg).eval()
     assert (enc.n_tokens, enc.width) == (4, 512) and enc.forward_flops > 1e8
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     trunk = torch.nn.Sequential(*list(reference.children())[:-2])

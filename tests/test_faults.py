@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import cache_root, load_checkpoint
-from config import ConfigError, Diverged, Interrupted, StorageError
+from runs.caches import cache_root
+from runs.files import load_checkpoint
+from runs.errors import ConfigError, Diverged, Interrupted, StorageError
 from train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ def test_under_torchrun_every_rank_stops_after_the_same_step(tiny_cfg, tmp_path)
 
 
 def test_a_signal_during_a_checkpoint_write_keeps_a_loadable_checkpoint(tiny_cfg, monkeypatch):
-    import checkpoint
+    import runs.files as checkpoint
     real_save, saves = checkpoint.torch.save, []
 
     def signalled_save(obj, f):
@@ -160,7 +161,7 @@ class NanGrad(torch.autograd.Function):
 
 @pytest.mark.parametrize('bad', ['loss', 'gradient'])
 def test_a_non_finite_loss_or_gradient_stops_naming_the_step(tiny_cfg, bad):
-    from train import objective
+    from prior_loss import objective
     calls = []
 
     def loss_fn(*args):
@@ -178,7 +179,7 @@ def test_a_non_finite_loss_or_gradient_stops_naming_the_step(tiny_cfg, bad):
 
 @pytest.mark.slow
 def test_fp16_loss_scaling_skipping_steps_is_not_an_error(tiny_cfg):
-    from train import objective
+    from prior_loss import objective
     cfg = dataclasses.replace(tiny_cfg, precision='fp16', final_eval=False, loss='ntp', init_lm='scratch')
     train(cfg, loss_fn=lambda *args: NanGrad.apply(objective(*args)), **quiet)     # every step skipped
     assert load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))['scaler']['scale'] < 2 ** 16
@@ -216,7 +217,7 @@ def test_read_only_storage(tiny_cfg, monkeypatch):
 
 
 def test_an_interrupted_cache_commit_is_never_used(tmp_path):
-    from checkpoint import check_cache, commit_cache
+    from runs.caches import check_cache, commit_cache
     npy, manifest = str(tmp_path / 'a.npy'), str(tmp_path / 'a.json')
     commit_cache(manifest, {npy: lambda f: f.write(b'old')}, {'data': 1})
     assert check_cache(manifest, {'data': 1})['files']['a.npy']['size'] == 3
@@ -300,7 +301,7 @@ def test_an_edited_image_is_refused_on_resume_and_trains_anew_in_a_fresh_run(tin
 def test_an_image_damaged_mid_run_is_named_or_skipped_and_counted(tiny_cfg, tmp_path, monkeypatch, damage, capfd):
     import train as train_mod
     from test_captions import make_folder
-    from train import objective
+    from prior_loss import objective
     folder = make_folder(tmp_path, n_images=40)
     splits, real_load = [], train_mod.load_splits
     monkeypatch.setattr(train_mod, 'load_splits', lambda cfg: splits.append(real_load(cfg)) or splits[-1])
@@ -327,7 +328,7 @@ def test_an_image_damaged_mid_run_is_named_or_skipped_and_counted(tiny_cfg, tmp_
 
 
 def test_damaged_checkpoint_reference_and_caches(tiny_cfg, monkeypatch):
-    from reference import cache_paths
+    from runs.reference_files import cache_paths
     cfg = dataclasses.replace(tiny_cfg, final_eval=False)
     train(cfg, **quiet)
     ckpt = os.path.join(cfg.out_dir, 'ckpt.pt')
@@ -355,7 +356,7 @@ def test_damaged_checkpoint_reference_and_caches(tiny_cfg, monkeypatch):
 # ---- 6. any language, any layout ----
 
 def test_captions_beyond_ascii_come_back_exactly_and_score_by_unicode_words(tmp_path):
-    from caption_scores import bleu4, words
+    from metrics.caption_scores import bleu4, words
     from data import Vocab, load_splits
     from config import Config
     from prior_loss import IGNORE
@@ -399,8 +400,9 @@ def test_a_folder_per_image_layout_splits(tmp_path):
 def one_line_error(capsys, argv, main=None):
     """Run train.py's command line in this process: (its exit status, its one stderr line)."""
     import config
+    from runs.cli import cli
     with pytest.raises(SystemExit) as e:
-        config.cli(main or (lambda a: train(config.load_config(a), **quiet)), argv, '')
+        cli(main or (lambda a: train(config.load_config(a), **quiet)), argv, '')
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and err.startswith('error: '), err
     return e.value.code, err
@@ -441,7 +443,7 @@ def test_unusable_out_dirs_are_one_line(tmp_path, capsys, kind):
 
 def test_checkpoints_name_the_reference_they_keep_once(tiny_cfg, tmp_path):
     import eval as evaluation
-    from checkpoint import weights_digest
+    from runs.files import weights_digest
     cfg = dataclasses.replace(tiny_cfg, final_eval=False, n_test=2)
     train(cfg, **quiet)
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
@@ -456,7 +458,7 @@ def test_checkpoints_name_the_reference_they_keep_once(tiny_cfg, tmp_path):
 
 def test_a_damaged_feature_cache_is_computed_anew(tiny_cfg):
     from data import load_splits, make_vocab
-    from encoder import use_cached_features
+    from pretrained.features import use_cached_features
     from model import ViT
     cfg = dataclasses.replace(tiny_cfg, n_train=32, n_val=8, n_test=8)
     vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, 0.0)

@@ -3,6 +3,8 @@ import torch
 
 from config import Config
 from model import GPT, GPTConfig, LVLM
+from pretrained.gpt2 import converted_state_dict
+from runs.progress import train_flops
 
 
 def lvlm(arch, vocab=50):
@@ -59,7 +61,7 @@ def test_generate_greedy_is_deterministic_and_stops_at_eot(arch):
 
 def test_flops_grow_with_caption_length():
     model = lvlm('h')
-    assert 0 < model.flops_per_sample(10) < model.flops_per_sample(20)
+    assert 0 < train_flops(model, 10) < train_flops(model, 20)
 
 
 def test_gpt2_logits_match_transformers():
@@ -73,7 +75,9 @@ def test_gpt2_logits_match_transformers():
         for name, p in hf.named_parameters():
             if 'ln' in name or name.endswith('bias'):
                 p.add_(0.1 * torch.randn_like(p))
-    ours = GPT.from_hf_gpt2(hf).eval()
+    ours = GPT(GPTConfig(97, 32, 3, 4, 48))
+    ours.load_state_dict(converted_state_dict(hf, 32))
+    ours.eval()
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=0)
@@ -81,9 +85,9 @@ def test_gpt2_logits_match_transformers():
 
 def test_frozen_parts_cost_fewer_flops():
     model = lvlm('h')
-    full = model.flops_per_sample(20)
+    full = train_flops(model, 20)
     model.lm.requires_grad_(False)              # no weight gradients in the LM: 4N instead of 6N
-    frozen_lm = model.flops_per_sample(20)
+    frozen_lm = train_flops(model, 20)
     assert frozen_lm < full
     model.vision.requires_grad_(False)          # nothing before the projector trains: 2N there
-    assert model.flops_per_sample(20) < frozen_lm
+    assert train_flops(model, 20) < frozen_lm

@@ -7,8 +7,8 @@ import torch
 from config import Config
 from data import load_splits, make_vocab
 from prior_loss import IGNORE, token_nll
-from reference import (cache_paths, ensure_reference, expected_manifest, load_cache, load_reference, train_reference,
-                       write_cache)
+from reference import ensure_reference, load_reference, train_reference
+from runs.reference_files import cache_paths, expected_manifest, load_cache, write_cache
 
 
 @pytest.fixture(scope='module')

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from captions import read_records
-from checkpoint import (append_log, atomic_write, claim_dir, load_checkpoint, remove_stale_temps, save_checkpoint,
-                        start_log, weights_digest)
-from config import Config, ConfigError, load_config
+from sources.captions import read_records
+from runs.files import append_log, atomic_write, claim_dir, load_checkpoint, remove_stale_temps, save_checkpoint, start_log, weights_digest
+from config import Config, load_config
+from runs.errors import ConfigError
 from data import load_splits
-from images import BadData
+from sources.images import BadData
 from test_captions import make_folder, records
 
 
@@ -287,7 +287,8 @@ def tiny_ref(tiny_cfg):
 
 
 def test_reference_cache_of_the_wrong_shape_is_refused(tiny_ref):
-    from reference import cache_paths, ensure_reference, expected_manifest, load_cache, write_cache
+    from reference import ensure_reference
+    from runs.reference_files import cache_paths, expected_manifest, load_cache, write_cache
     cfg, splits, vocab = tiny_ref
     _, probs = ensure_reference(cfg, splits['train'], vocab, 'cpu', log=lambda *a: None)
     npy = cache_paths(cfg.ref_ckpt)[0]

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from captions import split_of
-from config import ConfigError
+from sources.captions import split_of
+from runs.errors import ConfigError
 from study import stats
 from study.flickr import noisy_dataset
 from study.noise_echo import strip_noise

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from eval import TABLE_KEYS
-from checkpoint import load_checkpoint
+from runs.files import load_checkpoint
 from data import load_splits, make_vocab
 from prior_loss import IGNORE, token_weights
-from shapes import RELEVANT
+from sources.shapes import RELEVANT
 from train import target_weights_source, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +128,7 @@ def test_init_lm_gpt2_from_a_local_folder(tiny_cfg, tmp_path):
     """--init_lm=gpt2 --gpt2_model=FOLDER (how offline nodes use it): the LM and the reference
     take the checkpoint's shape and start from its weights; the full GPT-2 vocabulary is used."""
     transformers = pytest.importorskip('transformers')
-    from model import GPT
+    from pretrained.gpt2 import converted_state_dict
     from reference import load_reference
     from train import build_model
     hf_cfg = transformers.GPT2Config(n_positions=64, n_embd=24, n_layer=1, n_head=2)   # vocab 50257
@@ -139,8 +139,7 @@ def test_init_lm_gpt2_from_a_local_folder(tiny_cfg, tmp_path):
                               max_iters=2, eval_interval=2, ckpt_interval=0, final_eval=False,
                               n_train=64, n_val=16, n_test=16)   # a 50257-way softmax is slow on a CPU
     train(cfg, log=lambda *a: None)
-    expected = GPT.from_hf_gpt2(transformers.GPT2LMHeadModel.from_pretrained(folder)).state_dict()
-    expected['wpe.weight'] = expected['wpe.weight'][:48]
+    expected = converted_state_dict(transformers.GPT2LMHeadModel.from_pretrained(folder), 48)
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
     assert ckpt['model_args']['n_embd'] == 24 and ckpt['model_args']['vocab_size'] == 50257
     ref, vocab, _ = load_reference(cfg.ref_ckpt, 'cpu')

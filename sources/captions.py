@@ -28,8 +28,8 @@ import json
 import os
 from collections import Counter
 
-from images import BadData, image_path_problem, image_problem, undecodable
-from progress import Progress
+from sources.images import BadData, image_path_problem, image_problem, undecodable
+from runs.progress import Progress
 
 MAX_LISTED = 10                                  # problems spelled out in the error message
 

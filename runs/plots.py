@@ -1,8 +1,8 @@
 """
 Curves of training runs: one run's loss.png (train.py draws it at the end), or any runs side by side.
 
-    python plot.py out/shapes_u out/shapes_u_ntp               # -> compare.png and a table of final metrics
-    python plot.py out/a out/b out/c --out=runs.png
+    python -m runs.plots out/shapes_u out/shapes_u_ntp         # -> compare.png and a table of final metrics
+    python -m runs.plots out/a out/b out/c --out=runs.png
 
 Each run folder needs its log.jsonl; the table also reads eval_test.json where the run has one.
 Panels whose values are all missing (per-class losses on real data, NaN there) are left out.
@@ -15,9 +15,9 @@ import sys
 
 import matplotlib
 
-from checkpoint import atomic_write
-from config import ConfigError, cli, parse_flags
-from shapes import CLASS_NAMES
+from runs.cli import cli, parse_flags
+from runs.errors import ConfigError
+from runs.files import atomic_write
 
 matplotlib.use('Agg')                           # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -43,10 +43,11 @@ def series(rows, key):
 
 def plot_run(log_path, png_path):
     """One run: the training objective (PRIOR-weighted or NTP), the val NTP loss, and val loss per
-    token class where the data has classes (shapes), each on its own axis."""
+    token class (val_loss_<class>) where the data has classes (shapes), each on its own axis."""
     rows = [json.loads(line) for line in open(log_path)]
     panels = [('train objective', [('train', 'train_loss')]), ('val caption loss (NTP)', [('val', 'val_loss')])]
-    classes = [(c, f'val_loss_{c}') for c in CLASS_NAMES if series(rows, f'val_loss_{c}')[0]]
+    class_keys = dict.fromkeys(k for r in rows for k in r if k.startswith('val_loss_'))   # per token class, in order
+    classes = [(k[len('val_loss_'):], k) for k in class_keys if series(rows, k)[0]]
     if classes:
         panels.append(('val loss per token class', classes))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
@@ -106,7 +107,7 @@ def main(argv):
     runs = [a for a in argv if not a.startswith('-')]
     args = parse_flags([a for a in argv if a.startswith('-')], FLAGS)
     if not runs:
-        raise ConfigError("name at least one run folder: python plot.py out/a out/b")
+        raise ConfigError("name at least one run folder: python -m runs.plots out/a out/b")
     print(compare(runs, args['out']))
     print(f"wrote {args['out']}")
 

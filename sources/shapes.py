@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from tokenizer import get_tokenizer
+from sources.tokenizer import get_tokenizer
 
 FILLER, RELEVANT, NOISE = 0, 1, 2               # true token classes
 CLASS_NAMES = ('filler', 'relevant', 'noise')

@@ -1,18 +1,15 @@
 """
-Continuing a run: what a resume may change, what it checks, and the run folder's own copy of its
-reference. A resume continues the same computation, or is refused with one line saying why:
-settings before any data is read, then the training captions, images and reference by content.
+Continuing a run: what a resume may change and what it checks. A resume continues the same
+computation, or is refused with one line saying why: settings before any data is read, then the
+training captions, images and reference by content.
 """
 
 import dataclasses
-import os
 
 import torch
 
-import config as config_mod
-from checkpoint import atomic_write, file_sha256, load_checkpoint
-from config import ConfigError
-from reference import default_ref_ckpt
+from runs.errors import ConfigError
+from runs.files import load_checkpoint
 
 # What a resume may change: how long, how often, where and how fast, never what is computed.
 # The data's and caches' places may move too: what they hold is checked by content.
@@ -31,10 +28,10 @@ def check_resume(cfg, ckpt_path, global_batch):
     if not cfg.resume:
         return None, cfg
     ckpt = load_checkpoint(ckpt_path, required=('model', 'optimizer', 'config', 'step', 'rng'))
-    saved = {**config_mod.as_dict(config_mod.Config()), **ckpt['config']}   # keys added since: defaults
+    saved = {**dataclasses.asdict(type(cfg)()), **ckpt['config']}     # keys added since: defaults
     saved['lr_decay_iters'] = saved['lr_decay_iters'] or saved['max_iters']
     cfg = dataclasses.replace(cfg, lr_decay_iters=cfg.lr_decay_iters or saved['lr_decay_iters'])
-    now = config_mod.as_dict(cfg)
+    now = dataclasses.asdict(cfg)
     changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
     if changed:
         raise ConfigError(f"--resume would change the result: {', '.join(changed)} (a resume may change only "
@@ -70,24 +67,3 @@ def restore_rng(ckpt, cuda):
     torch.set_rng_state(ckpt['rng']['cpu'])
     if cuda and ckpt['rng']['cuda'] is not None:
         torch.cuda.set_rng_state(ckpt['rng']['cuda'])
-
-
-def copy_file(src, dst):
-    """dst becomes a copy of src (atomically), unless it is one already."""
-    if not os.path.isfile(dst) or file_sha256(dst) != file_sha256(src):
-        with open(src, 'rb') as f:
-            atomic_write(dst, lambda out: out.write(f.read()))
-
-
-def keep_reference(ref_ckpt, out_dir):
-    """The run's own copy of its reference, written once (checkpoints name it by digest), so that
-    the run folder holds everything eval.py needs wherever it moves."""
-    copy_file(ref_ckpt, os.path.join(out_dir, 'reference.pt'))
-
-
-def restore_reference(cfg, train):
-    """A resumed run whose cache folder lacks its reference (the run folder moved, or --cache_dir
-    changed) puts its own copy there instead of training it again (ensure_reference checks it)."""
-    kept, default = os.path.join(cfg.out_dir, 'reference.pt'), default_ref_ckpt(cfg, train)
-    if not cfg.ref_ckpt and os.path.isfile(kept) and not os.path.isfile(default):
-        copy_file(kept, default)

@@ -27,7 +27,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from config import ConfigError
+from runs.errors import ConfigError
 
 IMAGE_MAGIC = ((b'\xff\xd8\xff', 'jpeg'), (b'\x89PNG\r\n\x1a\n', 'png'), (b'GIF87a', 'gif'), (b'GIF89a', 'gif'),
                (b'RIFF', 'webp'))                # the formats torchvision.io.decode_image reads
@@ -240,3 +240,15 @@ class ImageFiles:
     def broken(self, indices=slice(None)):
         """A bool mask: which of these images (all by default) went bad during the run (skipped with skip_bad)."""
         return self.state[indices] == BROKEN
+
+
+def to_unit_range(images):
+    """uint8 pixels [..., 3, H, W] as float in [-1, 1], the range every vision model here reads."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def report_broken(images, log):
+    """One line counting the training images that went bad during the run (skipped with --skip_bad), if any."""
+    if isinstance(images, ImageFiles) and images.broken().any():
+        log(f"data: skipped {int(images.broken().sum())} training images that went bad during the run "
+            f"(--skip_bad; their captions did not train)")

@@ -1,6 +1,6 @@
 """
-Stopping a run cleanly on SIGTERM (what torchrun, Slurm and Kubernetes send before a kill) or
-SIGINT (Ctrl-C), one handler for both.
+Stopping a run early, cleanly: on SIGTERM (what torchrun, Slurm and Kubernetes send before a kill)
+or SIGINT (Ctrl-C), one handler for both; and on a loss or gradient that is not finite.
 
 In the training loop a signal only raises a flag: the step in progress finishes, every process
 learns of it at the end of that step (one all-reduce of one number, so all stop after the same
@@ -13,8 +13,10 @@ DataLoader workers ignore both signals (a Ctrl-C reaches them too); the main pro
 import signal
 import threading
 
-from config import Interrupted
-from device import any_process
+import torch
+
+from runs.devices import any_process
+from runs.errors import Diverged, Interrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -52,3 +54,26 @@ def ignore_stop_signals(worker_id=None):
     """A DataLoader worker's init: leave SIGTERM and SIGINT to the main process."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+class FiniteGuard:
+    """The first step whose loss or gradient was not finite, kept on the device (noting it costs no
+    sync). check() reads it, so call it where the loop waits for the device anyway: it stops the run
+    without saving the bad weights, naming the last good checkpoint."""
+
+    def __init__(self, max_iters, device):
+        self.max_iters = max_iters
+        self.first_bad = torch.tensor(max_iters + 1, device=device)
+
+    def note(self, loss_sum, step):
+        """loss_sum: the step's loss, NaN if its gradient was not finite (train.train_step)."""
+        seen = self.first_bad <= self.max_iters
+        self.first_bad = torch.where(torch.isfinite(loss_sum) | seen, self.first_bad, step)
+
+    def check(self, saved_step, ckpt_path):
+        bad = int(self.first_bad)
+        if bad <= self.max_iters:
+            kept = f"the last good checkpoint, step {saved_step}, is {ckpt_path}" if saved_step is not None else \
+                "no checkpoint was written before it"
+            raise Diverged(f"the loss or gradient became NaN or infinite at step {bad}; stopped without saving; "
+                           f"{kept} (a lower --learning_rate or a --grad_clip may help)")

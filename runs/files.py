@@ -23,8 +23,7 @@ import warnings
 
 import torch
 
-from config import ConfigError, OutDirBusy, StorageError
-from model import GPT, hf_gpt2_transformers
+from runs.errors import ConfigError, OutDirBusy, StorageError
 
 
 def temp_path(path):
@@ -168,9 +167,14 @@ def claim_dir(path):
         os.close(fd)
 
 
+def checkpoint_path(out_dir):
+    """The checkpoint of the run in out_dir (train.py writes it; eval.py and sample.py read it)."""
+    return os.path.join(out_dir, 'ckpt.pt')
+
+
 def check_out_dir(cfg):
     """A new run must not overwrite a checkpoint, and a resumed one needs one: say so before any work."""
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    ckpt_path = checkpoint_path(cfg.out_dir)
     if os.path.exists(ckpt_path) and not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists: pass --resume=True to continue that run, or another "
                               f"--out_dir (or delete it) to start a new one")
@@ -206,66 +210,9 @@ def append_log(log_path, record):
         raise storage_error(log_path, e) from None
 
 
-# ---- caches: where they live, keyed and checked by what they were computed from ----
-
-def cache_root(cfg):
-    """The caches' folder: --cache_dir, or 'cache' beside the run's folder (runs side by side share it)."""
-    return os.path.abspath(cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), 'cache'))
-
-
-def content_key(inputs):
-    """A short name for a cache made from `inputs` (JSON-able): other inputs, another name."""
-    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
-
-
 def file_sha256(path):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     return h.hexdigest()
-
-
-def commit_cache(manifest_path, files, manifest):
-    """Commit a cache of several files: each of `files` ({path: write(f)}) atomically, then the manifest
-    (`manifest` plus each file's size and sha256), last: a cache with a manifest is whole. Returns it."""
-    for path, write in files.items():
-        atomic_write(path, write)
-    record = {**manifest, 'files': {os.path.basename(p): {'size': os.path.getsize(p), 'sha256': file_sha256(p)}
-                                    for p in files}}
-    atomic_write(manifest_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
-    return record
-
-
-def check_cache(manifest_path, expected):
-    """The manifest of the cache at `manifest_path` if it is whole and was made from `expected` (a dict
-    of its inputs), None if there is none; ConfigError naming the file if it is torn, foreign or stale."""
-    if not os.path.isfile(manifest_path):
-        return None
-    try:
-        with open(manifest_path, 'rb') as f:
-            found = json.loads(f.read().decode())
-    except (ValueError, OSError) as e:           # torn, foreign, not UTF-8 (all ValueErrors) or unreadable
-        raise ConfigError(f"cache manifest {manifest_path} cannot be read ({type(e).__name__})") from None
-    if not isinstance(found, dict) or not isinstance(found.get('files'), dict):
-        raise ConfigError(f"cache manifest {manifest_path} is not one this code wrote")
-    wrong = [k for k in expected if found.get(k) != expected[k]]
-    if wrong:
-        raise ConfigError(f"cache {manifest_path} was made from other inputs ({', '.join(wrong)} differ)")
-    for name, meta in found['files'].items():
-        path = os.path.join(os.path.dirname(manifest_path), name)
-        whole = os.path.isfile(path) and os.path.getsize(path) == meta.get('size')
-        if not whole or file_sha256(path) != meta.get('sha256'):
-            raise ConfigError(f"cache file {path} is missing, truncated or changed since its manifest was written")
-    return found
-
-
-def load_hf_gpt2_into(gpt, name):
-    """Initialise `gpt` (same shape, any block_size up to the checkpoint's) from Hugging Face
-    weights: a hub name (needs network or a local HF cache) or a save_pretrained() folder."""
-    state = GPT.from_hf_gpt2(hf_gpt2_transformers().GPT2LMHeadModel.from_pretrained(name)).state_dict()
-    if len(state['wpe.weight']) < gpt.config.block_size:
-        raise ConfigError(f"block_size {gpt.config.block_size} exceeds the {len(state['wpe.weight'])} "
-                         f"positions of {name}")
-    state['wpe.weight'] = state['wpe.weight'][:gpt.config.block_size]
-    gpt.load_state_dict(state)

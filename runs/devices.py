@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from config import ConfigError
+from runs.errors import ConfigError
 
 # Dense bf16 peak FLOP/s by CUDA device name (MFU's denominator). On CPU we measure instead.
 GPU_PEAK_FLOPS = {'H200': 989e12, 'H100 NVL': 835e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12,
@@ -39,6 +39,14 @@ def resolve_device(name):
     if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
         raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
+
+
+def to_device(tensor, device):
+    """Copy a host tensor to `device` without making the host wait: on CUDA from pinned memory,
+    non-blocking (a pageable copy waits for the GPU to finish its queue first); on CPU a no-op."""
+    if str(device).startswith('cuda'):
+        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def init_distributed(backend):
