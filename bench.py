@@ -94,7 +94,8 @@ class Bench:
         n_params = sum(p.numel() for p in raw_model.parameters())
         n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         peak = device_peak_flops(device)
-        precision = resolve_precision(device, cfg.precision) + ('' if self.cuda else f', {torch.get_num_threads()} threads')
+        threads = '' if self.cuda else f', {torch.get_num_threads()} threads'
+        precision = resolve_precision(device, cfg.precision) + threads
         print(f"bench: {cfg.arch} LVLM, {n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
               f"reference GPT {sum(p.numel() for p in self.ref.parameters()) / 1e6:.2f}M, vocab {self.vocab.size}; "
               f"{raw_model.n_prefix} image + <= {cfg.block_size} text tokens; batch {cfg.batch_size} x "

@@ -1,5 +1,5 @@
 """
-Data: the compact vocabulary, the caption arrays, and the batches that feed training.
+Data: the caption arrays, and the seeded stream of batches that feeds training.
 
 A caption becomes one row of three aligned arrays of length block_size (nanoGPT's x, y):
 
@@ -11,13 +11,10 @@ Everything the model must predict (every caption token and the closing EOT) has 
 the rest is IGNORE (-1). `classes` says, for evaluation only, whether a target token is
 image-relevant (colour, shape, position, count), filler that the text alone predicts
 ("a photo of"), or noise that neither text nor image predicts ("taken by Ana in Lima"); see
-sources/shapes.py. Captions from disk (sources/captions.py) are UNLABELLED.
+sources/shapes.py. Captions from disk (sources/captions.py) are UNLABELLED. Read next: train.py.
 """
 
 import functools
-import hashlib
-import json
-import os
 
 import numpy as np
 import torch
@@ -27,71 +24,17 @@ from runs.devices import to_device
 from runs.errors import ConfigError
 from runs.stopping import ignore_stop_signals
 from sources import shapes
-from sources.captions import read_records, split_of
+from sources.captions import caption_splits
 from sources.images import ImageFiles, to_unit_range
-from sources.tokenizer import EOT, get_tokenizer
+from sources.tokenizer import EOT, Vocab
 
 UNLABELLED = 3                                  # real captions: token class unknown
 
 
-# -----------------------------------------------------------------------------
-# Vocabulary. A tiny model does not need 50,257 output rows for a few hundred distinct
-# words, so by default the model sees a compact vocabulary: the GPT-2 ids that occur in the
-# training captions, mapped to 0..n-1, plus one unknown id. The list travels in every
-# checkpoint, so decoding never depends on rebuilding it. `Vocab(None)` is the identity map
-# over the full GPT-2 vocabulary (needed for --init_lm=gpt2).
-
-class Vocab:
-    def __init__(self, gpt2_ids=None):
-        self.gpt2_ids = None if gpt2_ids is None else [int(i) for i in gpt2_ids]
-        if self.gpt2_ids is None:
-            self.size, self.unk = get_tokenizer().n_vocab, None
-            return
-        self.unk = len(self.gpt2_ids)           # the last id means "not seen in training"
-        self.size = self.unk + 1
-        self.lookup = np.full(get_tokenizer().n_vocab, self.unk, dtype=np.int64)
-        self.lookup[self.gpt2_ids] = np.arange(len(self.gpt2_ids))
-
-    @staticmethod
-    def from_captions(token_lists):
-        """Compact vocabulary of the GPT-2 ids in token_lists (plus EOT)."""
-        seen = {EOT}
-        for tokens in token_lists:
-            seen.update(tokens)
-        return Vocab(sorted(seen))
-
-    def encode(self, gpt2_tokens):
-        tokens = np.asarray(gpt2_tokens, dtype=np.int64)
-        return tokens if self.gpt2_ids is None else self.lookup[tokens]
-
-    def to_gpt2(self, ids):
-        if self.gpt2_ids is None:
-            return [int(i) for i in ids]
-        return [self.gpt2_ids[i] for i in ids if i != self.unk]
-
-    def decode(self, ids):
-        """Text of model ids, decoded as whole runs of tokens: byte-level BPE splits a character
-        beyond ASCII (Chinese, accents, emoji) across tokens. Unknown ids print as the replacement character."""
-        if self.gpt2_ids is None:
-            return get_tokenizer().decode(self.to_gpt2(ids))
-        runs = [[]]
-        for i in map(int, ids):
-            if i == self.unk:
-                runs.append([])
-            else:
-                runs[-1].append(self.gpt2_ids[i])
-        return '\ufffd'.join(get_tokenizer().decode(run) for run in runs)
-
-    @property
-    def eot(self):
-        return int(self.encode([EOT])[0])
-
-    def state(self):
-        return {'gpt2_ids': self.gpt2_ids}
-
-
 def make_vocab(cfg, train):
-    """Compact vocabulary of the training captions, or all of GPT-2's (needed by --init_lm=gpt2)."""
+    """The model's vocabulary (sources/tokenizer.py): the GPT-2 ids of the training captions, mapped to
+    0..n-1 plus one unknown id (a tiny model needs no 50,257 output rows), or all of GPT-2's
+    (needed by --init_lm=gpt2). It travels in every checkpoint."""
     return Vocab(None) if cfg.init_lm == 'gpt2' or cfg.vocab == 'gpt2' else Vocab.from_captions(train.gpt2_tokens)
 
 
@@ -142,20 +85,6 @@ class CaptionData:
             setattr(out, name, None if encoded is None else encoded[rows])
         return out
 
-    def fingerprint(self):
-        """sha256 of what a reference cache depends on: the token rows."""
-        h = hashlib.sha256()
-        h.update(self.idx.numpy().tobytes())
-        h.update(self.targets.numpy().tobytes())
-        return h.hexdigest()
-
-    def image_fingerprint(self):
-        """sha256 of the images' content: their pixels in memory, or their files' sha256 and the size
-        they are read at."""
-        if isinstance(self.images, torch.Tensor):
-            return hashlib.sha256(self.images.numpy().tobytes()).hexdigest()
-        return hashlib.sha256(json.dumps([self.images.digests, self.images.size]).encode()).hexdigest()
-
     def __getitem__(self, row):                  # for a DataLoader: (uint8 image, row)
         return self.images[int(self.image_index[row])], row
 
@@ -185,33 +114,14 @@ class CaptionData:
 
 
 def make_caption_splits(cfg, names, log=print):
-    """Splits of real image-caption data (see sources/captions.py). Real captions carry no token
-    classes; over-long captions are cut to block_size (with EOT) and counted."""
-    records = read_records(cfg.dataset, cfg.image_root, cfg.skip_bad, log, cfg.confine_images, cfg.max_image_pixels)
-    enc, limit = get_tokenizer(), cfg.block_size - 1
-    by_split = {name: [] for name in names}
-    for image_path, caption in records:
-        key = os.path.relpath(image_path, records.root)
-        split = 'all' if names == ('all',) else split_of(key, cfg.val_frac, cfg.test_frac)
-        if split in by_split:
-            by_split[split].append((image_path, caption))
-    out, cut = {}, 0
-    for name, recs in by_split.items():
-        if not recs:
-            raise ConfigError(f"split {name!r} of {cfg.dataset} is empty (val_frac={cfg.val_frac}, "
-                             f"test_frac={cfg.test_frac})")
-        paths = sorted({p for p, _ in recs})
-        where = {p: i for i, p in enumerate(paths)}
-        tokens = enc.encode_ordinary_batch([c for _, c in recs])
-        cut += sum(len(t) > limit for t in tokens)
-        tokens = [t[:limit] for t in tokens]
-        unlabelled = [np.full(len(t) + 1, UNLABELLED, dtype=np.int8) for t in tokens]   # + closing EOT
-        images = ImageFiles(paths, cfg.image_size, [records.digests[p] for p in paths], cfg.skip_bad)
-        out[name] = CaptionData(images, torch.tensor([where[p] for p, _ in recs]),
-                                [c for _, c in recs], tokens, unlabelled,
-                                [np.full(len(t), -1, dtype=np.int8) for t in tokens], cfg.block_size)
-    if cut:
-        log(f"data: {cut} captions longer than block_size {cfg.block_size} were truncated to {limit} tokens + EOT")
+    """Splits of real image-caption data, read and checked by sources/captions.py. Real captions carry
+    no token classes."""
+    out = {}
+    for name, split in caption_splits(cfg, names, log).items():
+        images = ImageFiles(split.paths, cfg.image_size, split.digests, cfg.skip_bad)
+        out[name] = CaptionData(images, torch.tensor(split.image_index), split.texts, split.tokens,
+                                [np.full(len(t) + 1, UNLABELLED, dtype=np.int8) for t in split.tokens],  # + closing EOT
+                                [np.full(len(t), -1, dtype=np.int8) for t in split.tokens], cfg.block_size)
     return out
 
 

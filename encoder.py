@@ -35,7 +35,7 @@ from config import as_dict, load_config, settings_help
 from data import batch_indices, load_splits, make_vocab, text_width
 from model import GPT, gpt_config, vision_encoder
 from prior_loss import IGNORE
-from runs.caches import cache_root, content_key
+from runs.caches import cache_root, captions_fingerprint, content_key, images_fingerprint
 from runs.cli import cli
 from runs.devices import barrier, resolve_device
 from runs.errors import ConfigError
@@ -214,7 +214,8 @@ def val_report(cfg, model, train, val, device):
 
 
 def default_vision_ckpt(cfg, train):
-    recipe = [train.fingerprint(), train.image_fingerprint(), cfg.init_vision, cfg.vision, cfg.image_size, cfg.patch_size, cfg.vit_layer,
+    recipe = [captions_fingerprint(train), images_fingerprint(train), cfg.init_vision, cfg.vision, cfg.image_size,
+              cfg.patch_size, cfg.vit_layer,
               cfg.vit_embd, cfg.n_head, cfg.n_layer, cfg.n_embd, cfg.enc_max_iters, cfg.enc_batch_size,
               cfg.enc_learning_rate, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
     return os.path.join(cache_root(cfg), 'encoder', content_key(recipe), 'encoder.pt')
@@ -234,11 +235,11 @@ def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=Non
                     else pretrain_words(cfg, train, device, log)
                 if val is not None:
                     log(f"encoder: {val_report(cfg, model, train, val, device)}")
-                save_checkpoint({'vision': model.vision.state_dict(), 'data_fingerprint': train.fingerprint(),
-                                 'image_fingerprint': train.image_fingerprint(), 'config': as_dict(cfg),
+                save_checkpoint({'vision': model.vision.state_dict(), 'data_fingerprint': captions_fingerprint(train),
+                                 'image_fingerprint': images_fingerprint(train), 'config': as_dict(cfg),
                                  'weights_sha256': weights_digest(model.vision.state_dict())}, path)
             check_origin(load_checkpoint(path, required=('vision',)), path, 'vision',
-                         data_fingerprint=train.fingerprint(), image_fingerprint=train.image_fingerprint())
+                         data_fingerprint=captions_fingerprint(train), image_fingerprint=images_fingerprint(train))
     barrier()
     return path
 

@@ -29,15 +29,16 @@ Free-running metrics (greedy captions, parsed back into (colour, shape, position
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 
-import matplotlib
 import numpy as np
 import torch
 
 from config import from_dict
-from data import Vocab, load_splits
+from data import load_splits
+from decoding.generate import generate
 from metrics.caption_scores import bleu4, cider_d, words
 from metrics.objects import attribute_value_ids, caption_metrics
 from metrics.retrieval import rank_of_first, recall_at, retrieval_candidates
@@ -50,11 +51,11 @@ from runs.cli import cli, parse_flags
 from runs.devices import precision_context, resolve_device
 from runs.errors import ConfigError
 from runs.files import atomic_write, load_checkpoint
+from runs.plots import token_figure
 from runs.reference_files import reference_file, reference_of
 from sources.shapes import ATTR_NAMES, CLASS_NAMES
+from sources.tokenizer import Vocab
 
-matplotlib.use('Agg')                           # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 
 def forward_batches(model, data, rows, device, ctx=None, batch_size=128):
@@ -137,7 +138,7 @@ def generate_captions(model, data, vocab, rows, device, batch_size=256):
     for start in range(0, len(rows), batch_size):
         sel = rows[start:start + batch_size]
         images = data.batch(sel, device)[0]
-        for ids in model.generate(images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=data.block_size):
+        for ids in generate(model, images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=data.block_size):
             out.append(vocab.decode([t for t in ids if t != vocab.eot]))
     return out
 
@@ -222,6 +223,13 @@ CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5',
                       'retrieval_ratio_r5', 'bleu4', 'cider', 'distinct')
 
 
+def val_summary(m):
+    """One line of teacher-forced metrics: 'val loss L (per class losses), attr_acc A' (what the data has)."""
+    classes = ', '.join(f"{c} {m[f'loss_{c}']:.3f}" for c in CLASS_NAMES if not math.isnan(m[f'loss_{c}']))
+    attr = '' if math.isnan(m['attr_acc']) else f", attr_acc {m['attr_acc']:.3f}"   # NaN: no attributes
+    return f"val loss {m['loss']:.4f}" + (f" ({classes})" if classes else '') + attr
+
+
 def format_table(results):
     """results: {run name: metrics} -> a markdown table, one column per run."""
     names = list(results)
@@ -250,30 +258,13 @@ def weights_figure(model, data, vocab, reference, alpha, weight_floor, device, p
     sub = data.subset(range(n_examples))
     weights = reference_weights(reference, sub, device, alpha, weight_floor)
     nll = caption_nlls(model, sub, torch.arange(n_examples), device)
-    targets = sub.targets
-    fig, axes = plt.subplots(n_examples, 2, figsize=(13, 2.6 * n_examples),
-                             gridspec_kw={'width_ratios': [1, 9]}, squeeze=False)
+    rows = []
     for r in range(n_examples):
-        img = data.image_batch(torch.tensor([r]))[0].permute(1, 2, 0).numpy()
-        axes[r, 0].imshow(img, interpolation='nearest'), axes[r, 0].axis('off')
-        ax = axes[r, 1]
-        ax.axis('off'), ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-        k = int((targets[r] != IGNORE).sum())
-        tokens = [vocab.decode([t]) for t in targets[r, :k].tolist()]
-        for line, (name, values, vmax, cmap) in enumerate((('PRIOR weight', weights[r, :k], 3.0, 'Reds'),
-                                                          ('LVLM loss', nll[r, :k], 4.0, 'Blues'))):
-            x, y = 0.0, 0.86 - 0.5 * line
-            ax.text(x, y + 0.1, name, fontsize=8, color='gray')
-            for tok, v in zip(tokens, values.tolist()):
-                width = 0.0086 * max(len(tok), 1)
-                if x + width > 1:
-                    x, y = 0.0, y - 0.13
-                ax.text(x, y, tok.replace('<|endoftext|>', '⏎'), fontsize=8, family='monospace',
-                        bbox=dict(facecolor=plt.get_cmap(cmap)(min(v / vmax, 1.0)), edgecolor='none', pad=1))
-                x += width
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
-    plt.close(fig)
+        k = int((sub.targets[r] != IGNORE).sum())
+        image = data.image_batch(torch.tensor([r]))[0].permute(1, 2, 0).numpy()
+        rows.append((image, [vocab.decode([t]) for t in sub.targets[r, :k].tolist()], weights[r, :k].tolist(),
+                     nll[r, :k].tolist()))
+    token_figure(rows, path)
 
 
 def sample_report(captions, data, n=3):

@@ -14,6 +14,7 @@ The models, smallest first:
 The image prefix carries its own position embeddings and the caption keeps GPT positions
 0..T-1, exactly the positions the text-only reference was trained on. That is what lets an
 LVLM start from (or stay frozen at) the reference without shifting every caption position.
+Captions are written by decoding/generate.py. Read next: data.py.
 """
 
 import math
@@ -24,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrained.gpt2 import gpt2_shape
-from pretrained.vision import LITE_VARIANTS, EfficientNetLite, TorchvisionEncoder
+from pretrained.vision import cnn_encoder
+
 
 @dataclass
 class GPTConfig:
@@ -173,10 +175,7 @@ def vision_encoder(cfg):
     if cfg.vision == 'vit':
         vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
         return vit, (cfg.image_size // cfg.patch_size) ** 2, cfg.vit_embd
-    if cfg.vision in LITE_VARIANTS:
-        encoder = EfficientNetLite(cfg.vision, cfg.image_size, cfg.vision_features)
-    else:
-        encoder = TorchvisionEncoder(cfg.vision, cfg.image_size)
+    encoder = cnn_encoder(cfg.vision, cfg.image_size, cfg.vision_features)
     return encoder, encoder.n_tokens, encoder.width
 
 
@@ -208,28 +207,3 @@ class LVLM(nn.Module):
     def forward(self, images, idx):
         """Caption logits [B,T,V] given images [B,3,H,W] (or cached features [B,P,F]) and text ids [B,T]."""
         return self.lm(idx, prefix=self.image_prefix(images))
-
-    @torch.no_grad()
-    def generate(self, images, bos, eot, max_new_tokens, temperature=0.0, top_k=None):
-        """Caption each image. temperature=0 is greedy; otherwise sample (optionally top-k).
-        Returns one list of token ids per image, without BOS; a caption that ended early ends
-        in EOT (repeated to the longest one's length), so callers cut at the first EOT."""
-        prefix = self.image_prefix(images)
-        idx = torch.full((images.size(0), 1), bos, dtype=torch.long, device=images.device)
-        done = torch.zeros(images.size(0), dtype=torch.bool, device=images.device)
-        for _ in range(min(max_new_tokens, self.lm.config.block_size - 1)):
-            logits = self.lm(idx, prefix=prefix)[:, -1].float()
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float('-inf'))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1).squeeze(1)
-            nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
-            idx = torch.cat([idx, nxt[:, None]], dim=1)
-            done |= nxt == eot
-            if done.all():
-                break
-        return [[t for t in row[1:].tolist()] for row in idx.cpu()]

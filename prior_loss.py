@@ -23,19 +23,12 @@ The loss divides by the number of caption tokens in the batch, or by `n_tokens` 
 batch is one micro-batch of a larger step (gradient accumulation, DDP): dividing every part
 by the whole step's count makes the step's loss the same however it is cut.
 
-Beyond PRIOR (not in the paper; docs/beyond-prior.md, where the study tests them). A weight of (1 - P_r)
-cannot tell a token that needs the image from one that nothing predicts (a photographer's name):
-both are hard for the text alone. What the LVLM itself already gets from the image can:
+Beyond PRIOR (not in the paper; docs/beyond-prior.md): (1 - P_r) cannot tell a token that needs
+the image from one nothing predicts (a name). The image's gain g_i = log p(t_i | image, t_<i) -
+log P_r(t_i | t_<i) (detached) can: 'gain' weighs 1 + min(max(g_i, 0), 1) (NTP, up to doubled where
+the image helps), 'prior_gain' (1 - P_r)^alpha * 2 sigmoid(g_i); both mean 1 per caption.
 
-    g_i = log p(t_i | image, t_<i) - log P_r(t_i | t_<i)      the image's gain at token i (detached)
-
-is positive where the image makes the token likelier than the text alone does, and near 0 both
-for tokens the text predicts and for tokens nothing predicts. Two weightings use it, in PRIOR's
-cost class (the step's own logits and the cached P_r; no extra forward pass), each normalised
-to mean 1 per caption like PRIOR:
-
-    gain        w_i = 1 + min(max(g_i, 0), 1)             NTP, up to doubled where the image helps
-    prior_gain  w_i = (1 - P_r(t_i))^alpha * 2 sigmoid(g_i)   PRIOR, gated by the image's gain
+Read next: reference.py, which trains P_r and scores the captions.
 """
 
 from dataclasses import dataclass

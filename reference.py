@@ -15,16 +15,18 @@ import numpy as np
 import torch
 
 from config import as_dict, load_config, settings_help
-from data import Vocab, batch_indices, load_splits, make_vocab, text_width
+from data import batch_indices, load_splits, make_vocab, text_width
 from model import GPT, GPTConfig, gpt_config
 from pretrained.gpt2 import load_gpt2_into
 from prior_loss import IGNORE, ntp_loss, token_nll
 from runs.cli import cli
 from runs.devices import barrier, resolve_device
 from runs.errors import ConfigError
+from runs.caches import captions_fingerprint, load_or_build
 from runs.files import check_origin, exclusive, load_checkpoint, save_checkpoint, weights_digest
 from runs.optim import lr_at, make_optimizer, optimizer_step, set_lr
 from runs.progress import Progress
+from sources.tokenizer import Vocab
 from runs.reference_files import cached_scores, default_ref_ckpt, load_cache
 
 
@@ -77,7 +79,7 @@ def score_captions(model, data, device, batch_size=256, log=None):
 
 def save_reference(model, vocab, cfg, train, ref_ckpt):
     save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.config), 'vocab': vocab.state(),
-                     'config': as_dict(cfg), 'data_fingerprint': train.fingerprint(),
+                     'config': as_dict(cfg), 'data_fingerprint': captions_fingerprint(train),
                      'weights_sha256': weights_digest(model.state_dict())}, ref_ckpt)
 
 
@@ -85,7 +87,7 @@ def load_reference(ref_ckpt, device, train=None):
     """(GPT, vocabulary, checkpoint) of a reference; refused if its weights changed since it was
     saved or (given `train`, the training captions it is for) it was trained on other captions."""
     ckpt = load_checkpoint(ref_ckpt, map_location=device, required=('model', 'model_args', 'vocab'))
-    check_origin(ckpt, ref_ckpt, 'model', **({'data_fingerprint': train.fingerprint()} if train else {}))
+    check_origin(ckpt, ref_ckpt, 'model', **({'data_fingerprint': captions_fingerprint(train)} if train else {}))
     return (*reference_from(ckpt, device), ckpt)
 
 
@@ -96,33 +98,20 @@ def reference_from(state, device):
     return model.to(device).eval(), Vocab(state['vocab']['gpt2_ids'])
 
 
-def trained_reference(cfg, ref_ckpt, train, vocab, device, log=print):
-    """The reference at ref_ckpt, trained and saved there first if there is none (or a damaged one
-    in the cache folder; a file given by --ref_ckpt is named, never replaced)."""
-    try:
-        model, ref_vocab, _ = load_reference(ref_ckpt, device, train)
-    except FileNotFoundError:
-        model, why = None, f"no checkpoint at {ref_ckpt}"
-    except ConfigError as e:
-        if cfg.ref_ckpt:
-            raise
-        model, why = None, str(e)
-    if model is None:
-        log(f"reference: {why}; training the text-only reference LM first")
-        save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, ref_ckpt)
-        model, ref_vocab, _ = load_reference(ref_ckpt, device, train)
-    if ref_vocab.gpt2_ids != vocab.gpt2_ids:
-        raise ConfigError(f"reference {ref_ckpt} uses another vocabulary than this data")
-    return model
-
-
 def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, scored=True):
     """(reference checkpoint path, cached P_r of the training captions, or None unless `scored`),
     trained and scored on first use. Under DDP only the master builds; the others wait, then load."""
     ref_ckpt, ref_probs = cfg.ref_ckpt or default_ref_ckpt(cfg, train), None
+
+    def build(path):
+        save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, path)
+    load = lambda path: load_reference(path, device, train)     # noqa: E731
     if is_master:
         with exclusive(ref_ckpt):                # a second run asking for the same reference waits for it
-            model = trained_reference(cfg, ref_ckpt, train, vocab, device, log)
+            model, ref_vocab, _ = load_or_build(ref_ckpt, load, build, bool(cfg.ref_ckpt),
+                                                'reference: training the text-only reference LM first', log)
+            if ref_vocab.gpt2_ids != vocab.gpt2_ids:
+                raise ConfigError(f"reference {ref_ckpt} uses another vocabulary than this data")
             if scored:
                 ref_probs = cached_scores(ref_ckpt, train, vocab, lambda: score_captions(model, train, device, log=log),
                                           log)

@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from decoding.generate import generate
 from eval import load_trained
 from prior_loss import token_nll, token_weights
 from reference import reference_from, target_probs
@@ -84,7 +85,7 @@ def main(argv):
     torch.manual_seed(args['seed'])
     max_new = args['max_new_tokens'] or cfg.block_size
     for n in range(args['num_samples']):
-        ids = model.generate(images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=max_new,
+        ids = generate(model, images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=max_new,
                              temperature=args['temperature'], top_k=args['top_k'] or None)
         for path, row in zip(paths, ids):
             row = row[:row.index(vocab.eot)] if vocab.eot in row else row

@@ -5,15 +5,14 @@ Train an LVLM on image-caption data with NTP or PRIOR: the tutorial's last file.
     python train.py configs/shapes_h.py --loss=ntp    # H-LVLM (ViT encoder) with plain NTP
     torchrun --standalone --nproc_per_node=4 train.py # DDP on 4 GPUs (or CPU processes, gloo)
 
-Read top to bottom: the model as configured -> what the loss reads besides the logits -> one
-training step -> the job: set-up (processes, data, the reference, model, optimiser, resume), the
-loop (steps, logs, validation, checkpoints), the finish (curves, test metrics). Every setting and
-its default is in config.py; what a run writes, and how it survives faults and signals, is in runs/.
+Read top to bottom: the model as configured -> what the loss reads besides the logits -> one step ->
+the job: set-up (processes, data, the reference, model, optimiser, resume), the loop (steps, logs,
+validation, checkpoints), the finish (curves, test metrics). Settings: config.py; what a run writes
+and how it survives faults and signals: runs/.
 """
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -33,21 +32,21 @@ from pretrained.gpt2 import load_gpt2_into
 from pretrained.vision import pretrained_vision
 from prior_loss import LOSSES, objective
 from reference import ensure_reference, load_reference
-from runs.caches import cache_root
+from runs.caches import cache_root, captions_fingerprint, images_fingerprint
 from runs.cli import cli
 from runs.devices import (barrier, device_peak_flops, grad_scaler, precision_context, resolve_device,
-                          resolve_precision, setup_processes, to_device)
-from runs.errors import ConfigError, Interrupted
+                          resolve_precision, setup_processes, to_device, wrap)
+from runs.errors import ConfigError
 from runs.files import (append_log, atomic_write, check_out_dir, checkpoint_path, claim_dir, load_checkpoint,
                         save_checkpoint, start_log, weights_digest)
 from runs.optim import lr_at, make_optimizer, optimizer_step, set_lr
 from runs.plots import plot_run
-from runs.progress import Throughput, hms, train_flops, wandb_run
+from runs.progress import Throughput, hms, parameter_counts, train_flops, wandb_run
 from runs.reference_files import keep_reference, restore_reference
 from runs.resume import check_resume, restore_rng, resume
 from runs.stopping import FiniteGuard, StopOnSignal
 from sources.images import report_broken
-from sources.shapes import CLASS_NAMES, RELEVANT
+from sources.shapes import RELEVANT
 
 
 def build_model(cfg, vocab, device, ref_ckpt=None, vision_ckpt=None):
@@ -72,11 +71,9 @@ def build_model(cfg, vocab, device, ref_ckpt=None, vision_ckpt=None):
 
 
 def target_weights_source(cfg, ref_probs, device):
-    """What the objective reads besides the targets, per micro-batch: the cached P_r rows for the
-    losses that read the reference; for the ceilings, a P_r made from the true token classes: the
-    oracle's (P_r = 1 on every non-visual token: weight 1 on image-relevant tokens, 0 elsewhere)
-    and the label ceiling's (P_r = 1/2 on non-visual tokens: relevant tokens weigh twice the
-    others, which keep NTP's share); nothing for NTP. A function (rows, idx, targets, classes) -> [B,T] or None."""
+    """What the objective reads besides the targets, per micro-batch, as (rows, idx, targets, classes) ->
+    [B,T] or None: the cached P_r rows; for the ceilings, a P_r from the true token classes (oracle: 1
+    on every non-visual token, so weight 0 there; label: 1/2, so relevant tokens weigh twice); or None (NTP)."""
     if LOSSES[cfg.loss].reads_reference:
         return lambda rows, idx, targets, classes: to_device(
             torch.from_numpy(ref_probs[rows.numpy(), :targets.size(1)]), device)
@@ -88,10 +85,9 @@ def target_weights_source(cfg, ref_probs, device):
 
 def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_of, loss_fn=objective,
                device='cpu', ctx=contextlib.nullcontext(), world=1, scaler=None):
-    """One iteration: cfg.grad_accum micro-batches, then one clipped AdamW update (loss-scaled with an
-    fp16 GradScaler). Returns (the step's loss as a device tensor, lr, FLOPs, tokens) of this process; the
-    loss is NaN if the gradient was not finite (with fp16, the GradScaler skips such steps instead).
-    Nothing here waits for the device: the host queues the step and goes on to prepare the next."""
+    """One iteration: cfg.grad_accum micro-batches, then one clipped AdamW update (loss-scaled under fp16).
+    Returns (the step's loss as a device tensor, lr, FLOPs, tokens) of this process; the loss is NaN if the
+    gradient was not finite (fp16's GradScaler skips such steps). Nothing here waits for the device."""
     lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
     set_lr(optimizer, lr)
     # Every micro-batch divides by the caption tokens of the whole step, so the step's loss
@@ -124,9 +120,7 @@ def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
     rows = torch.arange(min(len(val_data), cfg.eval_batches * cfg.batch_size))
     m = evaluation.teacher_forced_metrics(model, val_data, vocab, rows, device, ctx=ctx)
     record({'step': step, **{f'val_{k}': v for k, v in m.items()}})
-    classes = ', '.join(f"{c} {m[f'loss_{c}']:.3f}" for c in CLASS_NAMES if not math.isnan(m[f'loss_{c}']))
-    attr = '' if math.isnan(m['attr_acc']) else f", attr_acc {m['attr_acc']:.3f}"   # NaN: no attributes
-    log(f"step {step}: val loss {m['loss']:.4f}" + (f" ({classes})" if classes else '') + attr)
+    log(f"step {step}: {evaluation.val_summary(m)}")
 
 
 @dataclass
@@ -134,46 +128,41 @@ class Job:
     """A training job once it is set up (see setup): where it runs, what it reads, what it trains."""
     cfg: object
     log: object
-    ddp: bool
+    ddp: bool                       # under torchrun: process `rank` of `world`, one per device
     device: str
     rank: int
     world: int
-    ctx: object                                  # autocast for cfg.precision, or a null context
-    scaler: object                               # fp16's GradScaler, or None
-    tracker: object                              # a Weights & Biases run, or None
+    ctx: object                     # autocast for cfg.precision, or a null context
+    scaler: object                  # fp16's GradScaler, or None
+    tracker: object                 # a Weights & Biases run, or None
     splits: dict
     vocab: object
-    ref_ckpt: str
-    ref_probs: object                            # the cached P_r of the training captions [N, T], or None
-    reference: dict                              # the reference's weights, for the final eval, or None
-    model: object                                # what trains: raw_model, compiled and/or DDP-wrapped
+    ref_ckpt: str                   # the reference's file, its cached P_r [N, T] of the training captions,
+    ref_probs: object               # and its weights for the final eval (None, None, None without one)
+    reference: dict
+    model: object                   # what trains: raw_model, compiled and/or DDP-wrapped
     raw_model: object
     optimizer: object
-    inputs: dict                                 # the training captions', images' and reference's digests
+    inputs: dict                    # the training captions', images' and reference's digests
     step: int = 0
-    saved_step: int = None                       # the last checkpoint written (or resumed from)
+    saved_step: int = None          # the last checkpoint written (or resumed from)
 
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def record(self, entry):                     # one log.jsonl line (and W&B point)
+    def record(self, entry):        # one log.jsonl line (and W&B point)
         append_log(os.path.join(self.cfg.out_dir, 'log.jsonl'), entry)
         if self.tracker:
             self.tracker.log({k: v for k, v in entry.items() if k != 'step'}, step=entry['step'])
 
     def save(self):
-        """The checkpoint of this step. The run folder is self-contained: eval.py needs no other file
+        """This step's checkpoint. The run folder is self-contained: eval.py needs no other file
         (reference.pt, written once) and no working directory."""
-        cfg, cuda = self.cfg, str(self.device).startswith('cuda')
+        cuda = str(self.device).startswith('cuda')
         save_checkpoint({'model': self.raw_model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                         'scaler': self.scaler.state_dict() if self.scaler else None,
-                         'config': as_dict(cfg), 'model_args': vars(self.raw_model.lm.config),
-                         'vocab': self.vocab.state(), 'step': self.step,
-                         'data_position': self.step * global_batch(cfg, self.world), **self.inputs,
+                         'scaler': self.scaler.state_dict() if self.scaler else None, 'config': as_dict(self.cfg),
+                         'model_args': vars(self.raw_model.lm.config), 'vocab': self.vocab.state(), 'step': self.step,
+                         'data_position': self.step * global_batch(self.cfg, self.world), **self.inputs,
                          'ref_ckpt': self.ref_ckpt,
                          'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None}},
-                        checkpoint_path(cfg.out_dir))
+                        checkpoint_path(self.cfg.out_dir))
         self.saved_step = self.step
 
 
@@ -226,12 +215,9 @@ def setup(cfg, log, ckpt):
         vision_ckpt = ensure_encoder(cfg, train_data, vocab, device, log, rank == 0, splits['val'])
     model = build_model(cfg, vocab, device, ref_ckpt, vision_ckpt)
     optimizer = make_optimizer(model, cfg.learning_rate, cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"model: {cfg.arch.upper()}-LVLM, {n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
-        f"{model.n_prefix} image tokens")
+    log(f"model: {cfg.arch.upper()}-LVLM, {parameter_counts(model)}, {model.n_prefix} image tokens")
     scaler = grad_scaler(device, cfg.precision)
-    inputs = {'data_fingerprint': train_data.fingerprint(), 'image_fingerprint': train_data.image_fingerprint(),
+    inputs = {'data_fingerprint': captions_fingerprint(train_data), 'image_fingerprint': images_fingerprint(train_data),
               'reference_sha256': reference and weights_digest(reference['model'])}
     step = resume(ckpt, model, optimizer, scaler, inputs, log, checkpoint_path(cfg.out_dir), cfg)
     if caches_features(cfg):
@@ -240,9 +226,7 @@ def setup(cfg, log, ckpt):
         start_log(os.path.join(cfg.out_dir, 'log.jsonl'), step)
         if ref_ckpt:
             keep_reference(ref_ckpt, cfg.out_dir)
-    wrapped = torch.compile(model) if cfg.compile else model
-    if ddp:
-        wrapped = DDP(wrapped, device_ids=[torch.cuda.current_device()] if str(device).startswith('cuda') else None)
+    wrapped = wrap(model, cfg.compile, ddp, device)
     return Job(cfg, log, ddp, device, rank, world, precision_context(device, cfg.precision), scaler, tracker, splits,
                vocab, ref_ckpt, ref_probs, reference, wrapped, model, optimizer, inputs, step,
                saved_step=step if ckpt else None)
@@ -253,12 +237,11 @@ def train_loop(job, loss_fn, stopper, ckpt):
     every eval_interval, a checkpoint every ckpt_interval and at the end."""
     cfg, log, device, cuda = job.cfg, job.log, job.device, str(job.device).startswith('cuda')
     ckpt_path = checkpoint_path(cfg.out_dir)
-    peak = device_peak_flops(device)
-    log(f"tokens per iteration: {global_batch(cfg, job.world)} captions x ({job.raw_model.n_prefix} image + <= "
-        f"{cfg.block_size} text) = global batch {global_batch(cfg, job.world)} ({cfg.batch_size} x {cfg.grad_accum} "
-        f"accum x {job.world} proc); {resolve_precision(device, cfg.precision)}; "
-        f"peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s")
-    if job.step == 0 and job.master:
+    peak, n = device_peak_flops(device), global_batch(cfg, job.world)
+    log(f"tokens per iteration: {n} captions x ({job.raw_model.n_prefix} image + <= {cfg.block_size} text) = global "
+        f"batch {n} ({cfg.batch_size} x {cfg.grad_accum} accum x {job.world} proc); "
+        f"{resolve_precision(device, cfg.precision)}; peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s")
+    if job.step == 0 and job.rank == 0:
         validate(cfg, job.raw_model, job.splits['val'], job.vocab, device, job.ctx, 0, job.record, log)
     job.model.train()
     train_data = job.splits['train']
@@ -284,13 +267,13 @@ def train_loop(job, loss_fn, stopper, ckpt):
             guard.check(job.saved_step, ckpt_path)
             line, entry = meter.report(job.step, loss_val, lr)
             log(line)
-            if job.master:
+            if job.rank == 0:
                 job.record(entry)
         do_eval = job.step % cfg.eval_interval == 0 or job.step == cfg.max_iters
         do_save = (cfg.ckpt_interval and job.step % cfg.ckpt_interval == 0) or job.step == cfg.max_iters
         if do_eval or do_save:
             guard.check(job.saved_step, ckpt_path)   # on every process: the same answer (gradients are all-reduced)
-        if job.master and (do_eval or do_save):
+        if job.rank == 0 and (do_eval or do_save):
             with meter.paused():                 # evaluation and checkpoints are not training time
                 if do_eval:
                     validate(cfg, job.raw_model, job.splits['val'], job.vocab, device, job.ctx, job.step,
@@ -298,13 +281,8 @@ def train_loop(job, loss_fn, stopper, ckpt):
                 if do_save:
                     job.save()
         job.saved_step = job.step if do_save else job.saved_step      # (the master wrote it)
-        if stopper.requested():                  # the same answer on every process: all stop here
-            guard.check(job.saved_step, ckpt_path)
-            if job.master and not do_save:
-                job.save()
-            barrier()                            # the others wait for the master's checkpoint
-            raise Interrupted(f"stopped by {stopper.received or 'a signal to another process'} after step "
-                              f"{job.step}: {ckpt_path} holds it; --resume=True continues the run")
+        stopper.stop_if_requested(job.step, ckpt_path, lambda: guard.check(job.saved_step, ckpt_path),
+                                  job.save if job.rank == 0 and not do_save else None)
     stopper.deferring = False
     report_broken(train_data.images, log)
 
@@ -312,7 +290,7 @@ def train_loop(job, loss_fn, stopper, ckpt):
 def finish(job, t_start):
     """Curves and the test metrics (master), then every process leaves together. Returns the metrics or None."""
     cfg, log, results = job.cfg, job.log, None
-    if job.master:
+    if job.rank == 0:
         plot_run(os.path.join(cfg.out_dir, 'log.jsonl'), os.path.join(cfg.out_dir, 'loss.png'))
         if cfg.final_eval:
             test = job.splits['test']
@@ -321,7 +299,7 @@ def finish(job, t_start):
             atomic_write(os.path.join(cfg.out_dir, 'eval_test.json'),
                          lambda f: f.write(json.dumps(results, indent=1).encode()))
             log('\nsample captions (greedy, test):\n' + evaluation.sample_report(captions, test))
-            log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n" + evaluation.format_table({cfg.loss: results}))
+            log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n{evaluation.format_table({cfg.loss: results})}")
         log(f"outputs in {cfg.out_dir}: ckpt.pt, log.jsonl, loss.png" + (', eval_test.json' if cfg.final_eval else ''))
         log(f"wall time {hms(time.time() - t_start)}")
         if job.tracker:

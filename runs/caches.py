@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 
+import torch
+
 from runs.errors import ConfigError
 from runs.files import atomic_write, file_sha256
 
@@ -20,6 +22,22 @@ def cache_root(cfg):
 def content_key(inputs):
     """A short name for a cache made from `inputs` (JSON-able): other inputs, another name."""
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+
+
+def captions_fingerprint(data):
+    """sha256 of what a reference cache depends on: a split's token rows (data.CaptionData)."""
+    h = hashlib.sha256()
+    h.update(data.idx.numpy().tobytes())
+    h.update(data.targets.numpy().tobytes())
+    return h.hexdigest()
+
+
+def images_fingerprint(data):
+    """sha256 of a split's images by content: their pixels in memory, or their files' sha256 and the
+    size they are read at."""
+    if isinstance(data.images, torch.Tensor):
+        return hashlib.sha256(data.images.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(json.dumps([data.images.digests, data.images.size]).encode()).hexdigest()
 
 
 def commit_cache(manifest_path, files, manifest):
@@ -56,3 +74,20 @@ def check_cache(manifest_path, expected):
     return found
 
 
+def load_or_build(path, load, build, user_given, says, log=print):
+    """load(path), after build(path) when there is no file there yet, or a damaged or foreign one
+    (load raised ConfigError) that the cache may replace; a file the user named (user_given) is
+    never replaced: its error stands. `says` names the build in the log line ('reference: training ...').
+    Hold exclusive(path) around it when processes may race."""
+    try:
+        return load(path)
+    except FileNotFoundError:
+        why = f"no checkpoint at {path}"
+    except ConfigError as e:
+        if user_given:
+            raise
+        why = str(e)
+    what, _, doing = says.partition(': ')
+    log(f"{what}: {why}; {doing}")
+    build(path)
+    return load(path)

@@ -11,6 +11,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from runs.errors import ConfigError
 
@@ -130,6 +131,14 @@ def reset_peak_memory(cuda):
 def peak_memory(cuda):
     """Bytes: allocated tensors on CUDA; the process's peak resident set on CPU (Linux KiB)."""
     return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def wrap(model, compile, ddp, device):
+    """What trains: the model, compiled if asked, in DistributedDataParallel under torchrun."""
+    wrapped = torch.compile(model) if compile else model
+    if ddp:
+        wrapped = DDP(wrapped, device_ids=[torch.cuda.current_device()] if str(device).startswith('cuda') else None)
+    return wrapped
 
 
 def setup_processes(cfg):

@@ -1,5 +1,6 @@
 """
-Curves of training runs: one run's loss.png (train.py draws it at the end), or any runs side by side.
+Curves of training runs: one run's loss.png (train.py draws it at the end), or any runs side by side;
+and eval.py's --figure, caption tokens shaded by PRIOR weight and LVLM loss.
 
     python -m runs.plots out/shapes_u out/shapes_u_ntp         # -> compare.png and a table of final metrics
     python -m runs.plots out/a out/b out/c --out=runs.png
@@ -59,6 +60,31 @@ def plot_run(log_path, png_path):
             ax.legend()
     fig.tight_layout()
     atomic_write(png_path, lambda f: fig.savefig(f, format='png', dpi=100))
+    plt.close(fig)
+
+
+def token_figure(rows, path):
+    """Caption tokens shaded by two values each, one row per image: rows of (image [H,W,3], token
+    texts, PRIOR weights, LVLM losses), as eval.py's --figure draws them."""
+    fig, axes = plt.subplots(len(rows), 2, figsize=(13, 2.6 * len(rows)), gridspec_kw={'width_ratios': [1, 9]},
+                             squeeze=False)
+    for r, (image, tokens, weights, losses) in enumerate(rows):
+        axes[r, 0].imshow(image, interpolation='nearest'), axes[r, 0].axis('off')
+        ax = axes[r, 1]
+        ax.axis('off'), ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+        for line, (name, values, vmax, cmap) in enumerate((('PRIOR weight', weights, 3.0, 'Reds'),
+                                                          ('LVLM loss', losses, 4.0, 'Blues'))):
+            x, y = 0.0, 0.86 - 0.5 * line
+            ax.text(x, y + 0.1, name, fontsize=8, color='gray')
+            for tok, v in zip(tokens, values):
+                width = 0.0086 * max(len(tok), 1)
+                if x + width > 1:
+                    x, y = 0.0, y - 0.13
+                ax.text(x, y, tok.replace('<|endoftext|>', '⏎'), fontsize=8, family='monospace',
+                        bbox=dict(facecolor=plt.get_cmap(cmap)(min(v / vmax, 1.0)), edgecolor='none', pad=1))
+                x += width
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
     plt.close(fig)
 
 

@@ -93,6 +93,13 @@ class Throughput:
         self.t_last += time.time() - t_pause
 
 
+def parameter_counts(model):
+    """'1.23M parameters (0.45M trained)'."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained)"
+
+
 def wandb_run(cfg, config):
     """A Weights & Biases run (--wandb_project) logging `config`, or None; wandb is imported only when asked for."""
     if not cfg.wandb_project:

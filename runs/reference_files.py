@@ -12,14 +12,15 @@ import time
 
 import numpy as np
 
-from runs.caches import cache_root, check_cache, commit_cache, content_key
+from runs.caches import cache_root, captions_fingerprint, check_cache, commit_cache, content_key
 from runs.errors import ConfigError
 from runs.files import atomic_write, file_sha256, load_checkpoint, weights_digest
 
 
 def default_ref_ckpt(cfg, train):
     """Where the reference for this data and reference recipe lives unless --ref_ckpt says otherwise."""
-    recipe = [train.fingerprint(), cfg.init_lm == 'gpt2' and cfg.gpt2_model, cfg.n_layer, cfg.n_head, cfg.n_embd,
+    recipe = [captions_fingerprint(train), cfg.init_lm == 'gpt2' and cfg.gpt2_model, cfg.n_layer, cfg.n_head,
+              cfg.n_embd,
               cfg.dropout, cfg.ref_max_iters, cfg.ref_learning_rate, cfg.ref_batch_size, cfg.seed,
               cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
     return os.path.join(cache_root(cfg), 'ref', content_key(recipe), 'ref.pt')
@@ -37,7 +38,7 @@ def write_cache(ref_probs, manifest, ref_ckpt):
 
 
 def expected_manifest(data, vocab, ref_ckpt):
-    return {'data_fingerprint': data.fingerprint(), 'tokenizer': 'r50k_base',
+    return {'data_fingerprint': captions_fingerprint(data), 'tokenizer': 'r50k_base',
             'vocab_sha256': hashlib.sha256(json.dumps(vocab.gpt2_ids).encode()).hexdigest(),
             'ref_sha256': file_sha256(ref_ckpt), 'shape': list(data.targets.shape)}
 

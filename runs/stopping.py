@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from runs.devices import any_process
+from runs.devices import any_process, barrier
 from runs.errors import Diverged, Interrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -48,6 +48,18 @@ class StopOnSignal:
     def requested(self):
         """Whether this or any other process received a signal (the same answer on every process)."""
         return any_process(self.received is not None)
+
+    def stop_if_requested(self, step, ckpt_path, check, save=None):
+        """At the end of a step of the training loop: if any process received a signal, check() the
+        weights, save() them (the master, unless this step saved already), and all stop together."""
+        if not self.requested():
+            return
+        check()
+        if save:
+            save()
+        barrier()                                # the others wait for the master's checkpoint
+        raise Interrupted(f"stopped by {self.received or 'a signal to another process'} after step {step}: "
+                          f"{ckpt_path} holds it; --resume=True continues the run")
 
 
 def ignore_stop_signals(worker_id=None):

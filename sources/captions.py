@@ -27,9 +27,12 @@ import hashlib
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 
-from sources.images import BadData, image_path_problem, image_problem, undecodable
+from runs.errors import ConfigError
 from runs.progress import Progress
+from sources.images import BadData, image_path_problem, image_problem, undecodable
+from sources.tokenizer import get_tokenizer
 
 MAX_LISTED = 10                                  # problems spelled out in the error message
 
@@ -240,3 +243,42 @@ def split_of(key, val_frac, test_frac):
     stable across runs, machines and places of the dataset."""
     u = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 16 ** 8
     return 'val' if u < val_frac else 'test' if u < val_frac + test_frac else 'train'
+
+
+@dataclass
+class Split:
+    """One split of a dataset on disk: its image files, each caption's image (an index into paths),
+    the captions and their GPT-2 tokens, and each image file's sha256 from the start-up check."""
+    paths: list
+    image_index: list
+    texts: list
+    tokens: list
+    digests: list
+
+
+def caption_splits(cfg, names, log=print):
+    """The named splits ('train', 'val', 'test' by a hash of each image's path, or 'all') of the
+    dataset cfg.dataset, checked by read_records; over-long captions are cut to block_size - 1
+    tokens (the closing EOT fits) and counted."""
+    records = read_records(cfg.dataset, cfg.image_root, cfg.skip_bad, log, cfg.confine_images, cfg.max_image_pixels)
+    enc, limit = get_tokenizer(), cfg.block_size - 1
+    by_split = {name: [] for name in names}
+    for image_path, caption in records:
+        key = os.path.relpath(image_path, records.root)
+        split = 'all' if names == ('all',) else split_of(key, cfg.val_frac, cfg.test_frac)
+        if split in by_split:
+            by_split[split].append((image_path, caption))
+    out, cut = {}, 0
+    for name, recs in by_split.items():
+        if not recs:
+            raise ConfigError(f"split {name!r} of {cfg.dataset} is empty (val_frac={cfg.val_frac}, "
+                              f"test_frac={cfg.test_frac})")
+        paths = sorted({p for p, _ in recs})
+        where = {p: i for i, p in enumerate(paths)}
+        tokens = enc.encode_ordinary_batch([c for _, c in recs])
+        cut += sum(len(t) > limit for t in tokens)
+        out[name] = Split(paths, [where[p] for p, _ in recs], [c for _, c in recs], [t[:limit] for t in tokens],
+                          [records.digests[p] for p in paths])
+    if cut:
+        log(f"data: {cut} captions longer than block_size {cfg.block_size} were truncated to {limit} tokens + EOT")
+    return out

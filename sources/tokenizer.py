@@ -1,5 +1,5 @@
 """
-The GPT-2 tokenizer, offline.
+The GPT-2 tokenizer, offline, and the model's vocabulary over it (Vocab, at the end).
 
 tiktoken's r50k_base holds GPT-2's BPE ranks and downloads them on first use, which fails
 offline. The openai-whisper sdist on PyPI ships the same file (whisper/assets/gpt2.tiktoken),
@@ -14,6 +14,7 @@ import sys
 import tarfile
 import tempfile
 
+import numpy as np
 import tiktoken
 
 RANKS_URL = 'https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken'
@@ -72,3 +73,59 @@ def get_tokenizer():
         ensure_gpt2_ranks()
         _ENCODING = tiktoken.get_encoding('r50k_base')
     return _ENCODING
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary. A tiny model does not need 50,257 output rows for a few hundred distinct
+# words, so by default the model sees a compact vocabulary: the GPT-2 ids that occur in the
+# training captions, mapped to 0..n-1, plus one unknown id. The list travels in every
+# checkpoint, so decoding never depends on rebuilding it. `Vocab(None)` is the identity map
+# over the full GPT-2 vocabulary (needed for --init_lm=gpt2).
+
+class Vocab:
+    def __init__(self, gpt2_ids=None):
+        self.gpt2_ids = None if gpt2_ids is None else [int(i) for i in gpt2_ids]
+        if self.gpt2_ids is None:
+            self.size, self.unk = get_tokenizer().n_vocab, None
+            return
+        self.unk = len(self.gpt2_ids)           # the last id means "not seen in training"
+        self.size = self.unk + 1
+        self.lookup = np.full(get_tokenizer().n_vocab, self.unk, dtype=np.int64)
+        self.lookup[self.gpt2_ids] = np.arange(len(self.gpt2_ids))
+
+    @staticmethod
+    def from_captions(token_lists):
+        """Compact vocabulary of the GPT-2 ids in token_lists (plus EOT)."""
+        seen = {EOT}
+        for tokens in token_lists:
+            seen.update(tokens)
+        return Vocab(sorted(seen))
+
+    def encode(self, gpt2_tokens):
+        tokens = np.asarray(gpt2_tokens, dtype=np.int64)
+        return tokens if self.gpt2_ids is None else self.lookup[tokens]
+
+    def to_gpt2(self, ids):
+        if self.gpt2_ids is None:
+            return [int(i) for i in ids]
+        return [self.gpt2_ids[i] for i in ids if i != self.unk]
+
+    def decode(self, ids):
+        """Text of model ids, decoded as whole runs of tokens: byte-level BPE splits a character
+        beyond ASCII (Chinese, accents, emoji) across tokens. Unknown ids print as the replacement character."""
+        if self.gpt2_ids is None:
+            return get_tokenizer().decode(self.to_gpt2(ids))
+        runs = [[]]
+        for i in map(int, ids):
+            if i == self.unk:
+                runs.append([])
+            else:
+                runs[-1].append(self.gpt2_ids[i])
+        return '\ufffd'.join(get_tokenizer().decode(run) for run in runs)
+
+    @property
+    def eot(self):
+        return int(self.encode([EOT])[0])
+
+    def state(self):
+        return {'gpt2_ids': self.gpt2_ids}

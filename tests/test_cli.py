@@ -264,7 +264,8 @@ def test_step_reads_reference_probabilities_before_the_forward(tiny_cfg):
     def ref_probs_of(rows, idx, targets, classes):
         order.append('ref_probs')
         return torch.rand(targets.shape)
-    batches = iter(make_loader(data, micro_batches(len(data), dataclasses.replace(cfg, batch_size=8, grad_accum=2), 1, 0, 0, 1)))
+    steps = dataclasses.replace(cfg, batch_size=8, grad_accum=2)
+    batches = iter(make_loader(data, micro_batches(len(data), steps, 1, 0, 0, 1)))
     train_step(dataclasses.replace(cfg, batch_size=8, grad_accum=2), model, model, make_optimizer(model, 1e-3, cfg),
                data, batches, 0, ref_probs_of)
     assert order == ['ref_probs', 'forward'] * 2

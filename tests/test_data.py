@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from config import Config
-from data import Vocab, batch_indices, load_splits, shapes_split as make_shapes
+from data import batch_indices, load_splits, shapes_split as make_shapes
 from prior_loss import IGNORE
 from sources.shapes import ATTR_NAMES, ATTRIBUTES, CITIES, FILLER, NAMES, NOISE, RELEVANT
-from sources.tokenizer import EOT, get_tokenizer
+from sources.tokenizer import EOT, Vocab, get_tokenizer
 
 
 @pytest.fixture(scope='module')

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from runs.caches import cache_root
+from runs.caches import cache_root, images_fingerprint
 from runs.files import load_checkpoint
 from runs.errors import ConfigError, Diverged, Interrupted, StorageError
 from train import train
+from sources.tokenizer import Vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 quiet = dict(log=lambda *a: None)
@@ -283,10 +284,10 @@ def test_an_edited_image_is_refused_on_resume_and_trains_anew_in_a_fresh_run(tin
     folder = make_folder(tmp_path, n_images=40)
     cfg = disk_cfg(tiny_cfg, folder)
     train(cfg, **quiet)
-    before = load_splits(cfg, names=('train',), log=lambda *a: None)['train'].image_fingerprint()
+    before = images_fingerprint(load_splits(cfg, names=('train',), log=lambda *a: None)['train'])
     image = load_splits(cfg, names=('train',), log=lambda *a: None)['train'].images.paths[0]
     os.utime(image)                                                # touched, same bytes: the same data
-    assert load_splits(cfg, names=('train',), log=lambda *a: None)['train'].image_fingerprint() == before
+    assert images_fingerprint(load_splits(cfg, names=('train',), log=lambda *a: None)['train']) == before
     write_image(image, 999)                                        # other pixels, same name
     with pytest.raises(ConfigError, match=r"the training images differ from the checkpoint's"):
         train(dataclasses.replace(cfg, resume=True, max_iters=8), **quiet)
@@ -357,7 +358,7 @@ def test_damaged_checkpoint_reference_and_caches(tiny_cfg, monkeypatch):
 
 def test_captions_beyond_ascii_come_back_exactly_and_score_by_unicode_words(tmp_path):
     from metrics.caption_scores import bleu4, words
-    from data import Vocab, load_splits
+    from data import load_splits
     from config import Config
     from prior_loss import IGNORE
     from test_captions import write_image

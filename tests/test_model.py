@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from config import Config
+from decoding.generate import generate
 from model import GPT, GPTConfig, LVLM
 from pretrained.gpt2 import converted_state_dict
 from runs.progress import train_flops
@@ -51,11 +52,11 @@ def test_caption_keeps_the_text_positions_of_the_reference():
 def test_generate_greedy_is_deterministic_and_stops_at_eot(arch):
     model = lvlm(arch)
     images = torch.randn(3, 3, 32, 32)
-    a = model.generate(images, bos=0, eot=0, max_new_tokens=8)
-    assert a == model.generate(images, bos=0, eot=0, max_new_tokens=8)
+    a = generate(model, images, bos=0, eot=0, max_new_tokens=8)
+    assert a == generate(model, images, bos=0, eot=0, max_new_tokens=8)
     assert all(len(row) <= 8 for row in a)
     torch.manual_seed(1)
-    sampled = model.generate(images, bos=0, eot=0, max_new_tokens=8, temperature=1.0, top_k=5)
+    sampled = generate(model, images, bos=0, eot=0, max_new_tokens=8, temperature=1.0, top_k=5)
     assert len(sampled) == 3
 
 

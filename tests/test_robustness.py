@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 from sources.captions import read_records
-from runs.files import append_log, atomic_write, claim_dir, load_checkpoint, remove_stale_temps, save_checkpoint, start_log, weights_digest
+from runs.files import (append_log, atomic_write, claim_dir, load_checkpoint, remove_stale_temps, save_checkpoint,
+                        start_log, weights_digest)
 from config import Config, load_config
+from runs.caches import captions_fingerprint
 from runs.errors import ConfigError
 from data import load_splits
 from sources.images import BadData
@@ -328,7 +330,7 @@ def test_pretrained_encoder_from_other_data_is_refused(tiny_ref):
     cfg = dataclasses.replace(cfg, arch='h', init_vision='clip', vision_ckpt=os.path.join(os.path.dirname(cfg.ref_ckpt),
                                                                                           'vit.pt'))
     vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, cfg.dropout)
-    save_checkpoint({'vision': vit.state_dict(), 'data_fingerprint': splits['val'].fingerprint(),
+    save_checkpoint({'vision': vit.state_dict(), 'data_fingerprint': captions_fingerprint(splits['val']),
                      'weights_sha256': weights_digest(vit.state_dict())}, cfg.vision_ckpt)
     with pytest.raises(ValueError, match='made from other data'):
         ensure_encoder(cfg, splits['train'], vocab, 'cpu', log=lambda *a: None)

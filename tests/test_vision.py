@@ -13,7 +13,7 @@ from runs.errors import ConfigError
 from data import to_unit_range
 from sources.images import ImageFiles
 from model import LVLM, gpt_config
-from data import Vocab
+from sources.tokenizer import Vocab
 from pretrained.features import use_cached_features
 from pretrained.vision import EfficientNetLite, lite_key_map, lite_weights_path, pretrained_vision
 

@@ -1,0 +1,1 @@
+"""Turning a trained LVLM into captions: greedy decoding and sampling. Imports nothing from the top level."""
