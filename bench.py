@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from config import load_config, settings_help
-from data import load_splits, make_loader, make_vocab, micro_batches
+from data import global_batch, load_splits, make_loader, make_vocab, micro_batches
 from model import GPT, gpt_config
 from reference import score_captions, target_probs
 from runs.cli import cli, parse_flags
@@ -143,7 +143,7 @@ class Bench:
         self.sync()
         return dict(s=time.perf_counter() - t0, data=spent['data'] + spent['lookup'], lookup=spent['lookup'],
                     flops=flops, ref_flops=spent['ref_flops'], tokens=tokens,
-                    images=self.cfg.batch_size * self.cfg.grad_accum)
+                    images=global_batch(self.cfg))
 
 
 def report(bench, runs, mem, n_iters, n_warmup):

@@ -19,15 +19,15 @@ from data import batch_indices, load_splits, make_vocab, text_width
 from model import GPT, GPTConfig, gpt_config
 from pretrained.gpt2 import load_gpt2_into
 from prior_loss import IGNORE, ntp_loss, token_nll
+from runs.caches import captions_fingerprint, load_or_build
 from runs.cli import cli
 from runs.devices import barrier, resolve_device
 from runs.errors import ConfigError
-from runs.caches import captions_fingerprint, load_or_build
 from runs.files import check_origin, exclusive, load_checkpoint, save_checkpoint, weights_digest
 from runs.optim import lr_at, make_optimizer, optimizer_step, set_lr
 from runs.progress import Progress
-from sources.tokenizer import Vocab
 from runs.reference_files import cached_scores, default_ref_ckpt, load_cache
+from sources.tokenizer import Vocab
 
 
 def train_reference(cfg, train, vocab, device, log=print):

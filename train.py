@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import eval as evaluation
 from config import absolute_paths, as_dict, load_config, settings_help
 from data import global_batch, load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width
 from encoder import ensure_encoder, load_encoder_into
+import eval as evaluation
 from model import LVLM, gpt_config
 from pretrained.features import caches_features, use_cached_features
 from pretrained.gpt2 import load_gpt2_into

@@ -42,18 +42,18 @@ import time
 import numpy as np
 import torch
 
-from sources.captions import detect, split_of
-from runs.caches import content_key
-from runs.files import atomic_write, file_sha256
 from config import load_config
-from runs.cli import cli, parse_flags
-from runs.errors import ConfigError
 from data import load_splits, make_vocab
 from prior_loss import IGNORE, token_weights
 from reference import ensure_reference
+from runs.caches import content_key
+from runs.cli import cli, parse_flags
+from runs.errors import ConfigError
+from runs.files import atomic_write, checkpoint_path, file_sha256
+from sources.captions import detect, split_of
+from sources.tokenizer import get_tokenizer
 from study import stats
 from study.plan import ROOT, code_state
-from sources.tokenizer import get_tokenizer
 
 FLAGS = {'config': 'configs/flickr_cpu.py', 'seeds': '1,2,3,4,5', 'conditions': 'frozen,full,noisy',
          'losses': 'ntp,prior', 'jobs': 2, 'threads': 1, 'results': 'study/results/flickr', 'out': 'out/flickr_study',
@@ -146,7 +146,7 @@ def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
         return record
     name = run_name(condition, loss, seed)
     out_dir, cmd = os.path.join(out_root, name), command(config, condition, loss, seed, out_root, extra)
-    if os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
+    if os.path.isfile(checkpoint_path(out_dir)):
         cmd.append('--resume=True')
     env = dict(os.environ, PYTHONUNBUFFERED='1', **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
     commit, uncommitted = code_state()

@@ -21,14 +21,14 @@ import sys
 
 import torch
 
+from data import load_splits
+from eval import caption_refs, evaluate, load_trained
 from metrics.caption_scores import bleu4, cider_d, words
+from pretrained.features import caches_features, use_cached_features
 from runs.caches import cache_root
-from runs.files import atomic_write
 from runs.cli import cli, parse_flags
 from runs.errors import ConfigError
-from data import load_splits
-from pretrained.features import caches_features, use_cached_features
-from eval import caption_refs, evaluate, load_trained
+from runs.files import atomic_write, checkpoint_path
 from study import stats
 from study.flickr import BOILERPLATE, read_json, run_name
 
@@ -72,7 +72,7 @@ def main(argv):
     for loss in losses:
         for seed in seeds:
             name = run_name('noisy', loss, seed)
-            path, ckpt = os.path.join(folder, name + '.json'), os.path.join(args['out'], name, 'ckpt.pt')
+            path, ckpt = os.path.join(folder, name + '.json'), checkpoint_path(os.path.join(args['out'], name))
             if not os.path.isfile(path):
                 if not os.path.isfile(os.path.join(args['results'], 'runs', name + '.json')):
                     continue                     # not finished (yet): its checkpoint may be a mid-run one

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 import config as config_mod
-import eval as evaluation
 from data import global_batch, load_splits
+import eval as evaluation
 from prior_loss import IGNORE, gain_weights, token_nll, token_weights
 from runs.errors import ConfigError
+from runs.files import checkpoint_path
 from runs.progress import train_flops
 from runs.reference_files import load_cache
 from sources.shapes import CLASS_NAMES
@@ -118,14 +119,14 @@ def execute(s, preset, out_root, runs_dir, data_seed):
             return json.load(f)
     cfg = make_config(s, preset, out_root, data_seed)
     # a checkpoint without a record: the run was interrupted, and continues where it stopped
-    cfg = dataclasses.replace(cfg, resume=os.path.exists(os.path.join(cfg.out_dir, 'ckpt.pt')))
+    cfg = dataclasses.replace(cfg, resume=os.path.exists(checkpoint_path(cfg.out_dir)))
     os.makedirs(cfg.out_dir, exist_ok=True)
     commit, uncommitted = code_state()
     t0 = time.time()
     with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as logf:
         train(cfg, log=lambda *a, **k: print(*a, file=logf, flush=True))
     train_seconds = time.time() - t0
-    model, vocab, _, ckpt = evaluation.load_trained(os.path.join(cfg.out_dir, 'ckpt.pt'), 'cpu')
+    model, vocab, _, ckpt = evaluation.load_trained(checkpoint_path(cfg.out_dir), 'cpu')
     model.lm.requires_grad_(not cfg.freeze_lm)   # as trained: FLOPs depend on what trains
     model.vision.requires_grad_(not cfg.freeze_vision)
     splits = load_splits(cfg, names=('train', 'test'))

@@ -13,13 +13,13 @@ import sys
 import numpy as np
 import torch
 
-from runs.cli import cli, parse_flags
-from runs.errors import ConfigError
 from data import load_splits
 from eval import load_trained
 from metrics.retrieval import retrieval_candidates
 from prior_loss import IGNORE, token_nll
 from reference import reference_from
+from runs.cli import cli, parse_flags
+from runs.errors import ConfigError
 from runs.reference_files import reference_of
 
 FLAGS = {'ckpt': '', 'split': 'val', 'n_images': 200, 'n_candidates': 10, 'seed': 0}

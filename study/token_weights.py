@@ -23,11 +23,11 @@ import sys
 import numpy as np
 import torch
 
-from runs.files import atomic_write
-from runs.cli import cli, parse_flags
-from runs.errors import ConfigError
 from data import load_splits
 from eval import load_trained, reference_probs
+from runs.cli import cli, parse_flags
+from runs.errors import ConfigError
+from runs.files import atomic_write, checkpoint_path
 from runs.reference_files import reference_of
 from sources.shapes import FILLER, NOISE, RELEVANT, SHAPES
 from study.plan import (CONDITIONS, DYNAMIC_WEIGHT_ROWS, PRESETS, SETTINGS, best_lr, by_seed, condition_extra,
@@ -48,7 +48,7 @@ def groups(data, vocab):
 
 def run_weights(run, n_rows):
     """{split: {group: (mean weight, mean P_r)}} on the first n_rows captions of train and val."""
-    ckpt_path = os.path.join(run['config']['out_dir'], 'ckpt.pt')
+    ckpt_path = checkpoint_path(run['config']['out_dir'])
     model, vocab, cfg, ckpt = load_trained(ckpt_path, 'cpu')
     reference = reference_of(ckpt, ckpt_path, vocab.gpt2_ids) if cfg.loss != 'label' else None
     out = {}
@@ -75,7 +75,7 @@ def main(argv):
             for cond in CONDITIONS:
                 extra = condition_extra(preset, cond)
                 found = list(by_seed(runs, st, obj, lr, preset['seeds'], **extra).values())
-                done = [r for r in found if os.path.isfile(os.path.join(r['config']['out_dir'], 'ckpt.pt'))]
+                done = [r for r in found if os.path.isfile(checkpoint_path(r['config']['out_dir']))]
                 skipped += len(found) - len(done)
                 per_seed = [run_weights(r, args['rows']) for r in done]
                 for split in ('train', 'val') if per_seed else ():

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sources.captions import read_records, split_of
 from config import Config
 from data import load_splits
+from sources.captions import read_records, split_of
 from sources.images import BadData, ImageFiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

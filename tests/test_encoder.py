@@ -12,15 +12,15 @@ import pytest
 import torch
 import torchvision
 
-import encoder
-import sample
-from runs.caches import cache_root
 from data import load_splits, make_vocab
+import encoder
 from metrics.caption_scores import bleu4, cider_d, words
 from model import LVLM, ViT, gpt_config
 from pretrained.features import use_cached_features
 from pretrained.vision import TorchvisionEncoder, pretrained_vision
+from runs.caches import cache_root
 from runs.progress import train_flops
+import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

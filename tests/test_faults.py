@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from runs.caches import cache_root, images_fingerprint
-from runs.files import load_checkpoint
 from runs.errors import ConfigError, Diverged, Interrupted, StorageError
-from train import train
+from runs.files import load_checkpoint
 from sources.tokenizer import Vocab
+from train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 quiet = dict(log=lambda *a: None)

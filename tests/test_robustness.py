@@ -18,9 +18,9 @@ from sources.captions import read_records
 from runs.files import (append_log, atomic_write, claim_dir, load_checkpoint, remove_stale_temps, save_checkpoint,
                         start_log, weights_digest)
 from config import Config, load_config
+from data import load_splits
 from runs.caches import captions_fingerprint
 from runs.errors import ConfigError
-from data import load_splits
 from sources.images import BadData
 from test_captions import make_folder, records
 

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from sources.captions import split_of
 from runs.errors import ConfigError
+from sources.captions import split_of
 from study import stats
+from study import plan
 from study.flickr import noisy_dataset
 from study.noise_echo import strip_noise
-from study import plan
 from study.plan import PRESETS, SETTINGS, run_name, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

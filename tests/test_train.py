@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from eval import TABLE_KEYS
-from runs.files import load_checkpoint
 from data import load_splits, make_vocab
+from eval import TABLE_KEYS
 from prior_loss import IGNORE, token_weights
+from runs.files import load_checkpoint
 from sources.shapes import RELEVANT
 from train import target_weights_source, train
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from config import Config
-from runs.errors import ConfigError
 from data import to_unit_range
-from sources.images import ImageFiles
 from model import LVLM, gpt_config
-from sources.tokenizer import Vocab
 from pretrained.features import use_cached_features
 from pretrained.vision import EfficientNetLite, lite_key_map, lite_weights_path, pretrained_vision
+from runs.errors import ConfigError
+from sources.images import ImageFiles
+from sources.tokenizer import Vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLICKR = os.path.join(ROOT, '..', 'shared', 'data', 'flickr8k')
