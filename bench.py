@@ -40,7 +40,7 @@ from runs.cli import cli, parse_flags
 from runs.devices import (device_peak_flops, grad_scaler, peak_memory, precision_context, reset_peak_memory,
                           resolve_device, resolve_precision, to_device)
 from runs.optim import make_optimizer
-from runs.progress import sequence_flops
+from runs.progress import parameter_counts, sequence_flops
 from train import build_model, train_step
 
 BENCH_FLAGS = {'bench_iters': 20, 'bench_warmup': 3}
@@ -91,12 +91,10 @@ class Bench:
 
     def describe(self):
         cfg, raw_model, device = self.cfg, self.raw_model, self.device
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         peak = device_peak_flops(device)
         threads = '' if self.cuda else f', {torch.get_num_threads()} threads'
         precision = resolve_precision(device, cfg.precision) + threads
-        print(f"bench: {cfg.arch} LVLM, {n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), "
+        print(f"bench: {cfg.arch} LVLM, {parameter_counts(raw_model)}, "
               f"reference GPT {sum(p.numel() for p in self.ref.parameters()) / 1e6:.2f}M, vocab {self.vocab.size}; "
               f"{raw_model.n_prefix} image + <= {cfg.block_size} text tokens; batch {cfg.batch_size} x "
               f"{cfg.grad_accum} accum")

@@ -4,11 +4,11 @@ score every training caption token once, P_r(t_i | t_<i), and cache the scores o
 
     python reference.py [config.py] [--key=value ...]      # every setting: --help
 
-Training the LVLM then reads the cached scores (memory-mapped), so PRIOR costs one reference pass
-over the data, paid once, not one per epoch. Where the reference and its scores are kept, and how
-a cache that does not match its data is refused, is in runs/reference_files.py. Next: model.py.
+The LVLM reads the cached scores (memory-mapped): PRIOR costs one reference pass, paid once, not one
+per epoch. Where the reference and its checked score cache live: runs/reference_files.py. Next: model.py.
 """
 
+import functools
 import sys
 
 import numpy as np
@@ -103,13 +103,13 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
     trained and scored on first use. Under DDP only the master builds; the others wait, then load."""
     ref_ckpt, ref_probs = cfg.ref_ckpt or default_ref_ckpt(cfg, train), None
 
-    def build(path):
+    def build(path, why):
+        log(f"reference: {why}; training the text-only reference LM first")
         save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, path)
-    load = lambda path: load_reference(path, device, train)     # noqa: E731
     if is_master:
         with exclusive(ref_ckpt):                # a second run asking for the same reference waits for it
-            model, ref_vocab, _ = load_or_build(ref_ckpt, load, build, bool(cfg.ref_ckpt),
-                                                'reference: training the text-only reference LM first', log)
+            load = functools.partial(load_reference, device=device, train=train)
+            model, ref_vocab, _ = load_or_build(ref_ckpt, load, build, bool(cfg.ref_ckpt))
             if ref_vocab.gpt2_ids != vocab.gpt2_ids:
                 raise ConfigError(f"reference {ref_ckpt} uses another vocabulary than this data")
             if scored:

