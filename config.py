@@ -119,6 +119,8 @@ class Config:
     ckpt_interval: int = 250     # 0: only at the end
     resume: bool = False
     final_eval: bool = True      # run eval.py's metrics on the test split at the end
+    beam: int = 1                # captions in eval.py and sample.py: 1 = greedy, K > 1 = beam search of width K
+    length_penalty: float = 0.0  # beam search ranks log p / length^length_penalty (0: plain log p; 1: per token)
     wandb_project: str = ''      # also log to Weights & Biases under this project ('' = off; needs `pip install wandb`)
     # ---- system ----
     seed: int = 1337             # init and data order; same seed => same init and order for any loss
@@ -183,7 +185,7 @@ RANGES = {
     'min_lr_ratio': (0, 1), 'warmup_iters': (0, None), 'weight_decay': (0, None), 'beta1': (0, 0.9999),
     'beta2': (0, 0.9999), 'grad_clip': (0, None), 'log_interval': (1, None), 'eval_interval': (1, None),
     'eval_batches': (1, None), 'ckpt_interval': (0, None), 'seed': (0, None), 'num_workers': (0, None),
-    'lr_decay_iters': (0, None),
+    'lr_decay_iters': (0, None), 'beam': (1, None), 'length_penalty': (0, None),
 }
 
 

@@ -10,9 +10,10 @@ never train.py's own eval_test.json.
 
 On data on disk (sources/captions.py): loss (caption NLL), loss_top_weight (NLL on the quarter of
 tokens with the highest PRIOR weight), retrieval_r1/r5 by likelihood and retrieval_ratio_r1/r5
-by likelihood ratio against the reference (see retrieval_metrics), BLEU-4 and
-CIDEr-D of greedy captions, and `distinct`, the share of those captions that differ (a model
-that ignores the image says the same thing for every photo). On the built-in shapes data:
+by likelihood ratio against the reference (see retrieval_metrics), BLEU-1..4 and
+CIDEr-D of a caption for every image (greedy, or beam search with --beam), and `distinct`, the share
+of those captions that differ (a model that ignores the image says the same thing for every photo).
+On the built-in shapes data:
 
 Teacher-forced metrics (one forward pass over every caption):
   loss, loss_relevant, loss_filler, loss_noise   mean NLL per true token class
@@ -20,7 +21,7 @@ Teacher-forced metrics (one forward pass over every caption):
                                                  the likeliest among all values of that
                                                  attribute, given the image? (chance 1/n)
   attr_acc                                       mean of the four attribute accuracies
-Free-running metrics (greedy captions, parsed back into (colour, shape, position) objects):
+Free-running metrics (a generated caption per image, parsed back into (colour, shape, position) objects):
   hallucination   share of described objects that are not in the image
   recall          share of the image's objects that the caption describes
   exact           share of captions that describe exactly the image's objects
@@ -39,7 +40,7 @@ import torch
 from config import from_dict
 from data import load_splits
 from decoding.generate import generate
-from metrics.caption_scores import bleu4, cider_d, words
+from metrics.caption_scores import bleu, cider_d, words
 from metrics.objects import attribute_value_ids, caption_metrics
 from metrics.retrieval import rank_of_first, recall_at, retrieval_candidates
 from model import LVLM, GPTConfig
@@ -132,14 +133,15 @@ def top_weight_loss(nll, data, ref_probs):
 
 
 @torch.no_grad()
-def generate_captions(model, data, vocab, rows, device, batch_size=256):
+def generate_captions(model, data, vocab, rows, device, beam=1, length_penalty=0.0, batch_size=128):
+    """One caption for each of data[rows]' images: greedy, or by beam search (decoding/generate.py)."""
     model.eval()
     out = []
     for start in range(0, len(rows), batch_size):
-        sel = rows[start:start + batch_size]
-        images = data.batch(sel, device)[0]
-        for ids in generate(model, images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=data.block_size):
-            out.append(vocab.decode([t for t in ids if t != vocab.eot]))
+        images = data.batch(rows[start:start + batch_size], device)[0]
+        for ids in generate(model, images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=data.block_size,
+                            beam=beam, length_penalty=length_penalty):
+            out.append(vocab.decode(ids[:ids.index(vocab.eot)] if vocab.eot in ids else ids))
     return out
 
 
@@ -189,38 +191,41 @@ def caption_refs(data, rows):
     return [[words(data.texts[r]) for r in by_image[int(data.image_index[row])]] for row in rows]
 
 
-def evaluate(model, data, vocab, device, n_generate=200, ctx=None, reference=None):
-    """All metrics of a split, and the greedy captions as (row, text) pairs. Shapes: teacher-forced
-    on every caption, greedy on the first n_generate. Data on disk: caption loss, loss on the
-    top-weighted quarter and retrieval by likelihood ratio (both need `reference`, a reference
-    checkpoint's dict), retrieval by likelihood, and
-    BLEU-4 / CIDEr-D of a greedy caption for each of the first n_generate images against all of
-    its captions, and the share of those captions that are distinct."""
+def evaluate(model, data, vocab, device, n_generate=0, ctx=None, reference=None, beam=1, length_penalty=0.0):
+    """All metrics of a split, and the generated captions as (row, text) pairs: one caption for each
+    image (n_generate > 0: the first n_generate only), greedy or by beam search. Shapes: teacher-forced
+    metrics on every caption, and the objects the captions describe. Data on disk: caption loss, loss
+    on the top-weighted quarter and retrieval by likelihood ratio (both need `reference`, a reference
+    checkpoint's dict), retrieval by likelihood, and the captions' scores (caption_scores)."""
     rows = torch.arange(len(data))
+    gen_rows = torch.tensor([r[0] for r in rows_by_image(data).values()])[:n_generate or None]
+    captions = generate_captions(model, data, vocab, gen_rows, device, beam, length_penalty)
     if data.objects is None:
         nll = caption_nlls(model, data, rows, device, ctx)
         ref_probs = reference_probs(reference, data, device) if reference else None
         metrics = {'loss': (nll.sum() / (data.targets != IGNORE).sum()).item()}
         metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_probs) if reference else float('nan')
         metrics.update(retrieval_metrics(model, data, device, ctx=ctx, ref_probs=ref_probs))
-        gen_rows = torch.tensor([r[0] for r in list(rows_by_image(data).values())[:n_generate]])
-        captions = generate_captions(model, data, vocab, gen_rows, device)
-        hyps, refs = [words(c) for c in captions], caption_refs(data, gen_rows.tolist())
-        metrics.update(bleu4=bleu4(hyps, refs), cider=cider_d(hyps, refs),
-                       distinct=len(set(captions)) / len(captions))     # 1/n: one caption whatever the image
+        metrics.update(caption_scores(captions, data, gen_rows))
     else:
         metrics = teacher_forced_metrics(model, data, vocab, rows, device, ctx=ctx)
-        gen_rows = rows[:n_generate]
-        captions = generate_captions(model, data, vocab, gen_rows, device)
         metrics.update(caption_metrics(captions, [data.objects[i] for i in gen_rows.tolist()]))
-    metrics['n_captions'], metrics['n_generated'] = len(rows), len(gen_rows)
+    metrics.update(n_captions=len(rows), n_generated=len(gen_rows), beam=beam, length_penalty=length_penalty)
     return metrics, list(zip(gen_rows.tolist(), captions))
+
+
+def caption_scores(captions, data, rows):
+    """BLEU-1..4 and CIDEr-D of captions[i], written for the image of data's row rows[i], against all of
+    that image's captions; and `distinct`, the share of different captions (1/n: one whatever the image)."""
+    hyps, refs = [words(c) for c in captions], caption_refs(data, rows.tolist())
+    out = {f'bleu{n}': b for n, b in enumerate(bleu(hyps, refs), start=1)}
+    return {**out, 'cider': cider_d(hyps, refs), 'distinct': len(set(captions)) / len(captions)}
 
 
 TABLE_KEYS = ('loss', 'loss_relevant', 'loss_filler', 'loss_noise', 'attr_acc', 'acc_count', 'acc_colour',
               'acc_shape', 'acc_position', 'hallucination', 'recall', 'exact')
 CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5', 'retrieval_ratio_r1',
-                      'retrieval_ratio_r5', 'bleu4', 'cider', 'distinct')
+                      'retrieval_ratio_r5', 'bleu1', 'bleu2', 'bleu3', 'bleu4', 'cider', 'distinct')
 
 
 def val_summary(m):
@@ -276,12 +281,14 @@ def sample_report(captions, data, n=3):
     return '\n'.join(lines)
 
 
-FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 200, 'figure': '', 'device': 'auto',
-         'dataset': '', 'image_root': '', 'skip_bad': False, 'out': '', 'ref_ckpt': ''}
+FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 0, 'beam': 0, 'length_penalty': -1.0,
+         'figure': '', 'device': 'auto', 'dataset': '', 'image_root': '', 'skip_bad': False, 'out': '', 'ref_ckpt': ''}
 FLAGS_HELP = """Flags (--key=value; defaults):
   --ckpt=out/shapes_u/ckpt.pt   a train.py checkpoint (works from any directory, wherever the run folder moved)
   --split=test                  test, val, or all (every caption of --dataset)
-  --n_generate=200              greedy captions for hallucination/recall/exact (shapes)
+  --n_generate=0                caption only the first N images of the split (0: every image)
+  --beam=0                      1 greedy, K > 1 beam search of width K (0: the run's own setting, `beam`)
+  --length_penalty=-1           beam search ranks log p / length^this (negative: the run's own setting)
   --figure=                     also draw tokens shaded by PRIOR weight and LVLM loss into this PNG
   --device=auto                 auto, cpu, cuda, cuda:N
   --dataset= --image_root=      evaluate on other data than the run's own (see sources/captions.py)
@@ -300,9 +307,10 @@ def output_path(ckpt_path, dataset, split, step):
 
 def main(argv):
     args = parse_flags(argv, FLAGS)
-    if args['n_generate'] < 1:
-        raise ConfigError(f"--n_generate must be >= 1 (the captions that BLEU, CIDEr and recall score), "
-                          f"got {args['n_generate']}")
+    if args['n_generate'] < 0:
+        raise ConfigError(f"--n_generate must be >= 0 (0: caption every image of the split), got {args['n_generate']}")
+    if args['beam'] < 0:
+        raise ConfigError(f"--beam must be >= 1 (or 0: the run's own), got {args['beam']}")
     if args['split'] not in ('train', 'val', 'test', 'all'):
         raise ConfigError(f"--split must be train, val, test or all, got {args['split']!r}")
     device = resolve_device(args['device'])
@@ -318,8 +326,10 @@ def main(argv):
         cfg.out_dir = os.path.dirname(os.path.abspath(args['ckpt']))      # beside the run folder as it is now
         use_cached_features({args['split']: data}, model.vision, device, cache_root(cfg))
     ctx = precision_context(device, cfg.precision)            # the run's own, as its final eval
+    beam = args['beam'] or cfg.beam
+    length_penalty = cfg.length_penalty if args['length_penalty'] < 0 else args['length_penalty']
     metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'], ctx=ctx,
-                                 reference=reference)
+                                 reference=reference, beam=beam, length_penalty=length_penalty)
     print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}, step {ckpt['step']}) on {cfg.dataset} {args['split']}:")
     print(sample_report(captions, data))
     print(format_table({cfg.loss: metrics}))

@@ -53,11 +53,15 @@ class SelfAttention(nn.Module):
         self.n_head, self.dropout, self.causal = n_head, dropout, causal
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)
+        if self.causal and k.size(2) > T > 1:
+            raise ValueError("with a KV cache, read the first chunk at once and then one token at a time")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and k.size(2) == T,   # one new token sees all
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -83,8 +87,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd)
         self.mlp = MLP(n_embd, dropout)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -115,22 +119,25 @@ class GPT(nn.Module):
         init_weights(self, config.n_layer)
         self.lm_head.weight = self.wte.weight   # weight tying, after init so both are one tensor
 
-    def forward(self, idx, prefix=None):
+    def forward(self, idx, prefix=None, cache=None):
         """Logits [B,T,V] of the text positions. `prefix` [B,P,C] (image embeddings that
-        already carry their own positions) is read before the text, causally."""
-        return self.lm_head(self.hidden(idx, prefix))
+        already carry their own positions) is read before the text, causally. With a cache
+        (decoding/generate.py's KVCache), idx continues the text it has read; training passes none."""
+        return self.lm_head(self.hidden(idx, prefix, cache))
 
-    def hidden(self, idx, prefix=None):
+    def hidden(self, idx, prefix=None, cache=None):
         """The final (LayerNormed) hidden states [B,T,C] of the text positions."""
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens, block_size is {self.config.block_size}")
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        start, T = (cache.text_len if cache is not None else 0), idx.size(1)
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens, block_size is {self.config.block_size}")
+        x = self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         x = self.drop(x)
-        for block in self.h:
-            x = block(x)
+        for layer, block in enumerate(self.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.text_len += T
         return self.ln_f(x[:, x.size(1) - T:])
 
 

@@ -2,10 +2,12 @@
 Caption your own images with a trained LVLM.
 
     python sample.py --ckpt=out/shapes_u/ckpt.pt photo.jpg [more.png FOLDER ...]
+    python sample.py --ckpt=... photo.jpg --beam=3
     python sample.py --ckpt=... photo.jpg --temperature=0.8 --top_k=20 --num_samples=3
     python sample.py --ckpt=... photo.jpg --weights="a red circle in the north"
 
-Greedy by default (temperature 0); otherwise sampled, optionally from the top_k tokens only.
+The run's own decoding by default (its config's `beam`: 1 is greedy), --beam=K for beam search of
+width K, or --temperature > 0 to sample, optionally from the top_k tokens only.
 A folder stands for every image file in it. --weights=CAPTION prints, for that caption and
 each image, every token with the reference's P_r, its PRIOR weight (1 - P_r)^alpha normalised
 to mean 1, and the LVLM's loss given the image: which words the text alone already predicts,
@@ -28,8 +30,8 @@ from runs.reference_files import reference_file, reference_of
 from sources.images import BadData, ImageFiles, to_unit_range
 from sources.tokenizer import EOT, get_tokenizer
 
-FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'temperature': 0.0, 'top_k': 0, 'num_samples': 1, 'max_new_tokens': 0,
-         'seed': 1337, 'device': 'auto', 'weights': '', 'ref_ckpt': ''}
+FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'beam': 0, 'length_penalty': -1.0, 'temperature': 0.0, 'top_k': 0,
+         'num_samples': 1, 'max_new_tokens': 0, 'seed': 1337, 'device': 'auto', 'weights': '', 'ref_ckpt': ''}
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.webp')     # what torchvision.io decodes
 
 
@@ -82,11 +84,16 @@ def main(argv):
         images = to_unit_range(torch.stack([files[i] for i in range(len(paths))]).to(device))
     except BadData as e:
         raise ConfigError(str(e))
+    if args['beam'] > 1 and args['temperature'] > 0:
+        raise ConfigError("--beam searches for the likeliest caption and --temperature samples one: choose one")
+    beam = 1 if args['temperature'] > 0 else args['beam'] or cfg.beam
+    length_penalty = cfg.length_penalty if args['length_penalty'] < 0 else args['length_penalty']
     torch.manual_seed(args['seed'])
     max_new = args['max_new_tokens'] or cfg.block_size
     for n in range(args['num_samples']):
         ids = generate(model, images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=max_new,
-                             temperature=args['temperature'], top_k=args['top_k'] or None)
+                       temperature=args['temperature'], top_k=args['top_k'] or None, beam=beam,
+                       length_penalty=length_penalty)
         for path, row in zip(paths, ids):
             row = row[:row.index(vocab.eot)] if vocab.eot in row else row
             print(f"{path}{f' [{n + 1}]' if args['num_samples'] > 1 else ''}: {vocab.decode(row)}")

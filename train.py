@@ -295,10 +295,12 @@ def finish(job, t_start):
         if cfg.final_eval:
             test = job.splits['test']
             results, captions = evaluation.evaluate(job.raw_model, test, job.vocab, job.device, ctx=job.ctx,
-                                                    reference=job.reference)
+                                                    reference=job.reference, beam=cfg.beam,
+                                                    length_penalty=cfg.length_penalty)
             atomic_write(os.path.join(cfg.out_dir, 'eval_test.json'),
                          lambda f: f.write(json.dumps(results, indent=1).encode()))
-            log('\nsample captions (greedy, test):\n' + evaluation.sample_report(captions, test))
+            how = 'greedy' if cfg.beam == 1 else f'beam {cfg.beam}'
+            log(f'\nsample captions ({how}, test):\n' + evaluation.sample_report(captions, test))
             log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n{evaluation.format_table({cfg.loss: results})}")
         log(f"outputs in {cfg.out_dir}: ckpt.pt, log.jsonl, loss.png" + (', eval_test.json' if cfg.final_eval else ''))
         log(f"wall time {hms(time.time() - t_start)}")

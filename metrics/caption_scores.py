@@ -1,6 +1,6 @@
 """
 Captioning metrics as the COCO caption evaluation computes them (tests/test_encoder.py checks
-parity with its pycocoevalcap package): corpus BLEU-4 and CIDEr-D of one generated caption per
+parity with its pycocoevalcap package): corpus BLEU-1..4 and CIDEr-D of one generated caption per
 image against all of that image's reference captions. Text is lowercased and split into words,
 punctuation dropped (COCO's tokenizer does the same; it runs Java, this does not). Words are
 Unicode-aware: accented letters are letters (in either Unicode form), and each Chinese or Japanese
@@ -28,23 +28,24 @@ def ngram_counts(tokens, n_max=4):
     return Counter(tuple(tokens[i:i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
 
 
-def bleu4(hypotheses, references):
-    """Corpus BLEU-4: clipped n-gram precisions over all captions, geometric mean, brevity penalty
-    against the reference length closest to each hypothesis (COCO's 'closest')."""
-    correct, total, hyp_len, ref_len = np.zeros(4), np.zeros(4), 0, 0
+def bleu(hypotheses, references, n_max=4):
+    """Corpus BLEU-1..n_max (a list): clipped n-gram precisions summed over all captions, BLEU-n the
+    geometric mean of precisions 1..n, times a brevity penalty against the reference length closest
+    to each hypothesis (COCO's 'closest'; its smoothing constants, so an empty count gives ~0, not 0/0)."""
+    correct, total, hyp_len, ref_len = np.zeros(n_max), np.zeros(n_max), 0, 0
     for hyp, refs in zip(hypotheses, references):
-        counts = ngram_counts(hyp)
+        counts = ngram_counts(hyp, n_max)
         best = Counter()
         for ref in refs:
-            best |= ngram_counts(ref)                       # per n-gram, its most frequent use in one reference
+            best |= ngram_counts(ref, n_max)                # per n-gram, its most frequent use in one reference
         for gram, c in counts.items():
             correct[len(gram) - 1] += min(c, best[gram])
             total[len(gram) - 1] += c
         hyp_len += len(hyp)
         ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
-    precisions = (correct + 1e-15) / (total + 1e-9)
+    log_precisions = np.log((correct + 1e-15) / (total + 1e-9))
     brevity = min(1.0, math.exp(1 - (ref_len + 1e-9) / (hyp_len + 1e-15)))
-    return float(brevity * np.exp(np.log(precisions).mean()))
+    return [float(brevity * np.exp(log_precisions[:n].mean())) for n in range(1, n_max + 1)]
 
 
 def cider_d(hypotheses, references, sigma=6.0):

@@ -23,7 +23,7 @@ import torch
 
 from data import load_splits
 from eval import caption_refs, evaluate, load_trained
-from metrics.caption_scores import bleu4, cider_d, words
+from metrics.caption_scores import bleu, cider_d, words
 from pretrained.features import caches_features, use_cached_features
 from runs.caches import cache_root
 from runs.cli import cli, parse_flags
@@ -57,7 +57,7 @@ def echo(ckpt_path, n_generate):
     return {'attribution': sum(bool(ATTRIBUTION.search(t)) for t in texts) / len(texts),
             'boilerplate': sum(bool(PREFIX.match(t)) for t in texts) / len(texts),
             'bleu4': metrics['bleu4'], 'cider': metrics['cider'],
-            'bleu4_cut': bleu4([words(t) for t in cut], refs), 'cider_cut': cider_d([words(t) for t in cut], refs),
+            'bleu4_cut': bleu([words(t) for t in cut], refs)[3], 'cider_cut': cider_d([words(t) for t in cut], refs),
             'examples': texts[:3]}
 
 

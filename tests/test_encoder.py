@@ -2,6 +2,7 @@
 through torchvision's own path, the cached features of a frozen encoder, and captioning metrics."""
 import dataclasses
 import json
+import math
 import os
 import random
 import subprocess
@@ -14,7 +15,7 @@ import torchvision
 
 from data import load_splits, make_vocab
 import encoder
-from metrics.caption_scores import bleu4, cider_d, words
+from metrics.caption_scores import bleu, cider_d, words
 from model import LVLM, ViT, gpt_config
 from pretrained.features import use_cached_features
 from pretrained.vision import TorchvisionEncoder, pretrained_vision
@@ -208,15 +209,23 @@ def test_caption_metrics_match_the_coco_evaluation():
     caption = lambda: ' '.join(rng.choice(vocab) for _ in range(rng.randint(3, 12)))
     refs = {i: [caption() for _ in range(rng.randint(1, 5))] for i in range(40)}
     hyps = {i: [caption()] for i in refs}
-    expected_bleu = Bleu(4).compute_score(refs, hyps, verbose=0)[0][3]
+    expected_bleu = Bleu(4).compute_score(refs, hyps, verbose=0)[0]
     expected_cider = Cider().compute_score(refs, hyps)[0]
     ours_h = [words(hyps[i][0]) for i in refs]
     ours_r = [[words(r) for r in refs[i]] for i in refs]
-    assert bleu4(ours_h, ours_r) == pytest.approx(expected_bleu, rel=1e-9)
+    assert bleu(ours_h, ours_r) == pytest.approx(expected_bleu, rel=1e-9)          # BLEU-1..4
     assert cider_d(ours_h, ours_r) == pytest.approx(expected_cider, rel=1e-9)
-    assert bleu4([['a', 'dog']], [[['a', 'dog']]]) < 0.01          # no 3-/4-grams: ~0 (COCO smooths to 1e-3)
+    short = [h[:2] for h in ours_h]                                                # the brevity penalty bites
+    expected_short = Bleu(4).compute_score(refs, {i: [' '.join(h)] for i, h in zip(refs, short)}, verbose=0)[0]
+    assert bleu(short, ours_r) == pytest.approx(expected_short, rel=1e-9)
+    b1, b2, _, b4 = bleu([['a', 'dog']], [[['a', 'dog']]])
+    assert b1 == pytest.approx(1.0) and b2 == pytest.approx(1.0) and b4 < 0.01     # no 3-/4-grams: ~0, COCO's smoothing
+    b1, b2, _, _ = bleu([['a', 'dog']], [[['a', 'dog', 'runs', 'on', 'grass']]])   # known answer: brevity exp(1 - 5/2)
+    assert b1 == pytest.approx(math.exp(-1.5)) and b2 == pytest.approx(math.exp(-1.5))
+    b1, b2, _, _ = bleu([['the', 'the', 'dog']], [[['the', 'dog', 'x']]])
+    assert b1 == pytest.approx(2 / 3) and b2 == pytest.approx(math.sqrt(2 / 3 * 1 / 2))   # 'the' clipped at 1
     perfect = [words('a man rides a red bike on the street')]
-    assert bleu4(perfect, [perfect]) == pytest.approx(1.0)
+    assert bleu(perfect, [perfect]) == pytest.approx([1.0] * 4)
 
 
 def test_sample_takes_from_a_folder_only_what_the_decoder_reads(tmp_path):

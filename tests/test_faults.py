@@ -264,8 +264,10 @@ def test_eval_refuses_another_kind_or_vocabulary_and_names_outputs_apart(tiny_cf
     train(other, **quiet)
     with pytest.raises(ConfigError, match='another vocabulary'):
         evaluation.main([f'--ckpt={ckpt}', f'--ref_ckpt={other.ref_ckpt}'])
-    with pytest.raises(ConfigError, match='--n_generate must be >= 1'):
-        evaluation.main([f'--ckpt={ckpt}', '--n_generate=0'])
+    with pytest.raises(ConfigError, match='--n_generate must be >= 0'):
+        evaluation.main([f'--ckpt={ckpt}', '--n_generate=-1'])
+    with pytest.raises(ConfigError, match='--beam must be >= 1'):
+        evaluation.main([f'--ckpt={ckpt}', '--beam=-2'])
     a, b = (evaluation.output_path(ckpt, str(tmp_path / d / 'flickr'), 'test', 6) for d in ('x', 'y'))
     assert a != b and os.path.basename(a).startswith('eval_flickr-')
 
@@ -357,7 +359,7 @@ def test_damaged_checkpoint_reference_and_caches(tiny_cfg, monkeypatch):
 # ---- 6. any language, any layout ----
 
 def test_captions_beyond_ascii_come_back_exactly_and_score_by_unicode_words(tmp_path):
-    from metrics.caption_scores import bleu4, words
+    from metrics.caption_scores import bleu, words
     from data import load_splits
     from config import Config
     from prior_loss import IGNORE
@@ -378,7 +380,7 @@ def test_captions_beyond_ascii_come_back_exactly_and_score_by_unicode_words(tmp_
         assert vocab.decode(ids) == text
     assert words(texts[0])[:3] == ['一', '只', '黑'] and 'garçon' in words(texts[1])
     assert '🐕' not in words(texts[2])
-    assert bleu4([words(texts[0])], [[words(texts[0])]]) == pytest.approx(1.0)
+    assert bleu([words(texts[0])], [[words(texts[0])]])[3] == pytest.approx(1.0)
 
 
 def test_a_folder_per_image_layout_splits(tmp_path):

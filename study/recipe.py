@@ -1,0 +1,115 @@
+"""
+The real-photo recipe's sweep (issue 30), chosen on val, never on test. Each candidate is
+configs/flickr_cpu.py with some settings changed, trained once with NTP (seed 1337, no test
+evaluation), then its val captions written under every decoding of DECODINGS (greedy; beam
+search of width 2, 3, 5 with length penalty 0, 0.5, 1) and scored; the teacher-forced metrics
+(loss, retrieval plain and ratio) come from the greedy pass.
+
+    python -m study.recipe                            # every candidate not yet done, one at a time
+    python -m study.recipe --candidates=base,steps6k  # some of them
+    python -m study.recipe --report=True              # the table of those done
+
+Each candidate's record goes to <results>/<name>.json: its settings, the train.py command, the
+training's wall time (reference and feature pass included when it built them), the val metrics per
+decoding with the seconds each took, and the commit it started at. An existing record is not redone.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from data import load_splits
+from eval import caption_scores, evaluate, generate_captions, load_trained, rows_by_image
+from pretrained.features import caches_features, use_cached_features
+from runs.caches import cache_root
+from runs.cli import cli, parse_flags
+from runs.errors import ConfigError
+from runs.files import atomic_write, checkpoint_path
+from runs.reference_files import reference_of
+from study.plan import ROOT, code_state
+
+FLAGS = {'config': 'configs/flickr_cpu.py', 'candidates': '', 'results': 'study/results/recipe',
+         'out': 'out/sweep', 'report': False}
+CANDIDATES = {                                     # fixed before the sweep ran; flags on top of the config
+    'base': [],
+    'steps6k': ['--max_iters=6000'],
+    'steps6k_drop0.1': ['--max_iters=6000', '--dropout=0.1'],
+    'wide192_steps4k_drop0.1': ['--n_embd=192', '--n_head=6', '--max_iters=4000', '--dropout=0.1'],
+}
+DECODINGS = [(1, 0.0)] + [(beam, lp) for beam in (2, 3, 5) for lp in (0.0, 0.5, 1.0)]
+SHOWN = ('loss', 'retrieval_r1', 'retrieval_ratio_r1', 'bleu1', 'bleu4', 'cider', 'distinct')
+
+
+def train(name, flags, args):
+    """Train one candidate (unless its checkpoint is there); returns (command, wall seconds or None)."""
+    out_dir = os.path.join(args['out'], name)
+    command = [sys.executable, 'train.py', args['config'], '--loss=ntp', '--seed=1337', '--final_eval=False',
+               f'--out_dir={out_dir}', *flags]
+    if os.path.isfile(checkpoint_path(out_dir)):
+        return command, None                       # trained before the sweep recorded it: see its log
+    start = time.time()
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        raise ConfigError(f"{name}: train.py failed (command: {' '.join(command)})")
+    return command, time.time() - start
+
+
+def val_metrics(out_dir):
+    """{decoding: metrics} on the val split of a trained candidate, each with its decoding seconds."""
+    device = torch.device('cpu')
+    ckpt_path = checkpoint_path(out_dir)
+    model, vocab, cfg, ckpt = load_trained(ckpt_path, device)
+    data = load_splits(cfg, names=('val',), log=lambda *a: None)['val'].encode(vocab)
+    if caches_features(cfg):
+        use_cached_features({'val': data}, model.vision, device, cache_root(cfg), log=lambda *a: None)
+    reference = reference_of(ckpt, ckpt_path, vocab.gpt2_ids)
+    out = {}
+    for beam, lp in DECODINGS:
+        start = time.time()
+        if (beam, lp) == (1, 0.0):
+            metrics, _ = evaluate(model, data, vocab, device, reference=reference)
+        else:
+            rows = torch.tensor([r[0] for r in rows_by_image(data).values()])
+            metrics = caption_scores(generate_captions(model, data, vocab, rows, device, beam, lp), data, rows)
+        out[f'beam{beam}_lp{lp:g}'] = {**metrics, 'decode_s': time.time() - start}
+    return out
+
+
+def report(results):
+    records = [json.load(open(os.path.join(results, f))) for f in sorted(os.listdir(results)) if f.endswith('.json')]
+    lines = ['# Recipe sweep on val (NTP, seed 1337)', '',
+             '| candidate | decoding | train wall | ' + ' | '.join(SHOWN) + ' |', '|---' * (len(SHOWN) + 3) + '|']
+    for r in records:
+        wall = f"{r['train_wall_s'] / 60:.1f} min" if r['train_wall_s'] else 'see log'
+        for key, m in r['val'].items():
+            lines.append(f"| {r['name']} | {key} | {wall} | " + ' | '.join(f"{m.get(k, float('nan')):.3f}" for k in SHOWN) + ' |')
+    text = '\n'.join(lines) + '\n'
+    atomic_write(os.path.join(results, 'sweep.md'), lambda f: f.write(text.encode()))
+    print(text)
+
+
+def main(argv):
+    args = parse_flags(argv, FLAGS)
+    os.makedirs(args['results'], exist_ok=True)
+    names = [n for n in args['candidates'].split(',') if n] or list(CANDIDATES)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise ConfigError(f"--candidates: unknown {unknown}; known: {list(CANDIDATES)}")
+    for name in [] if args['report'] else names:
+        path = os.path.join(args['results'], name + '.json')
+        if os.path.isfile(path):
+            continue
+        commit, changed = code_state()
+        command, wall = train(name, CANDIDATES[name], args)
+        record = {'name': name, 'flags': CANDIDATES[name], 'command': ' '.join(command[1:]), 'train_wall_s': wall,
+                  'commit': commit, 'changed_files': changed, 'val': val_metrics(os.path.join(args['out'], name))}
+        atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+        print(f"{name}: " + ', '.join(f"{k} cider {m['cider']:.3f}" for k, m in record['val'].items()), flush=True)
+    report(args['results'])
+
+
+if __name__ == '__main__':
+    cli(main, sys.argv[1:], __doc__)
