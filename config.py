@@ -212,8 +212,10 @@ def check(cfg):
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-    if cfg.n_embd % cfg.n_head or cfg.vit_embd % cfg.n_head:
-        raise ValueError("n_embd and vit_embd must be multiples of n_head")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"n_embd {cfg.n_embd} must be a multiple of n_head {cfg.n_head}")
+    if cfg.vision == 'vit' and cfg.vit_embd % cfg.n_head:    # only the small ViT has heads of its own
+        raise ValueError(f"vit_embd {cfg.vit_embd} must be a multiple of n_head {cfg.n_head} (vision='vit')")
     if LOSSES[cfg.loss].needs_classes and cfg.dataset != 'shapes':
         raise ValueError(f"loss {cfg.loss!r} needs the true token classes, which only the built-in shapes data has")
     if LOSSES[cfg.loss].needs_classes and (cfg.alpha != 1 or cfg.weight_floor):
