@@ -83,7 +83,8 @@ class Config:
     ref_learning_rate: float = 3e-3
     ref_batch_size: int = 64
     # ---- objective ----
-    loss: str = 'prior'          # 'ntp', 'prior', beyond PRIOR (prior_loss.py): 'gain' (NTP, up to doubled
+    loss: str = 'prior'          # 'ntp', 'prior', beyond PRIOR (prior_loss.py): 'prior_batch' (PRIOR's
+                                 # weights scaled per batch, not per caption), 'gain' (NTP, up to doubled
                                  # where the image raises the token's probability above the reference's)
                                  # and 'prior_gain' (PRIOR gated by that gain); ceilings from the true
                                  # token classes (shapes only): 'oracle' (weight 1 on image-relevant

@@ -27,6 +27,23 @@ Beyond PRIOR (not in the paper; docs/beyond-prior.md): (1 - P_r) cannot tell a t
 the image from one nothing predicts (a name). The image's gain g_i = log p(t_i | image, t_<i) -
 log P_r(t_i | t_<i) (detached) can: 'gain' weighs 1 + min(max(g_i, 0), 1) (NTP, up to doubled where
 the image helps), 'prior_gain' (1 - P_r)^alpha * 2 sigmoid(g_i); both mean 1 per caption.
+'prior_batch' is PRIOR with its weights scaled to mean 1 over the whole batch instead of per caption.
+
+Debiased PRIOR (not in the paper; docs/beyond-prior.md). For one prefix h, the weighted loss
+-sum_v q(v|h) w(v|h) log p(v|h) is smallest at p(v|h) ∝ q(v|h) w(v|h), not at the data's q: PRIOR
+learns the captions tilted towards what the reference finds unlikely. The weight of every token v
+after h comes from the frozen reference, so the tilt can be divided out when the model is used
+(post-hoc logit adjustment: Menon et al., ICLR 2021):
+
+    log p~(v|h) = log p(v|h) - log w(v|h) - log sum_u p(u|h) / w(u|h),    w = max(w_run, min_weight)
+
+with w_run the run's own raw weight (alpha, floor) of v from P_r over the whole vocabulary, and a
+floor min_weight because tokens with w near 0 got almost no gradient. It is exact for 'prior_batch'
+up to one token's share of its batch's sum of weights (~1/400 at 32 captions): a factor shared by
+the batch barely depends on any one token, so it does not tilt. PRIOR's per-caption factor c = k / sum_j w_j depends on
+the whole caption, so there the minimiser is p ∝ q w E[c | h, v], and the corrected model keeps a
+residual tilt E[c | h, v] / E[c | h]: small where the rest of a caption weighs about the same
+whatever v is (docs/beyond-prior.md measures it).
 
 Read next: reference.py, which trains P_r and scores the captions.
 """
@@ -50,8 +67,10 @@ class Loss:
 # Every objective by name (--loss), and what it reads besides the LVLM's logits and the targets.
 # The ceilings 'oracle' (weight 1 on image-relevant tokens, 0 elsewhere) and 'label' (relevant
 # tokens weigh twice the rest) are PRIOR with a P_r made from the true classes (train.py).
-LOSSES = {'ntp': Loss(False, False), 'prior': Loss(True, False), 'gain': Loss(True, False),
-          'prior_gain': Loss(True, False), 'oracle': Loss(False, True), 'label': Loss(False, True)}
+LOSSES = {'ntp': Loss(False, False), 'prior': Loss(True, False), 'prior_batch': Loss(True, False),
+          'gain': Loss(True, False), 'prior_gain': Loss(True, False), 'oracle': Loss(False, True),
+          'label': Loss(False, True)}
+TILTED = ('prior', 'prior_batch')     # the objectives whose tilt debias() divides out
 
 
 def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
@@ -62,6 +81,9 @@ def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
         return ntp_loss(logits, targets, n_tokens)
     if cfg.loss in ('gain', 'prior_gain'):
         return gain_loss(logits, targets, ref_probs, cfg.loss, cfg.alpha, n_tokens)
+    if cfg.loss == 'prior_batch':
+        weights = batch_mean_one(prior_weight(ref_probs, cfg.alpha, cfg.weight_floor), targets)
+        return weighted_loss(logits, targets, weights, n_tokens)
     return prior_loss(logits, targets, ref_probs, cfg.alpha, cfg.weight_floor, n_tokens)
 
 
@@ -81,13 +103,18 @@ def ntp_loss(logits, targets, n_tokens=None):
 
 
 @torch.no_grad()
-def token_weights(ref_probs, targets, alpha=1.0, weight_floor=0.0):
-    """PRIOR weights [B,T]: (1 - P_r)^alpha scaled to mean 1 over each caption's tokens, 0 elsewhere.
-
-    weight_floor (not in the paper; 0 is the paper's PRIOR) mixes NTP back in before normalising,
+def prior_weight(ref_probs, alpha=1.0, weight_floor=0.0):
+    """The raw PRIOR weight of tokens the reference gives probability ref_probs (any shape):
+    (1 - P_r)^alpha. weight_floor (not in the paper; 0 is the paper's PRIOR) mixes NTP back in,
     w = floor + (1 - floor) * (1 - P_r)^alpha, so no caption token is ever abandoned; 1 is NTP."""
     w = (1.0 - ref_probs.float().clamp(0.0, 1.0)) ** alpha             # the paper's line
-    return per_caption_mean_one(weight_floor + (1.0 - weight_floor) * w, targets)
+    return weight_floor + (1.0 - weight_floor) * w
+
+
+@torch.no_grad()
+def token_weights(ref_probs, targets, alpha=1.0, weight_floor=0.0):
+    """PRIOR weights [B,T]: the raw weights scaled to mean 1 over each caption's tokens, 0 elsewhere."""
+    return per_caption_mean_one(prior_weight(ref_probs, alpha, weight_floor), targets)
 
 
 @torch.no_grad()
@@ -101,6 +128,15 @@ def per_caption_mean_one(w, targets):
     w = torch.where(fallback, mask.float(), w)
     total = torch.where(fallback, k.float(), total)
     return w * k / total.clamp(min=FALLBACK_EPS)
+
+
+@torch.no_grad()
+def batch_mean_one(w, targets):
+    """Raw weights [B,T] scaled to mean 1 over all caption tokens of the batch, 0 elsewhere ('prior_batch')."""
+    mask = targets != IGNORE
+    w = w * mask
+    total = w.sum()
+    return w * mask.sum() / total if total >= FALLBACK_EPS else mask.float()
 
 
 def prior_loss(logits, targets, ref_probs, alpha=1.0, weight_floor=0.0, n_tokens=None):
@@ -129,3 +165,11 @@ def gain_loss(logits, targets, ref_probs, loss, alpha=1.0, n_tokens=None):
 def weighted_loss(logits, targets, weights, n_tokens=None):
     """sum(weights * nll) / (caption tokens, or n_tokens)."""
     return (weights * token_nll(logits, targets)).sum() / _count(targets, n_tokens)
+
+
+def debias(logp, ref_probs, alpha=1.0, weight_floor=0.0, min_weight=0.0):
+    """PRIOR's tilt divided out of next-token log-probabilities logp [...,V] (see the top of this file),
+    given the reference's probabilities ref_probs [...,V] of every token after the same prefix and
+    the run's alpha and weight floor; renormalised over the vocabulary."""
+    w = prior_weight(ref_probs, alpha, weight_floor).clamp(min=max(min_weight, 1e-30))
+    return torch.log_softmax(logp.float() - w.log(), dim=-1)
