@@ -36,17 +36,15 @@ from config import load_config, settings_help
 from data import global_batch, load_splits, make_loader, make_vocab, micro_batches
 from model import GPT, gpt_config
 from reference import score_captions, target_probs
-from runs.cli import cli, parse_flags
+from runs.cli import Flag, cli, flags_help, parse_flags
 from runs.devices import (device_peak_flops, grad_scaler, peak_memory, precision_context, reset_peak_memory,
                           resolve_device, resolve_precision, to_device)
 from runs.optim import make_optimizer
 from runs.progress import parameter_counts, sequence_flops
 from train import build_model, train_step
 
-BENCH_FLAGS = {'bench_iters': 20, 'bench_warmup': 3}
-BENCH_HELP = """Bench flags: --bench_iters=20 (timed iterations), --bench_warmup=3 (untimed ones first).
-
-"""
+BENCH_FLAGS = {'bench_iters': Flag(20, low=1, help='timed iterations'),
+               'bench_warmup': Flag(3, low=0, help='untimed iterations first')}
 VARIANTS = ('ntp', 'cached', 'online')
 
 
@@ -205,4 +203,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    cli(main, sys.argv[1:], __doc__, BENCH_HELP + settings_help())
+    cli(main, sys.argv[1:], __doc__, flags_help(BENCH_FLAGS) + '\n\n' + settings_help())

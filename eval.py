@@ -47,7 +47,7 @@ from pretrained.features import caches_features, use_cached_features
 from prior_loss import IGNORE, token_nll, token_weights
 from reference import reference_from, score_captions
 from runs.caches import cache_root
-from runs.cli import cli, parse_flags
+from runs.cli import Flag, cli, flags_help, parse_flags
 from runs.devices import precision_context, resolve_device
 from runs.errors import ConfigError
 from runs.files import atomic_write, load_checkpoint
@@ -276,18 +276,19 @@ def sample_report(captions, data, n=3):
     return '\n'.join(lines)
 
 
-FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 200, 'figure': '', 'device': 'auto',
-         'dataset': '', 'image_root': '', 'skip_bad': False, 'out': '', 'ref_ckpt': ''}
-FLAGS_HELP = """Flags (--key=value; defaults):
-  --ckpt=out/shapes_u/ckpt.pt   a train.py checkpoint (works from any directory, wherever the run folder moved)
-  --split=test                  test, val, or all (every caption of --dataset)
-  --n_generate=200              greedy captions for hallucination/recall/exact (shapes)
-  --figure=                     also draw tokens shaded by PRIOR weight and LVLM loss into this PNG
-  --device=auto                 auto, cpu, cuda, cuda:N
-  --dataset= --image_root=      evaluate on other data than the run's own (see sources/captions.py)
-  --skip_bad=False              with --dataset: skip and count bad entries
-  --out=                        the JSON to write (default: eval_<split>_step<N>.json beside the checkpoint)
-  --ref_ckpt=                   a reference LM for loss_top_weight and retrieval_ratio (an NTP run from scratch carries none)"""
+FLAGS = {'ckpt': Flag('out/shapes_u/ckpt.pt', help='a train.py checkpoint (works from any directory, wherever the run '
+                                                 'folder moved)'),
+         'split': Flag('test', choices=('train', 'val', 'test', 'all'), help='a split, or all (every caption of --dataset)'),
+         'n_generate': Flag(200, low=1, help='greedy captions that BLEU, CIDEr (data on disk) and hallucination, '
+                                             'recall, exact (shapes) score'),
+         'figure': Flag('', help='also draw tokens shaded by PRIOR weight and LVLM loss into this PNG'),
+         'device': Flag('auto', help='auto, cpu, cuda, cuda:N'),
+         'dataset': Flag('', help="evaluate on other data than the run's own (see sources/captions.py)"),
+         'image_root': Flag('', help="with --dataset: its image folder ('' = next to its captions)"),
+         'skip_bad': Flag(False, help='with --dataset: skip and count bad entries'),
+         'out': Flag('', help='the JSON to write (default: eval_<split>_step<N>.json beside the checkpoint)'),
+         'ref_ckpt': Flag('', help='a reference LM for loss_top_weight and retrieval_ratio (an NTP run from scratch '
+                                   'carries none)')}
 
 
 def output_path(ckpt_path, dataset, split, step):
@@ -300,11 +301,6 @@ def output_path(ckpt_path, dataset, split, step):
 
 def main(argv):
     args = parse_flags(argv, FLAGS)
-    if args['n_generate'] < 1:
-        raise ConfigError(f"--n_generate must be >= 1 (the captions that BLEU, CIDEr and recall score), "
-                          f"got {args['n_generate']}")
-    if args['split'] not in ('train', 'val', 'test', 'all'):
-        raise ConfigError(f"--split must be train, val, test or all, got {args['split']!r}")
     device = resolve_device(args['device'])
     if not os.path.isfile(args['ckpt']):
         raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
@@ -334,4 +330,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    cli(main, sys.argv[1:], __doc__, FLAGS_HELP)
+    cli(main, sys.argv[1:], __doc__, flags_help(FLAGS))

@@ -21,15 +21,22 @@ from decoding.generate import generate
 from eval import load_trained
 from prior_loss import token_nll, token_weights
 from reference import reference_from, target_probs
-from runs.cli import cli, parse_flags
+from runs.cli import Flag, cli, flags_help, parse_flags
 from runs.devices import resolve_device
 from runs.errors import ConfigError
 from runs.reference_files import reference_file, reference_of
-from sources.images import BadData, ImageFiles, to_unit_range
+from sources.images import checked_images, to_unit_range
 from sources.tokenizer import EOT, get_tokenizer
 
-FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'temperature': 0.0, 'top_k': 0, 'num_samples': 1, 'max_new_tokens': 0,
-         'seed': 1337, 'device': 'auto', 'weights': '', 'ref_ckpt': ''}
+FLAGS = {'ckpt': Flag('out/shapes_u/ckpt.pt', help='a train.py checkpoint'),
+         'temperature': Flag(0.0, low=0, help='0: greedy; above 0: sampled, more varied as it grows'),
+         'top_k': Flag(0, low=0, help='sample from the k likeliest tokens only (0: from all)'),
+         'num_samples': Flag(1, low=1, help='captions per image'),
+         'max_new_tokens': Flag(0, low=0, help="tokens per caption at most (0: the model's block_size)"),
+         'seed': Flag(1337, low=0, help='the sampling seed'),
+         'device': Flag('auto', help='auto, cpu, cuda, cuda:N'),
+         'weights': Flag('', help="a caption: print each token's P_r, PRIOR weight and LVLM loss per image"),
+         'ref_ckpt': Flag('', help="--weights' reference LM ('' = the run's own)")}
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.webp')     # what torchvision.io decodes
 
 
@@ -77,11 +84,8 @@ def main(argv):
         raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
     paths = image_paths([a for a in argv if not a.startswith('--')])
-    files = ImageFiles(paths, cfg.image_size)
-    try:
-        images = to_unit_range(torch.stack([files[i] for i in range(len(paths))]).to(device))
-    except BadData as e:
-        raise ConfigError(str(e))
+    files = checked_images(paths, cfg.image_size, cfg.max_image_pixels)      # as training reads its images
+    images = to_unit_range(torch.stack([files[i] for i in range(len(paths))]).to(device))
     torch.manual_seed(args['seed'])
     max_new = args['max_new_tokens'] or cfg.block_size
     for n in range(args['num_samples']):
@@ -100,4 +104,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    cli(main, sys.argv[1:], __doc__, f"Flags (--key=value) and their defaults: {FLAGS}")
+    cli(main, sys.argv[1:], __doc__, flags_help(FLAGS))
