@@ -31,7 +31,7 @@ from pretrained.features import caches_features, use_cached_features
 from pretrained.gpt2 import load_gpt2_into
 from pretrained.vision import pretrained_vision
 from prior_loss import LOSSES, objective
-from reference import ensure_reference, load_reference
+from reference import ensure_reference, load_reference, reference_path
 from runs.caches import cache_root, captions_fingerprint, images_fingerprint
 from runs.cli import cli
 from runs.devices import (barrier, device_peak_flops, grad_scaler, precision_context, resolve_device,
@@ -207,7 +207,7 @@ def setup(cfg, log, ckpt):
     ref_ckpt = ref_probs = vision_ckpt = reference = None
     if LOSSES[cfg.loss].reads_reference or cfg.init_lm == 'ref':
         if ckpt is not None and rank == 0:
-            restore_reference(cfg, train_data)
+            restore_reference(cfg, reference_path(cfg, train_data, vocab))
         ref_ckpt, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, rank == 0,
                                                scored=LOSSES[cfg.loss].reads_reference)
         reference = {k: v for k, v in load_checkpoint(ref_ckpt).items() if k in ('model', 'model_args', 'vocab')}
