@@ -22,6 +22,8 @@ n_train defaults to 2048 here (quick data); a config file or flag overrides it. 
 setting applies (--precision=fp16 times the loss-scaled step).
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import dataclasses
 import os
 import statistics

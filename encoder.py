@@ -23,6 +23,8 @@ Like the reference, the encoder is trained on first use and cached, keyed by the
     python encoder.py configs/flickr_cpu.py     # only pretrain it, print its val score (settings: --help)
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import math
 import os
 import sys

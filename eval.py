@@ -26,6 +26,8 @@ Free-running metrics (greedy captions, parsed back into (colour, shape, position
   exact           share of captions that describe exactly the image's objects
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import contextlib
 import hashlib
 import json

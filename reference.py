@@ -8,6 +8,8 @@ The LVLM reads the cached scores (memory-mapped): PRIOR costs one reference pass
 per epoch. Where the reference and its checked score cache live: runs/reference_files.py. Next: model.py.
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import functools
 import sys
 

@@ -12,6 +12,8 @@ to mean 1, and the LVLM's loss given the image: which words the text alone alrea
 and which the model had to learn from the image. Paths are relative to where you run it.
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import os
 import sys
 

@@ -11,6 +11,8 @@ validation, checkpoints), the finish (curves, test metrics). Settings: config.py
 and how it survives faults and signals: runs/.
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import contextlib
 import json
 import os

@@ -8,10 +8,13 @@ status (2 for settings and input, RunStopped's own otherwise), never a traceback
 import ast
 import difflib
 import math
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 from runs.errors import ConfigError, Interrupted, OutDirBusy, RunStopped
+from runs.startup import SIGNALS
 
 
 def parse_bool(text):
@@ -140,12 +143,19 @@ def flags_help(flags):
     return '\n'.join(lines)
 
 
+def interrupt(signum, frame):
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+
 def cli(main, argv, doc, flags_help=''):
     """Run an entry point's main(argv). --help/-h prints `doc` and `flags_help`; a settings mistake
-    (ConfigError) ends in one line on stderr and exit status 2, as argparse does."""
+    (ConfigError) ends in one line on stderr and exit status 2, as argparse does; SIGTERM or SIGINT
+    where no run is there to save ends in one line and status 3 (a run installs its own handling)."""
     if '--help' in argv or '-h' in argv:
         print(doc.strip() + '\n\n' + flags_help)
         raise SystemExit(0)
+    main_thread = threading.current_thread() is threading.main_thread()   # Python handles signals there only
+    previous = {s: signal.signal(s, interrupt) for s in SIGNALS} if main_thread else {}
     try:
         main(argv)
     except (ConfigError, OutDirBusy) as e:
@@ -157,3 +167,6 @@ def cli(main, argv, doc, flags_help=''):
     except KeyboardInterrupt:                    # Ctrl-C where no run is there to save
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(Interrupted.status)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -114,6 +114,24 @@ def test_under_torchrun_every_rank_stops_after_the_same_step(tiny_cfg, tmp_path)
     assert 'stopped by a signal to another process' in err        # rank 0 stopped because rank 1 was told
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('script', ['train.py', 'eval.py', 'sample.py'])
+def test_a_signal_during_start_up_ends_in_one_line(tiny_cfg, tmp_path, script):
+    """Ctrl-C or SIGTERM while the imports load, while the settings are read or as set-up begins."""
+    args = flags(tiny_cfg, max_iters=40) if script == 'train.py' else [f'--ckpt={tmp_path}/none.pt']
+    for sig, delay in ((signal.SIGINT, 0.3), (signal.SIGTERM, 0.3), (signal.SIGTERM, 1.5), (signal.SIGINT, 3.0)):
+        proc = subprocess.Popen([sys.executable, script] + args + [f'--out_dir={tmp_path / sig.name}'] * (
+            script == 'train.py'), cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, sig)
+        status, err = proc.wait(timeout=60), proc.stderr.read()
+        if script != 'train.py' and err == f"error: --ckpt: no checkpoint at {tmp_path}/none.pt\n":
+            continue                                         # it ended first, naming the missing checkpoint
+        assert status == Interrupted.status and err.count('\n') == 1, (sig, delay, status, err)
+        assert err.startswith(f'error: stopped by {sig.name}'), err
+
+
 def test_a_signal_during_a_checkpoint_write_keeps_a_loadable_checkpoint(tiny_cfg, monkeypatch):
     import runs.files as checkpoint
     real_save, saves = checkpoint.torch.save, []
