@@ -34,7 +34,7 @@ from pretrained.gpt2 import load_gpt2_into
 from pretrained.vision import pretrained_vision
 from prior_loss import LOSSES, objective
 from reference import ensure_reference, load_reference, reference_path
-from runs.caches import cache_root, captions_fingerprint, images_fingerprint
+from runs.caches import cache_root, captions_fingerprint, image_digests, images_fingerprint
 from runs.cli import cli
 from runs.devices import (barrier, device_peak_flops, grad_scaler, precision_context, resolve_device,
                           resolve_precision, setup_processes, to_device, wrap)
@@ -220,8 +220,10 @@ def setup(cfg, log, ckpt):
     log(f"model: {cfg.arch.upper()}-LVLM, {parameter_counts(model)}, {model.n_prefix} image tokens")
     scaler = grad_scaler(device, cfg.precision)
     inputs = {'data_fingerprint': captions_fingerprint(train_data), 'image_fingerprint': images_fingerprint(train_data),
-              'reference_sha256': reference and weights_digest(reference['model'])}
-    step = resume(ckpt, model, optimizer, scaler, inputs, log, checkpoint_path(cfg.out_dir), cfg)
+              'eval_image_fingerprint': [images_fingerprint(splits[k]) for k in ('val', 'test')],
+              'reference_sha256': reference and weights_digest(reference['model']),
+              'image_digests': {k: image_digests(v) for k, v in splits.items()}}     # to name what changed
+    step = resume(ckpt, model, optimizer, scaler, inputs, log, checkpoint_path(cfg.out_dir), cfg, splits)
     if caches_features(cfg):
         use_cached_features(splits, model.vision, device, cache_root(cfg), log, rank == 0)   # the resumed weights'
     if rank == 0:

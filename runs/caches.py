@@ -56,6 +56,13 @@ def images_fingerprint(data):
     return hashlib.sha256(json.dumps([data.images.digests, data.images.size]).encode()).hexdigest()
 
 
+def image_digests(data):
+    """The sha256 of each of a split's image files in order, as bytes (32 per file), or None for images
+    made in memory (shapes: a function of the settings, which a resume checks)."""
+    digests = getattr(data.images, 'digests', None)
+    return None if digests is None else b''.join(bytes.fromhex(d) for d in digests)
+
+
 def commit_cache(manifest_path, files, manifest):
     """Commit a cache of several files: each of `files` ({path: write(f)}) atomically, then the manifest
     (`manifest` plus each file's size and sha256), last: a cache with a manifest is whole. Returns it."""
