@@ -9,11 +9,10 @@ import ast
 import difflib
 import math
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 
-from runs.errors import ConfigError, Interrupted, OutDirBusy, RunStopped
+from runs.errors import ConfigError, Interrupted, OutDirBusy, RunStopped, print_error
 from runs.startup import SIGNALS
 
 
@@ -159,13 +158,13 @@ def cli(main, argv, doc, flags_help=''):
     try:
         main(argv)
     except (ConfigError, OutDirBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         raise SystemExit(2)
     except RunStopped as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         raise SystemExit(e.status)
     except KeyboardInterrupt:                    # Ctrl-C where no run is there to save
-        print("error: interrupted", file=sys.stderr)
+        print_error("interrupted")
         raise SystemExit(Interrupted.status)
     finally:
         for s, handler in previous.items():

@@ -11,6 +11,8 @@ import signal
 import sys
 import threading
 
+from runs.errors import print_error
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def stop_while_starting(signum, frame):
     """Ends the program at once: an exception raised inside an import can be caught there by the library
     being loaded (some catch everything) and leave it half loaded. Nothing was written yet."""
-    name = signal.Signals(signum).name
-    sys.stderr.write(f"error: stopped by {name} while starting up or shutting down (no file is left half-written)\n")
+    print_error(f"stopped by {signal.Signals(signum).name} while starting up or shutting down (no file is left "
+                f"half-written)")
     sys.stderr.flush()
     os._exit(3)                                  # runs.errors.Interrupted.status
 

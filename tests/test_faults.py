@@ -427,6 +427,35 @@ def one_line_error(capsys, argv, main=None):
     return e.value.code, err
 
 
+def test_under_torchrun_an_error_is_printed_once_with_the_rank_where_it_happened(capsys, monkeypatch, tmp_path):
+    from runs.cli import cli
+
+    def fails(message):
+        def main(argv):
+            raise ConfigError(message)
+        return main
+    import runs.errors
+    monkeypatch.setattr(runs.errors.time, 'sleep', lambda s: None)
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', f'test-{tmp_path.name}')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    printed = []
+    for rank, message in ((0, 'the same on every rank'), (1, 'the same on every rank'), (1, 'on rank 1 alone')):
+        monkeypatch.setenv('RANK', str(rank))
+        with pytest.raises(SystemExit) as e:
+            cli(fails(message), [], '')
+        assert e.value.code == 2
+        printed.append(capsys.readouterr().err)
+    assert printed == ['error: the same on every rank (rank 0 of 2)\n', '', 'error: on rank 1 alone (rank 1 of 2)\n']
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_settings_mistake_is_one_line(tiny_cfg, tmp_path):
+    proc = start(flags(tiny_cfg, out_dir=tmp_path / 'run') + ['--alpha=-1'], nproc=2)
+    proc.wait(timeout=120)
+    lines = [line for line in proc.stderr.read().splitlines() if 'error' in line and 'alpha' in line]
+    assert len(lines) == 1 and lines[0].startswith("error: config key 'alpha' must be >= 0") and '(rank 0 of 2)' in lines[0]
+
+
 @pytest.mark.parametrize('source, says', [(b'alpha = (1,\n', 'line 1: '),
                                           (b'alpha = 1\nbeta = gamma\n', "line 2: NameError"),
                                           (b'from nowhere_pkg import x\n', "line 1: ModuleNotFoundError"),
