@@ -148,6 +148,11 @@ class Job:
     inputs: dict                    # the training captions', images' and reference's digests
     step: int = 0
     saved_step: int = None          # the last checkpoint written (or resumed from)
+    t_start: float = 0.0            # when this part of the run began (a resume is a new part),
+    wall_before: tuple = ()         # and the seconds of the parts before it, up to their last checkpoint
+
+    def wall_parts(self):
+        return [*self.wall_before, time.time() - self.t_start]
 
     def record(self, entry):        # one log.jsonl line (and W&B point)
         append_log(os.path.join(self.cfg.out_dir, 'log.jsonl'), entry)
@@ -163,7 +168,8 @@ class Job:
                          'model_args': vars(self.raw_model.lm.config), 'vocab': self.vocab.state(), 'step': self.step,
                          'data_position': self.step * global_batch(self.cfg, self.world), **self.inputs,
                          'ref_ckpt': self.ref_ckpt,
-                         'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None}},
+                         'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None},
+                         'wall_parts_s': self.wall_parts()},
                         checkpoint_path(self.cfg.out_dir))
         self.saved_step = self.step
 
@@ -185,10 +191,11 @@ def train(cfg, log=print, loss_fn=objective):
         ckpt, cfg = check_resume(cfg, checkpoint_path(cfg.out_dir), global_batch(cfg, world))
         t_start = time.time()
         job = setup(cfg, log, ckpt)
+        job.t_start, job.wall_before = t_start, tuple(ckpt.get('wall_parts_s', ())) if ckpt else ()
         train_loop(job, loss_fn, stopper, ckpt)
         stopper.where = f"after the last step ({checkpoint_path(cfg.out_dir)} is complete; the final " \
                         f"evaluation did not finish)"
-        return finish(job, t_start)
+        return finish(job)
 
 
 def setup(cfg, log, ckpt):
@@ -291,7 +298,7 @@ def train_loop(job, loss_fn, stopper, ckpt):
     report_broken(train_data.images, log)
 
 
-def finish(job, t_start):
+def finish(job):
     """Curves and the test metrics (master), then every process leaves together. Returns the metrics or None."""
     cfg, log, results = job.cfg, job.log, None
     if job.rank == 0:
@@ -305,7 +312,10 @@ def finish(job, t_start):
             log('\nsample captions (greedy, test):\n' + evaluation.sample_report(captions, test))
             log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n{evaluation.format_table({cfg.loss: results})}")
         log(f"outputs in {cfg.out_dir}: ckpt.pt, log.jsonl, loss.png" + (', eval_test.json' if cfg.final_eval else ''))
-        log(f"wall time {hms(time.time() - t_start)}")
+        parts = job.wall_parts()
+        job.record({'step': job.step, 'wall_s': sum(parts), 'wall_parts_s': parts})
+        log(f"wall time {hms(sum(parts))}" + (f" over {len(parts)} parts ({', '.join(map(hms, parts))})"
+                                               if len(parts) > 1 else ''))
         if job.tracker:
             job.tracker.finish()
     barrier()                                    # the other processes wait while rank 0 evaluates

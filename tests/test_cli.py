@@ -132,6 +132,9 @@ def test_resume_extends_a_moved_run_and_refuses_what_changes_the_result(tiny_cfg
     assert lrs[8] == pytest.approx(min_lr)                  # the cosine ended at step 6, as first planned
     ckpt = load_checkpoint(os.path.join(moved, 'ckpt.pt'))
     assert ckpt['step'] == 9 and ckpt['config']['lr_decay_iters'] == 6
+    walls = [r for r in rows if 'wall_s' in r]                  # the total and each part's, not the last part's
+    assert [len(r['wall_parts_s']) for r in walls] == [1, 2] and walls[1]['wall_s'] == sum(walls[1]['wall_parts_s'])
+    assert 0 < walls[1]['wall_parts_s'][0] <= walls[0]['wall_s'] and ' over 2 parts (' in lines[-1]
     with pytest.raises(ConfigError, match=r"would change the result: alpha 1.0 -> 2.0, learning_rate 0.004 -> 0.001 "):
         train_quiet(dataclasses.replace(longer, learning_rate=1e-3, alpha=2.0))
     with pytest.raises(ConfigError, match="no checkpoint"):
