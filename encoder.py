@@ -219,7 +219,8 @@ def val_report(cfg, model, train, val, device):
 # The settings the encoder's pretraining reads, and all it is given (encoder_recipe): the encoder cache's key.
 ENCODER_SETTINGS = ('init_vision', 'vision', 'vision_features', 'image_size', 'patch_size', 'vit_layer', 'vit_embd',
                     'n_head', 'dropout', 'init_lm', 'gpt2_model', 'block_size', 'n_layer', 'n_embd', 'enc_max_iters',
-                    'enc_batch_size', 'enc_learning_rate', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'min_lr_ratio')
+                    'enc_batch_size', 'enc_learning_rate', 'weight_decay', 'beta1', 'beta2', 'grad_clip',
+                    'min_lr_ratio')
 
 
 def encoder_recipe(cfg):

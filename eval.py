@@ -280,7 +280,8 @@ def sample_report(captions, data, n=3):
 
 FLAGS = {'ckpt': Flag('out/shapes_u/ckpt.pt', help='a train.py checkpoint (works from any directory, wherever the run '
                                                  'folder moved)'),
-         'split': Flag('test', choices=('train', 'val', 'test', 'all'), help='a split, or all (every caption of --dataset)'),
+         'split': Flag('test', choices=('train', 'val', 'test', 'all'),
+                       help='a split, or all (every caption of --dataset)'),
          'n_generate': Flag(200, low=1, help='greedy captions that BLEU, CIDEr (data on disk) and hallucination, '
                                              'recall, exact (shapes) score'),
          'figure': Flag('', help='also draw tokens shaded by PRIOR weight and LVLM loss into this PNG'),

@@ -138,7 +138,8 @@ def flags_help(flags):
     lines = ['Flags (--key=value; defaults):']
     for key, spec in flags.items():
         spec = as_flag(spec)
-        lines.append(f"  --{key}={spec.default}".ljust(32) + f" {spec.help}" + (f" ({takes(spec)})" if takes(spec) else ''))
+        values = f" ({takes(spec)})" if takes(spec) else ''
+        lines.append(f"  --{key}={spec.default}".ljust(32) + f" {spec.help}{values}")
     return '\n'.join(lines)
 
 

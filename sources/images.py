@@ -245,7 +245,8 @@ class ImageFiles:
             image = self.transform(decode(self.paths[i], raw))
         except Exception as e:
             problem = ('was deleted' if isinstance(e, FileNotFoundError) else 'changed' if isinstance(e, ImageChanged)
-                       else f'cannot be read ({decode_error(e)})') + (' since the start-up check' if self.digests else '')
+                       else f'cannot be read ({decode_error(e)})')
+            problem += ' since the start-up check' if self.digests else ''
             if not self.skip_bad:
                 hint = '; restore it or pass --skip_bad=True' if self.digests else ''
                 raise BadData(f"image {self.paths[i]} {problem}{hint}") from None

@@ -94,8 +94,8 @@ def test_captions_are_keyed_by_their_tokens_not_their_compact_ids(shapes, tmp_pa
     assert first != second and probs.shape == tuple(train.targets.shape)
 
 
-@pytest.mark.parametrize('damage', [lambda b: b[:len(b) // 2], lambda b: b'',
-                                    lambda b: b[:len(b) // 2] + bytes(64) + b[len(b) // 2 + 64:]])   # torn, empty, zeroed
+@pytest.mark.parametrize('damage', [lambda b: b[:len(b) // 2], lambda b: b'',                  # torn, empty,
+                                    lambda b: b[:len(b) // 2] + bytes(64) + b[len(b) // 2 + 64:]])  # zeroed
 def test_a_damaged_encoder_cache_is_rebuilt_like_the_feature_cache(shapes, tmp_path, damage):
     from runs.files import load_checkpoint
     cfg, splits, vocab = shapes

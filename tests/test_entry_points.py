@@ -21,8 +21,8 @@ def bomb_png(width=20000, height=20000):
     """A small PNG file whose header declares width x height pixels."""
     b = png_bytes()
     ihdr = b.index(b'IHDR') - 4
-    return b[:ihdr] + png_chunk(b'IHDR', width.to_bytes(4, 'big') + height.to_bytes(4, 'big') + b[ihdr + 16:ihdr + 21]) \
-        + b[ihdr + 25:]
+    header = width.to_bytes(4, 'big') + height.to_bytes(4, 'big') + b[ihdr + 16:ihdr + 21]
+    return b[:ihdr] + png_chunk(b'IHDR', header) + b[ihdr + 25:]
 
 
 def corrupt_png_body():
@@ -37,11 +37,14 @@ def corrupt_png_body():
 
 @pytest.mark.parametrize('tool, arg, says', [
     (sample, '--top_k=-1', "--top_k must be >= 0"), (sample, '--temperature=-1', "--temperature must be >= 0"),
-    (sample, '--num_samples=0', "--num_samples must be >= 1"), (sample, '--max_new_tokens=-5', "--max_new_tokens must be >= 0"),
-    (sample, '--temperature=nan', "--temperature must be a finite number"), (sample, '--seed=-3', "--seed must be >= 0"),
+    (sample, '--num_samples=0', "--num_samples must be >= 1"),
+    (sample, '--max_new_tokens=-5', "--max_new_tokens must be >= 0"),
+    (sample, '--temperature=nan', "--temperature must be a finite number"),
+    (sample, '--seed=-3', "--seed must be >= 0"),
     (sample, '--top_k=2.5', "--top_k must be int"), (sample, '--temprature=1', "did you mean --temperature"),
     (evaluation, '--n_generate=0', "--n_generate must be >= 1"), (evaluation, '--split=dev', "--split must be one of"),
-    (evaluation, '--skip_bad=perhaps', "expected True or False"), (evaluation, '--n_genrate=3', "did you mean --n_generate")])
+    (evaluation, '--skip_bad=perhaps', "expected True or False"),
+    (evaluation, '--n_genrate=3', "did you mean --n_generate")])
 def test_sample_and_eval_flags_are_checked_before_any_file_is_read(tool, arg, says, tmp_path):
     with pytest.raises(ConfigError, match=says) as e:
         tool.main([f'--ckpt={tmp_path}/none.pt', arg])             # refused before the missing checkpoint is named
@@ -95,19 +98,21 @@ def trained(tmp_path_factory):
     return os.path.join(cfg.out_dir, 'ckpt.pt')
 
 
+def sample_py(ckpt, *args):
+    return subprocess.run([sys.executable, 'sample.py', f'--ckpt={ckpt}', *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
 @pytest.mark.slow
 def test_sample_py_on_bad_images_ends_in_one_line(trained, tmp_path):
     good = tmp_path / 'good.png'
     good.write_bytes(png_bytes())
     for name, content in (('cut.png', damaged_png()), ('bomb.png', bomb_png()), ('noise.png', corrupt_png_body())):
         (tmp_path / name).write_bytes(content)
-        out = subprocess.run([sys.executable, 'sample.py', f'--ckpt={trained}', str(good), str(tmp_path / name)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        out = sample_py(trained, str(good), str(tmp_path / name))
         assert out.returncode == 2 and out.stderr.count('\n') == 1 and name in out.stderr, out.stderr
         assert '.cpp' not in out.stderr and out.stdout == ''
-    out = subprocess.run([sys.executable, 'sample.py', f'--ckpt={trained}', str(good), '--top_k=-1'], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    out = sample_py(trained, str(good), '--top_k=-1')
     assert out.returncode == 2 and out.stderr == "error: --top_k must be >= 0, got -1\n", out.stderr
-    out = subprocess.run([sys.executable, 'sample.py', f'--ckpt={trained}', str(good)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    out = sample_py(trained, str(good))
     assert out.returncode == 0 and out.stdout.startswith(str(good)), out.stderr

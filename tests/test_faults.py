@@ -453,7 +453,8 @@ def test_under_torchrun_a_settings_mistake_is_one_line(tiny_cfg, tmp_path):
     proc = start(flags(tiny_cfg, out_dir=tmp_path / 'run') + ['--alpha=-1'], nproc=2)
     proc.wait(timeout=120)
     lines = [line for line in proc.stderr.read().splitlines() if 'error' in line and 'alpha' in line]
-    assert len(lines) == 1 and lines[0].startswith("error: config key 'alpha' must be >= 0") and '(rank 0 of 2)' in lines[0]
+    assert len(lines) == 1 and '(rank 0 of 2)' in lines[0], lines
+    assert lines[0].startswith("error: config key 'alpha' must be >= 0"), lines
 
 
 @pytest.mark.parametrize('source, says', [(b'alpha = (1,\n', 'line 1: '),
