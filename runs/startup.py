@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def stop_while_starting(signum, frame):
     """Ends the program at once: an exception raised inside an import can be caught there by the library
-    being loaded (some catch everything) and leave it half loaded. Nothing was written yet."""
+    being loaded (some catch everything) and leave it half loaded. Every file is written atomically."""
     print_error(f"stopped by {signal.Signals(signum).name} while starting up or shutting down (no file is left "
                 f"half-written)")
     sys.stderr.flush()
