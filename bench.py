@@ -22,6 +22,8 @@ n_train defaults to 2048 here (quick data); a config file or flag overrides it. 
 setting applies (--precision=fp16 times the loss-scaled step).
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import dataclasses
 import os
 import statistics
@@ -36,17 +38,15 @@ from config import load_config, settings_help
 from data import global_batch, load_splits, make_loader, make_vocab, micro_batches
 from model import GPT, gpt_config
 from reference import score_captions, target_probs
-from runs.cli import cli, parse_flags
+from runs.cli import Flag, cli, flags_help, parse_flags
 from runs.devices import (device_peak_flops, grad_scaler, peak_memory, precision_context, reset_peak_memory,
                           resolve_device, resolve_precision, to_device)
 from runs.optim import make_optimizer
 from runs.progress import parameter_counts, sequence_flops
 from train import build_model, train_step
 
-BENCH_FLAGS = {'bench_iters': 20, 'bench_warmup': 3}
-BENCH_HELP = """Bench flags: --bench_iters=20 (timed iterations), --bench_warmup=3 (untimed ones first).
-
-"""
+BENCH_FLAGS = {'bench_iters': Flag(20, low=1, help='timed iterations'),
+               'bench_warmup': Flag(3, low=0, help='untimed iterations first')}
 VARIANTS = ('ntp', 'cached', 'online')
 
 
@@ -144,13 +144,13 @@ class Bench:
                     images=global_batch(self.cfg))
 
 
-def report(bench, runs, mem, n_iters, n_warmup):
+def report(bench, timings, mem, n_iters, n_warmup):
     """The table of medians, the PRIOR/NTP step-time ratios, and what they mean."""
     def med(v, key='s'):
-        return statistics.median(r[key] for r in runs[v])
+        return statistics.median(r[key] for r in timings[v])
 
     def mean(v, key):
-        return statistics.fmean(r[key] for r in runs[v])
+        return statistics.fmean(r[key] for r in timings[v])
 
     rates = {v: (mean(v, 'flops') + mean(v, 'ref_flops')) / med(v) for v in VARIANTS}     # all FLOPs done
     peak = device_peak_flops(bench.device, max(rates.values()))   # a CPU peak measured while busy can be too low
@@ -165,7 +165,7 @@ def report(bench, runs, mem, n_iters, n_warmup):
               f"{mem[v] / 2 ** 20:7.1f} MiB")
     # Ratios pair each PRIOR step with the NTP step just before it on the same batch, so a
     # burst of load from other processes moves both sides of a pair (medians of the pairs).
-    cached, online = (statistics.median(b['s'] / a['s'] for a, b in zip(runs['ntp'], runs[v]))
+    cached, online = (statistics.median(b['s'] / a['s'] for a, b in zip(timings['ntp'], timings[v]))
                       for v in VARIANTS[1:])
     predicted = 1 + mean('online', 'ref_flops') / mean('online', 'flops')
     print(f"PRIOR/NTP step time: cached {cached:.3f}, online {online:.3f} (FLOPs predict {predicted:.3f}, "
@@ -191,18 +191,18 @@ def main(argv):
     n_iters = flags['bench_warmup'] + flags['bench_iters']
     bench = Bench(cfg, n_iters)
     bench.describe()
-    runs, mem = {v: [] for v in VARIANTS}, dict.fromkeys(VARIANTS, 0)
+    timings, mem = {v: [] for v in VARIANTS}, dict.fromkeys(VARIANTS, 0)
     for it in range(n_iters):                    # the variants take turns, iteration by iteration
         for v in VARIANTS:
             reset_peak_memory(bench.cuda)
             r = bench.step(v, it)
             mem[v] = max(mem[v], peak_memory(bench.cuda))
             if it >= flags['bench_warmup']:
-                runs[v].append(r)
-    report(bench, runs, mem, flags['bench_iters'], flags['bench_warmup'])
+                timings[v].append(r)
+    report(bench, timings, mem, flags['bench_iters'], flags['bench_warmup'])
     scoring_speed(bench)
     bench.tmp.cleanup()
 
 
 if __name__ == '__main__':
-    cli(main, sys.argv[1:], __doc__, BENCH_HELP + settings_help())
+    cli(main, sys.argv[1:], __doc__, flags_help(BENCH_FLAGS) + '\n\n' + settings_help())

@@ -13,7 +13,6 @@ non-empty string". A settings mistake ends the program with one line, not a trac
 
 import dataclasses
 import inspect
-import math
 import os
 import re
 import traceback
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 
 from pretrained.vision import LITE_VARIANTS, TORCHVISION_ENCODERS
 from prior_loss import LOSSES
-from runs.cli import coerce, split_flag, unknown_key
+from runs.cli import check_value, coerce, split_flag, unknown_key
 from runs.errors import ConfigError
 
 
@@ -192,14 +191,7 @@ RANGES = {
 
 def check_ranges(cfg):
     for key, (low, high) in RANGES.items():
-        value = getattr(cfg, key)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
-        if low == '> 0' and not value > 0:
-            raise ValueError(f"config key {key!r} must be > 0, got {value!r}")
-        if (low != '> 0' and value < low) or (high is not None and value > high):
-            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-            raise ValueError(f"config key {key!r} must be {bounds}, got {value!r}")
+        check_value(f"config key {key!r}", getattr(cfg, key), low, high)
 
 
 def check(cfg):
@@ -209,8 +201,7 @@ def check(cfg):
                'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip', 'words', 'pretrained'),
                'vision': ('vit',) + tuple(LITE_VARIANTS) + TORCHVISION_ENCODERS, 'vision_features': ('head', 'blocks')}
     for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
+        check_value(f"config key {key!r}", getattr(cfg, key), choices=allowed)
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     if cfg.n_embd % cfg.n_head:

@@ -23,6 +23,8 @@ Like the reference, the encoder is trained on first use and cached, keyed by the
     python encoder.py configs/flickr_cpu.py     # only pretrain it, print its val score (settings: --help)
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import math
 import os
 import sys
@@ -35,7 +37,8 @@ from config import as_dict, load_config, settings_help
 from data import batch_indices, load_splits, make_vocab, text_width
 from model import GPT, gpt_config, vision_encoder
 from prior_loss import IGNORE
-from runs.caches import cache_root, captions_fingerprint, content_key, images_fingerprint
+from runs.caches import (cache_root, captions_fingerprint, content_key, images_fingerprint, load_or_build, recipe,
+                         vocab_fingerprint)
 from runs.cli import cli
 from runs.devices import barrier, resolve_device
 from runs.errors import ConfigError
@@ -213,33 +216,58 @@ def val_report(cfg, model, train, val, device):
     return f"val word loss {loss:.4f} (by word frequency alone, not looking: {prior:.4f})"
 
 
-def default_vision_ckpt(cfg, train):
-    recipe = [captions_fingerprint(train), images_fingerprint(train), cfg.init_vision, cfg.vision, cfg.image_size,
-              cfg.patch_size, cfg.vit_layer,
-              cfg.vit_embd, cfg.n_head, cfg.n_layer, cfg.n_embd, cfg.enc_max_iters, cfg.enc_batch_size,
-              cfg.enc_learning_rate, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
-    return os.path.join(cache_root(cfg), 'encoder', content_key(recipe), 'encoder.pt')
+# The settings the encoder's pretraining reads, and all it is given (encoder_recipe): the encoder cache's key.
+ENCODER_SETTINGS = ('init_vision', 'vision', 'vision_features', 'image_size', 'patch_size', 'vit_layer', 'vit_embd',
+                    'n_head', 'dropout', 'init_lm', 'gpt2_model', 'block_size', 'n_layer', 'n_embd', 'enc_max_iters',
+                    'enc_batch_size', 'enc_learning_rate', 'weight_decay', 'beta1', 'beta2', 'grad_clip',
+                    'min_lr_ratio')
+
+
+def encoder_recipe(cfg):
+    """cfg's ENCODER_SETTINGS (runs.caches.recipe); of init_lm, CLIP's text tower depends only on
+    whether it has GPT-2's shape (reference.reference_recipe likewise)."""
+    r = recipe(cfg, ENCODER_SETTINGS)
+    if r.init_lm != 'gpt2':
+        r.init_lm, r.gpt2_model = 'scratch', ''
+    return r
+
+
+def default_vision_ckpt(cfg, train, vocab):
+    """Where the cache keeps the encoder pretrained on these captions (by content), vocabulary, images and recipe."""
+    key = content_key([captions_fingerprint(train), vocab_fingerprint(vocab), images_fingerprint(train),
+                       vars(encoder_recipe(cfg))])
+    return os.path.join(cache_root(cfg), 'encoder', key, 'encoder.pt')
+
+
+def pretrain(recipe, train, vocab, device, log=print, val=None):
+    """The vision encoder pretrained on the training split as `recipe` (encoder_recipe) says, reported on `val`."""
+    torch.manual_seed(0)                         # one encoder per data and recipe, whatever the run's seed
+    model = pretrain_clip(recipe, train, vocab, device, log) if recipe.init_vision == 'clip' \
+        else pretrain_words(recipe, train, device, log)
+    if val is not None:
+        log(f"encoder: {val_report(recipe, model, train, val, device)}")
+    return model.vision
 
 
 def ensure_encoder(cfg, train, vocab, device, log=print, is_master=True, val=None):
-    """Path of the pretrained encoder for this data and recipe (cfg.vision_ckpt, or trained on first use).
+    """Path of the pretrained encoder for this data and recipe (cfg.vision_ckpt, or trained on first use;
+    a damaged or foreign file in the cache is trained anew, as the reference's and the features' are).
     Under DDP only the master process builds it; the others wait at a barrier."""
-    path = cfg.vision_ckpt or default_vision_ckpt(cfg, train)
+    path = cfg.vision_ckpt or default_vision_ckpt(cfg, train, vocab)
+    origin = {'data_fingerprint': captions_fingerprint(train), 'image_fingerprint': images_fingerprint(train)}
+
+    def load(where):
+        check_origin(load_checkpoint(where, required=('vision',)), where, 'vision', **origin)
+
+    def build(where, why):
+        how = 'contrastively (CLIP-style)' if cfg.init_vision == 'clip' else 'to tag caption words'
+        log(f"encoder: {why}; pretraining the {cfg.vision} {how} first")
+        vision = pretrain(encoder_recipe(cfg), train, vocab, device, log, val).state_dict()
+        save_checkpoint({'vision': vision, **origin, 'config': as_dict(cfg), 'weights_sha256': weights_digest(vision)},
+                        where)
     if is_master:
         with exclusive(path):                    # a second run asking for the same encoder waits for it
-            if not os.path.isfile(path):
-                how = 'contrastively (CLIP-style)' if cfg.init_vision == 'clip' else 'to tag caption words'
-                log(f"encoder: no checkpoint at {path}; pretraining the {cfg.vision} {how} first")
-                torch.manual_seed(0)             # one encoder per data and recipe, whatever the run's seed
-                model = pretrain_clip(cfg, train, vocab, device, log) if cfg.init_vision == 'clip' \
-                    else pretrain_words(cfg, train, device, log)
-                if val is not None:
-                    log(f"encoder: {val_report(cfg, model, train, val, device)}")
-                save_checkpoint({'vision': model.vision.state_dict(), 'data_fingerprint': captions_fingerprint(train),
-                                 'image_fingerprint': images_fingerprint(train), 'config': as_dict(cfg),
-                                 'weights_sha256': weights_digest(model.vision.state_dict())}, path)
-            check_origin(load_checkpoint(path, required=('vision',)), path, 'vision',
-                         data_fingerprint=captions_fingerprint(train), image_fingerprint=images_fingerprint(train))
+            load_or_build(path, load, build, bool(cfg.vision_ckpt))
     barrier()
     return path
 

@@ -27,6 +27,8 @@ Free-running metrics (a generated caption per image, parsed back into (colour, s
   exact           share of captions that describe exactly the image's objects
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import contextlib
 import hashlib
 import json
@@ -48,7 +50,7 @@ from pretrained.features import caches_features, use_cached_features
 from prior_loss import IGNORE, token_nll, token_weights
 from reference import reference_from, score_captions
 from runs.caches import cache_root
-from runs.cli import cli, parse_flags
+from runs.cli import Flag, cli, flags_help, parse_flags
 from runs.devices import precision_context, resolve_device
 from runs.errors import ConfigError
 from runs.files import atomic_write, load_checkpoint
@@ -281,20 +283,22 @@ def sample_report(captions, data, n=3):
     return '\n'.join(lines)
 
 
-FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'split': 'test', 'n_generate': 0, 'beam': 0, 'length_penalty': -1.0,
-         'figure': '', 'device': 'auto', 'dataset': '', 'image_root': '', 'skip_bad': False, 'out': '', 'ref_ckpt': ''}
-FLAGS_HELP = """Flags (--key=value; defaults):
-  --ckpt=out/shapes_u/ckpt.pt   a train.py checkpoint (works from any directory, wherever the run folder moved)
-  --split=test                  test, val, or all (every caption of --dataset)
-  --n_generate=0                caption only the first N images of the split (0: every image)
-  --beam=0                      1 greedy, K > 1 beam search of width K (0: the run's own setting, `beam`)
-  --length_penalty=-1           beam search ranks log p / length^this (negative: the run's own setting)
-  --figure=                     also draw tokens shaded by PRIOR weight and LVLM loss into this PNG
-  --device=auto                 auto, cpu, cuda, cuda:N
-  --dataset= --image_root=      evaluate on other data than the run's own (see sources/captions.py)
-  --skip_bad=False              with --dataset: skip and count bad entries
-  --out=                        the JSON to write (default: eval_<split>_step<N>.json beside the checkpoint)
-  --ref_ckpt=                   a reference LM for loss_top_weight and retrieval_ratio (an NTP run from scratch carries none)"""
+FLAGS = {'ckpt': Flag('out/shapes_u/ckpt.pt', help='a train.py checkpoint (works from any directory, wherever the run '
+                                                 'folder moved)'),
+         'split': Flag('test', choices=('train', 'val', 'test', 'all'),
+                       help='a split, or all (every caption of --dataset)'),
+         'n_generate': Flag(0, low=0, help='caption only the first N images of the split (0: every image), scored '
+                                           'by BLEU, CIDEr (data on disk) and hallucination, recall, exact (shapes)'),
+         'beam': Flag(0, low=0, help="1 greedy, K > 1 beam search of width K (0: the run's own setting, beam)"),
+         'length_penalty': Flag(-1.0, help="beam search ranks log p / length^this (negative: the run's own setting)"),
+         'figure': Flag('', help='also draw tokens shaded by PRIOR weight and LVLM loss into this PNG'),
+         'device': Flag('auto', help='auto, cpu, cuda, cuda:N'),
+         'dataset': Flag('', help="evaluate on other data than the run's own (see sources/captions.py)"),
+         'image_root': Flag('', help="with --dataset: its image folder ('' = next to its captions)"),
+         'skip_bad': Flag(False, help='with --dataset: skip and count bad entries'),
+         'out': Flag('', help='the JSON to write (default: eval_<split>_step<N>.json beside the checkpoint)'),
+         'ref_ckpt': Flag('', help='a reference LM for loss_top_weight and retrieval_ratio (an NTP run from scratch '
+                                   'carries none)')}
 
 
 def output_path(ckpt_path, dataset, split, step):
@@ -307,12 +311,6 @@ def output_path(ckpt_path, dataset, split, step):
 
 def main(argv):
     args = parse_flags(argv, FLAGS)
-    if args['n_generate'] < 0:
-        raise ConfigError(f"--n_generate must be >= 0 (0: caption every image of the split), got {args['n_generate']}")
-    if args['beam'] < 0:
-        raise ConfigError(f"--beam must be >= 1 (or 0: the run's own), got {args['beam']}")
-    if args['split'] not in ('train', 'val', 'test', 'all'):
-        raise ConfigError(f"--split must be train, val, test or all, got {args['split']!r}")
     device = resolve_device(args['device'])
     if not os.path.isfile(args['ckpt']):
         raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
@@ -344,4 +342,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    cli(main, sys.argv[1:], __doc__, FLAGS_HELP)
+    cli(main, sys.argv[1:], __doc__, flags_help(FLAGS))

@@ -8,6 +8,8 @@ The LVLM reads the cached scores (memory-mapped): PRIOR costs one reference pass
 per epoch. Where the reference and its checked score cache live: runs/reference_files.py. Next: model.py.
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import functools
 import sys
 
@@ -19,7 +21,7 @@ from data import batch_indices, load_splits, make_vocab, text_width
 from model import GPT, GPTConfig, gpt_config
 from pretrained.gpt2 import load_gpt2_into
 from prior_loss import IGNORE, ntp_loss, token_nll
-from runs.caches import captions_fingerprint, load_or_build
+from runs.caches import captions_fingerprint, load_or_build, recipe
 from runs.cli import cli
 from runs.devices import barrier, resolve_device
 from runs.errors import ConfigError
@@ -30,9 +32,29 @@ from runs.reference_files import cached_scores, default_ref_ckpt, load_cache
 from sources.tokenizer import Vocab
 
 
+# The settings train_reference reads, and all it is given (reference_recipe): the reference cache's key.
+REFERENCE_SETTINGS = ('init_lm', 'gpt2_model', 'block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'seed',
+                      'ref_max_iters', 'ref_learning_rate', 'ref_batch_size', 'weight_decay', 'beta1', 'beta2',
+                      'grad_clip', 'min_lr_ratio')
+
+
+def reference_recipe(cfg):
+    """cfg's REFERENCE_SETTINGS (runs.caches.recipe). init_lm says how the LVLM starts; of it, the
+    reference depends only on whether GPT-2 starts it too, so 'ref' and 'scratch' runs share one."""
+    r = recipe(cfg, REFERENCE_SETTINGS)
+    if r.init_lm != 'gpt2':
+        r.init_lm, r.gpt2_model = 'scratch', ''
+    return r
+
+
+def reference_path(cfg, train, vocab):
+    """--ref_ckpt, or the cache's place for the reference of these captions, vocabulary and recipe."""
+    return cfg.ref_ckpt or default_ref_ckpt(cfg, reference_recipe(cfg), train, vocab)
+
+
 def train_reference(cfg, train, vocab, device, log=print):
     """Fit the GPT on the captions alone with plain NTP, with the LVLM's optimiser and step
-    (runs/optim.py); its warmup is a twentieth of its iterations."""
+    (runs/optim.py); its warmup is a twentieth of its iterations. `cfg`: a Config or its reference_recipe."""
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_config(cfg, vocab)).to(device)
     if cfg.init_lm == 'gpt2':
@@ -101,11 +123,11 @@ def reference_from(state, device):
 def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, scored=True):
     """(reference checkpoint path, cached P_r of the training captions, or None unless `scored`),
     trained and scored on first use. Under DDP only the master builds; the others wait, then load."""
-    ref_ckpt, ref_probs = cfg.ref_ckpt or default_ref_ckpt(cfg, train), None
+    ref_ckpt, ref_probs = reference_path(cfg, train, vocab), None
 
     def build(path, why):
         log(f"reference: {why}; training the text-only reference LM first")
-        save_reference(train_reference(cfg, train, vocab, device, log), vocab, cfg, train, path)
+        save_reference(train_reference(reference_recipe(cfg), train, vocab, device, log), vocab, cfg, train, path)
     if is_master:
         with exclusive(ref_ckpt):                # a second run asking for the same reference waits for it
             load = functools.partial(load_reference, device=device, train=train)

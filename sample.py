@@ -14,6 +14,8 @@ to mean 1, and the LVLM's loss given the image: which words the text alone alrea
 and which the model had to learn from the image. Paths are relative to where you run it.
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import os
 import sys
 
@@ -23,15 +25,24 @@ from decoding.generate import generate
 from eval import load_trained
 from prior_loss import token_nll, token_weights
 from reference import reference_from, target_probs
-from runs.cli import cli, parse_flags
+from runs.cli import Flag, cli, flags_help, parse_flags
 from runs.devices import resolve_device
 from runs.errors import ConfigError
 from runs.reference_files import reference_file, reference_of
-from sources.images import BadData, ImageFiles, to_unit_range
+from sources.images import checked_images, to_unit_range
 from sources.tokenizer import EOT, get_tokenizer
 
-FLAGS = {'ckpt': 'out/shapes_u/ckpt.pt', 'beam': 0, 'length_penalty': -1.0, 'temperature': 0.0, 'top_k': 0,
-         'num_samples': 1, 'max_new_tokens': 0, 'seed': 1337, 'device': 'auto', 'weights': '', 'ref_ckpt': ''}
+FLAGS = {'ckpt': Flag('out/shapes_u/ckpt.pt', help='a train.py checkpoint'),
+         'beam': Flag(0, low=0, help="1 greedy, K > 1 beam search of width K (0: the run's own setting, beam)"),
+         'length_penalty': Flag(-1.0, help="beam search ranks log p / length^this (negative: the run's own setting)"),
+         'temperature': Flag(0.0, low=0, help='0: greedy or beam search; above 0: sampled, more varied as it grows'),
+         'top_k': Flag(0, low=0, help='sample from the k likeliest tokens only (0: from all)'),
+         'num_samples': Flag(1, low=1, help='captions per image'),
+         'max_new_tokens': Flag(0, low=0, help="tokens per caption at most (0: the model's block_size)"),
+         'seed': Flag(1337, low=0, help='the sampling seed'),
+         'device': Flag('auto', help='auto, cpu, cuda, cuda:N'),
+         'weights': Flag('', help="a caption: print each token's P_r, PRIOR weight and LVLM loss per image"),
+         'ref_ckpt': Flag('', help="--weights' reference LM ('' = the run's own)")}
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.webp')     # what torchvision.io decodes
 
 
@@ -74,18 +85,15 @@ def print_weights(model, images, paths, text, vocab, cfg, reference, device):
 
 def main(argv):
     args = parse_flags([a for a in argv if a.startswith('--')], FLAGS)
+    if args['beam'] > 1 and args['temperature'] > 0:
+        raise ConfigError("--beam searches for the likeliest caption and --temperature samples one: choose one")
     device = resolve_device(args['device'])
     if not os.path.isfile(args['ckpt']):
         raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
     paths = image_paths([a for a in argv if not a.startswith('--')])
-    files = ImageFiles(paths, cfg.image_size)
-    try:
-        images = to_unit_range(torch.stack([files[i] for i in range(len(paths))]).to(device))
-    except BadData as e:
-        raise ConfigError(str(e))
-    if args['beam'] > 1 and args['temperature'] > 0:
-        raise ConfigError("--beam searches for the likeliest caption and --temperature samples one: choose one")
+    files = checked_images(paths, cfg.image_size, cfg.max_image_pixels)      # as training reads its images
+    images = to_unit_range(torch.stack([files[i] for i in range(len(paths))]).to(device))
     beam = 1 if args['temperature'] > 0 else args['beam'] or cfg.beam
     length_penalty = cfg.length_penalty if args['length_penalty'] < 0 else args['length_penalty']
     torch.manual_seed(args['seed'])
@@ -107,4 +115,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    cli(main, sys.argv[1:], __doc__, f"Flags (--key=value) and their defaults: {FLAGS}")
+    cli(main, sys.argv[1:], __doc__, flags_help(FLAGS))

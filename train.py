@@ -11,6 +11,8 @@ validation, checkpoints), the finish (curves, test metrics). Settings: config.py
 and how it survives faults and signals: runs/.
 """
 
+import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
+
 import contextlib
 import json
 import os
@@ -31,8 +33,8 @@ from pretrained.features import caches_features, use_cached_features
 from pretrained.gpt2 import load_gpt2_into
 from pretrained.vision import pretrained_vision
 from prior_loss import LOSSES, objective
-from reference import ensure_reference, load_reference
-from runs.caches import cache_root, captions_fingerprint, images_fingerprint
+from reference import ensure_reference, load_reference, reference_path
+from runs.caches import cache_root, captions_fingerprint, image_digests, images_fingerprint
 from runs.cli import cli
 from runs.devices import (barrier, device_peak_flops, grad_scaler, precision_context, resolve_device,
                           resolve_precision, setup_processes, to_device, wrap)
@@ -146,6 +148,11 @@ class Job:
     inputs: dict                    # the training captions', images' and reference's digests
     step: int = 0
     saved_step: int = None          # the last checkpoint written (or resumed from)
+    t_start: float = 0.0            # when this part of the run began (a resume is a new part),
+    wall_before: tuple = ()         # and the seconds of the parts before it, up to their last checkpoint
+
+    def wall_parts(self):
+        return [*self.wall_before, time.time() - self.t_start]
 
     def record(self, entry):        # one log.jsonl line (and W&B point)
         append_log(os.path.join(self.cfg.out_dir, 'log.jsonl'), entry)
@@ -161,7 +168,8 @@ class Job:
                          'model_args': vars(self.raw_model.lm.config), 'vocab': self.vocab.state(), 'step': self.step,
                          'data_position': self.step * global_batch(self.cfg, self.world), **self.inputs,
                          'ref_ckpt': self.ref_ckpt,
-                         'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None}},
+                         'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None},
+                         'wall_parts_s': self.wall_parts()},
                         checkpoint_path(self.cfg.out_dir))
         self.saved_step = self.step
 
@@ -183,10 +191,11 @@ def train(cfg, log=print, loss_fn=objective):
         ckpt, cfg = check_resume(cfg, checkpoint_path(cfg.out_dir), global_batch(cfg, world))
         t_start = time.time()
         job = setup(cfg, log, ckpt)
+        job.t_start, job.wall_before = t_start, tuple(ckpt.get('wall_parts_s', ())) if ckpt else ()
         train_loop(job, loss_fn, stopper, ckpt)
         stopper.where = f"after the last step ({checkpoint_path(cfg.out_dir)} is complete; the final " \
                         f"evaluation did not finish)"
-        return finish(job, t_start)
+        return finish(job)
 
 
 def setup(cfg, log, ckpt):
@@ -207,7 +216,7 @@ def setup(cfg, log, ckpt):
     ref_ckpt = ref_probs = vision_ckpt = reference = None
     if LOSSES[cfg.loss].reads_reference or cfg.init_lm == 'ref':
         if ckpt is not None and rank == 0:
-            restore_reference(cfg, train_data)
+            restore_reference(cfg, reference_path(cfg, train_data, vocab))
         ref_ckpt, ref_probs = ensure_reference(cfg, train_data, vocab, device, log, rank == 0,
                                                scored=LOSSES[cfg.loss].reads_reference)
         reference = {k: v for k, v in load_checkpoint(ref_ckpt).items() if k in ('model', 'model_args', 'vocab')}
@@ -218,8 +227,10 @@ def setup(cfg, log, ckpt):
     log(f"model: {cfg.arch.upper()}-LVLM, {parameter_counts(model)}, {model.n_prefix} image tokens")
     scaler = grad_scaler(device, cfg.precision)
     inputs = {'data_fingerprint': captions_fingerprint(train_data), 'image_fingerprint': images_fingerprint(train_data),
-              'reference_sha256': reference and weights_digest(reference['model'])}
-    step = resume(ckpt, model, optimizer, scaler, inputs, log, checkpoint_path(cfg.out_dir), cfg)
+              'eval_image_fingerprint': [images_fingerprint(splits[k]) for k in ('val', 'test')],
+              'reference_sha256': reference and weights_digest(reference['model']),
+              'image_digests': {k: image_digests(v) for k, v in splits.items()}}     # to name what changed
+    step = resume(ckpt, model, optimizer, scaler, inputs, log, checkpoint_path(cfg.out_dir), cfg, splits)
     if caches_features(cfg):
         use_cached_features(splits, model.vision, device, cache_root(cfg), log, rank == 0)   # the resumed weights'
     if rank == 0:
@@ -287,7 +298,7 @@ def train_loop(job, loss_fn, stopper, ckpt):
     report_broken(train_data.images, log)
 
 
-def finish(job, t_start):
+def finish(job):
     """Curves and the test metrics (master), then every process leaves together. Returns the metrics or None."""
     cfg, log, results = job.cfg, job.log, None
     if job.rank == 0:
@@ -303,7 +314,10 @@ def finish(job, t_start):
             log(f'\nsample captions ({how}, test):\n' + evaluation.sample_report(captions, test))
             log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n{evaluation.format_table({cfg.loss: results})}")
         log(f"outputs in {cfg.out_dir}: ckpt.pt, log.jsonl, loss.png" + (', eval_test.json' if cfg.final_eval else ''))
-        log(f"wall time {hms(time.time() - t_start)}")
+        parts = job.wall_parts()
+        job.record({'step': job.step, 'wall_s': sum(parts), 'wall_parts_s': parts})
+        log(f"wall time {hms(sum(parts))}" + (f" over {len(parts)} parts ({', '.join(map(hms, parts))})"
+                                               if len(parts) > 1 else ''))
         if job.tracker:
             job.tracker.finish()
     barrier()                                    # the other processes wait while rank 0 evaluates

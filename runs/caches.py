@@ -7,7 +7,9 @@ was made from) and checked on every read: a torn, foreign or stale cache is neve
 import hashlib
 import json
 import os
+import types
 
+import numpy as np
 import torch
 
 from runs.errors import ConfigError
@@ -24,12 +26,26 @@ def content_key(inputs):
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
 
 
+def recipe(cfg, settings):
+    """The settings a cache's builder reads (`settings`, the cache's one declaration of them), as what the
+    builder gets in place of cfg: reading any other setting there fails at once, so the cache's key, made
+    from vars() of the same object, cannot leave out a setting its content depends on."""
+    return types.SimpleNamespace(**{k: getattr(cfg, k) for k in settings})
+
+
 def captions_fingerprint(data):
-    """sha256 of what a reference cache depends on: a split's token rows (data.CaptionData)."""
-    h = hashlib.sha256()
-    h.update(data.idx.numpy().tobytes())
-    h.update(data.targets.numpy().tobytes())
+    """sha256 of a split's captions by content: each row's GPT-2 token ids and the row length
+    (block_size); never the compact vocabulary's ids, which two vocabularies can give alike."""
+    h = hashlib.sha256(f"block_size {data.block_size}".encode())
+    for tokens in data.gpt2_tokens:
+        row = np.asarray(tokens, dtype=np.int64)
+        h.update(len(row).to_bytes(8, 'little') + row.tobytes())
     return h.hexdigest()
+
+
+def vocab_fingerprint(vocab):
+    """sha256 of a vocabulary (sources.tokenizer.Vocab) by content: the GPT-2 id of each of its ids."""
+    return hashlib.sha256(json.dumps(vocab.gpt2_ids).encode()).hexdigest()
 
 
 def images_fingerprint(data):
@@ -38,6 +54,13 @@ def images_fingerprint(data):
     if isinstance(data.images, torch.Tensor):
         return hashlib.sha256(data.images.numpy().tobytes()).hexdigest()
     return hashlib.sha256(json.dumps([data.images.digests, data.images.size]).encode()).hexdigest()
+
+
+def image_digests(data):
+    """The sha256 of each of a split's image files in order, as bytes (32 per file), or None for images
+    made in memory (shapes: a function of the settings, which a resume checks)."""
+    digests = getattr(data.images, 'digests', None)
+    return None if digests is None else b''.join(bytes.fromhex(d) for d in digests)
 
 
 def commit_cache(manifest_path, files, manifest):

@@ -5,25 +5,21 @@ tokenizer, the vocabulary and the reference file's sha256), and the run folder's
 reference, named in every checkpoint by digest, so that eval.py needs no path that may have moved.
 """
 
-import hashlib
-import json
 import os
 import time
 
 import numpy as np
 
-from runs.caches import cache_root, captions_fingerprint, check_cache, commit_cache, content_key
+from runs.caches import cache_root, captions_fingerprint, check_cache, commit_cache, content_key, vocab_fingerprint
 from runs.errors import ConfigError
 from runs.files import atomic_write, file_sha256, load_checkpoint, weights_digest
 
 
-def default_ref_ckpt(cfg, train):
-    """Where the reference for this data and reference recipe lives unless --ref_ckpt says otherwise."""
-    recipe = [captions_fingerprint(train), cfg.init_lm == 'gpt2' and cfg.gpt2_model, cfg.n_layer, cfg.n_head,
-              cfg.n_embd,
-              cfg.dropout, cfg.ref_max_iters, cfg.ref_learning_rate, cfg.ref_batch_size, cfg.seed,
-              cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio]
-    return os.path.join(cache_root(cfg), 'ref', content_key(recipe), 'ref.pt')
+def default_ref_ckpt(cfg, recipe, train, vocab):
+    """Where the reference for these training captions, vocabulary and `recipe` (runs.caches.recipe of what
+    it is trained with) lives in the cache, unless --ref_ckpt says otherwise."""
+    key = content_key([captions_fingerprint(train), vocab_fingerprint(vocab), vars(recipe)])
+    return os.path.join(cache_root(cfg), 'ref', key, 'ref.pt')
 
 
 def cache_paths(ref_ckpt):
@@ -39,7 +35,7 @@ def write_cache(ref_probs, manifest, ref_ckpt):
 
 def expected_manifest(data, vocab, ref_ckpt):
     return {'data_fingerprint': captions_fingerprint(data), 'tokenizer': 'r50k_base',
-            'vocab_sha256': hashlib.sha256(json.dumps(vocab.gpt2_ids).encode()).hexdigest(),
+            'vocab_sha256': vocab_fingerprint(vocab),
             'ref_sha256': file_sha256(ref_ckpt), 'shape': list(data.targets.shape)}
 
 
@@ -127,9 +123,10 @@ def keep_reference(ref_ckpt, out_dir):
     copy_file(ref_ckpt, os.path.join(out_dir, 'reference.pt'))
 
 
-def restore_reference(cfg, train):
+def restore_reference(cfg, default):
     """A resumed run whose cache folder lacks its reference (the run folder moved, or --cache_dir
-    changed) puts its own copy there instead of training it again (ensure_reference checks it)."""
-    kept, default = os.path.join(cfg.out_dir, 'reference.pt'), default_ref_ckpt(cfg, train)
+    changed) puts its own copy there (`default`, default_ref_ckpt's path) instead of training it again
+    (ensure_reference checks it)."""
+    kept = os.path.join(cfg.out_dir, 'reference.pt')
     if not cfg.ref_ckpt and os.path.isfile(kept) and not os.path.isfile(default):
         copy_file(kept, default)

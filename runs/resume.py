@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 
+from runs.caches import image_digests
 from runs.errors import ConfigError
 from runs.files import load_checkpoint
 
@@ -15,9 +16,11 @@ from runs.files import load_checkpoint
 # The data's and caches' places may move too: what they hold is checked by content.
 RESUMABLE = ('max_iters', 'log_interval', 'eval_interval', 'ckpt_interval', 'final_eval', 'num_workers',
              'device', 'compile', 'out_dir', 'resume', 'wandb_project', 'dataset', 'image_root', 'cache_dir')
-# What a checkpoint records of its inputs, checked on resume: {key: what it is}.
+# What a checkpoint records of its inputs, checked on resume: {key: what it is}. The val and test
+# images too: the val curve and the test metrics would not be those of an uninterrupted run.
 INPUTS = {'data_fingerprint': 'training captions (token rows)', 'image_fingerprint': 'training images',
-          'reference_sha256': 'reference LM'}
+          'eval_image_fingerprint': 'val or test images', 'reference_sha256': 'reference LM'}
+SHOWN = 3                                        # changed image files named in a refusal
 
 
 def check_resume(cfg, ckpt_path, global_batch):
@@ -41,16 +44,18 @@ def check_resume(cfg, ckpt_path, global_batch):
     return ckpt, cfg
 
 
-def resume(ckpt, model, optimizer, scaler, inputs, log, ckpt_path, cfg):
+def resume(ckpt, model, optimizer, scaler, inputs, log, ckpt_path, cfg, splits=None):
     """Load model, optimiser (and loss scaler) from a checked checkpoint (check_resume); returns its step,
-    or 0 for a new run. Refused if the training captions, images or the reference are not the ones it
-    was trained with (`inputs`, as INPUTS): the run would not continue the same computation."""
+    or 0 for a new run. Refused if the training captions, the images of any split (the first few changed
+    files of `splits` named) or the reference are not the ones it was trained with (`inputs`, as INPUTS):
+    the run would not continue the same computation."""
     if ckpt is None:
         return 0
     changed = [what for key, what in INPUTS.items() if key in ckpt and ckpt[key] != inputs[key]]
     if changed:
-        raise ConfigError(f"--resume: the {' and the '.join(changed)} differ from the checkpoint's, so the run "
-                          f"would not continue the same computation; restore them, or start a new out_dir")
+        files = changed_images(ckpt.get('image_digests') or {}, splits or {})
+        raise ConfigError(f"--resume: the {' and the '.join(changed)} differ from the checkpoint's{files}, so the "
+                          f"run would not continue the same computation; restore them, or start a new out_dir")
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     if scaler is not None:
@@ -60,6 +65,25 @@ def resume(ckpt, model, optimizer, scaler, inputs, log, ckpt_path, cfg):
              if k != 'resume' and saved.get(k, getattr(cfg, k)) != getattr(cfg, k)]
     log(f"resumed from {ckpt_path} at step {ckpt['step']}" + (f" ({', '.join(moved)})" if moved else ''))
     return ckpt['step']
+
+
+def changed_images(saved, splits):
+    """' (changed: FILE, ...)', the first SHOWN image files of `splits` whose sha256 differs from the
+    checkpoint's record (`saved`: {split: runs.caches.image_digests}), or '' if it cannot tell."""
+    found, n = [], 0
+    for name, before in saved.items():
+        now = image_digests(splits[name]) if name in splits else None
+        if now is None or before is None:
+            continue
+        if len(now) != len(before):
+            found.append(f"the {name} split has {len(now) // 32} image files, the checkpoint's {len(before) // 32}")
+            n += 1
+            continue
+        differ = [i for i in range(len(now) // 32) if now[32 * i:32 * i + 32] != before[32 * i:32 * i + 32]]
+        found += [splits[name].images.paths[i] for i in differ[:SHOWN]]
+        n += len(differ)
+    more = f" and {n - SHOWN} more" if n > SHOWN else ''
+    return f" (changed: {', '.join(found[:SHOWN])}{more})" if found else ''
 
 
 def restore_rng(ckpt, cuda):

@@ -17,9 +17,7 @@ import torch
 
 from runs.devices import any_process, barrier
 from runs.errors import Diverged, Interrupted
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
+from runs.startup import SIGNALS
 
 class StopOnSignal:
     """Context manager: while inside, SIGTERM and SIGINT stop the run (see above). While `deferring`

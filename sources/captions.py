@@ -103,7 +103,7 @@ def read_jsonl(path, problems):
 
 def _load_json(path):
     try:
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:           # a leading BOM is read past, as in CSV and JSONL
             return json.load(f)
     except UnicodeDecodeError as e:
         raise BadData(f"{path}: not UTF-8 at byte {e.start}")

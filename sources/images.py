@@ -148,12 +148,18 @@ def _decode_each(paths, conn, memory):
             digest = hashlib.sha256(raw).hexdigest()
             decode(path, raw)
             conn.send((i, None, digest))
-        except Exception as e:                   # torchvision's messages start with its C++ source line
-            text = re.sub(r'^\w+, \S+:\d+, ', '', str(e)).strip()
-            if "can't allocate memory" in text or 'bad_alloc' in text or isinstance(e, MemoryError):
-                text = "decoding it needs more memory than max_image_pixels allows (many animation frames?)"
-            conn.send((i, text[:200] or type(e).__name__, digest))
+        except Exception as e:
+            conn.send((i, decode_error(e), digest))
     conn.close()
+
+
+def decode_error(e):
+    """A decoder's exception in a few words: torchvision's messages start with its C++ source line
+    (not the user's business), and running out of the child's memory cap is said plainly."""
+    text = re.sub(r'^\w+, \S+:\d+, ', '', str(e)).strip()
+    if "can't allocate memory" in text or 'bad_alloc' in text or isinstance(e, MemoryError):
+        text = "decoding it needs more memory than max_image_pixels allows (many animation frames?)"
+    return text[:200] or type(e).__name__
 
 
 def undecodable(paths, max_pixels):
@@ -184,6 +190,21 @@ def undecodable(paths, max_pixels):
             done += 1
         start = done
     return problems, digests
+
+
+def checked_images(paths, size, max_pixels):
+    """ImageFiles of image files a user names (sample.py), checked as training checks its data: the
+    header (format, whole, at most max_pixels), then a decode in a child process; BadData naming the
+    first bad file. Each is then read only if its content is still what the check decoded."""
+    for path in paths:
+        problem = image_problem(path, max_pixels)
+        if problem:
+            raise BadData(f"image {path}: {problem[1]}")
+    broken, digests = undecodable(list(dict.fromkeys(paths)), max_pixels)
+    for path in paths:
+        if path in broken:
+            raise BadData(f"image {path} cannot be decoded ({broken[path]})")
+    return ImageFiles(paths, size, [digests[p] for p in paths])
 
 
 def shared_tensor(shape, dtype):
@@ -224,7 +245,8 @@ class ImageFiles:
             image = self.transform(decode(self.paths[i], raw))
         except Exception as e:
             problem = ('was deleted' if isinstance(e, FileNotFoundError) else 'changed' if isinstance(e, ImageChanged)
-                       else f'cannot be read ({e})') + (' since the start-up check' if self.digests else '')
+                       else f'cannot be read ({decode_error(e)})')
+            problem += ' since the start-up check' if self.digests else ''
             if not self.skip_bad:
                 hint = '; restore it or pass --skip_bad=True' if self.digests else ''
                 raise BadData(f"image {self.paths[i]} {problem}{hint}") from None

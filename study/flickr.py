@@ -30,6 +30,7 @@ each kind of added noise (from the noisy captions' reference: it needs no noisy 
 
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import io
 import json
@@ -140,26 +141,48 @@ def finished(config, condition, loss, seed, out_root, runs_dir, extra):
     return record
 
 
+@contextlib.contextmanager
+def timed_part(base, resuming):
+    """The seconds of each part of a run (its start, then each resume), ending with the part run inside:
+    BASE.parts.json records each part's start and end as it goes. A part whose end is missing (the study
+    itself was killed) ended when its log BASE.log was last written. A run started afresh starts the list anew."""
+    path, log = base + '.parts.json', base + '.log'
+    parts = read_json(path) if resuming and os.path.isfile(path) else []
+    parts = [p if p[1] is not None else [p[0], os.path.getmtime(log) if os.path.isfile(log) else p[0]] for p in parts]
+    parts.append([time.time(), None])
+    save = lambda: atomic_write(path, lambda f: f.write(json.dumps(parts).encode()))
+    save()
+    seconds = []
+    try:
+        yield seconds
+    finally:
+        parts[-1][1] = time.time()
+        save()
+        seconds += [end - start for start, end in parts]
+
+
 def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
     record = finished(config, condition, loss, seed, out_root, runs_dir, extra)
     if record:
         return record
     name = run_name(condition, loss, seed)
     out_dir, cmd = os.path.join(out_root, name), command(config, condition, loss, seed, out_root, extra)
-    if os.path.isfile(checkpoint_path(out_dir)):
+    resuming = os.path.isfile(checkpoint_path(out_dir))
+    if resuming:
         cmd.append('--resume=True')
     env = dict(os.environ, PYTHONUNBUFFERED='1', **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
     commit, uncommitted = code_state()
-    t0 = time.time()
     os.makedirs(out_root, exist_ok=True)
-    with open(os.path.join(out_root, name + '.log'), 'w') as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with timed_part(os.path.join(out_root, name), resuming) as parts:
+        with open(os.path.join(out_root, name + '.log'), 'w') as log:
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode:
         raise ConfigError(f"run {name} failed (exit {done.returncode}); see {out_root}/{name}.log")
     with open(os.path.join(out_dir, 'eval_test.json')) as f:
         test = json.load(f)
     record = dict(name=name, condition=condition, loss=loss, seed=seed, command=' '.join(cmd[1:]),
-                  config_sha256=file_sha256(config), wall_s=round(time.time() - t0, 1), test=test,
+                  config_sha256=file_sha256(config), wall_s=round(sum(parts), 1),
+                  wall_parts_s=[round(p, 1) for p in parts], test=test,
                   commit=commit, uncommitted=uncommitted)    # the code as the run started
     atomic_write(os.path.join(runs_dir, name + '.json'), lambda f: f.write(json.dumps(record, indent=1).encode()))
     print(f"{name}: {', '.join(f'{m} {test[m]:.4f}' for m in METRICS)} ({record['wall_s']:.0f} s)", flush=True)
@@ -257,7 +280,8 @@ def summary(records, conditions, losses, config, weights=None):
     commits = ', '.join(f"{c[:7]} ({n} run{'s' * (n > 1)})"
                         for c, n in collections.Counter(r['commit'] for r in records).items())
     lines += [f"{len(records)} runs; wall time {walls[0] / 60:.1f} to {walls[-1] / 60:.1f} min each (a resumed run: "
-              f"its last part; the first run also builds the caches). Commits as the runs started: {commits}. "
+              f"the sum of its parts, listed in its record's wall_parts_s; the first run also builds the caches). "
+              f"Commits as the runs started: {commits}. "
               f"± is the std over seeds; intervals are t-based over the seed pairs; p is the paired t-test's; Holm p "
               f"is corrected across all {len(tests)} tests above; bold: significant after that correction (and which "
               f"side is better)."]

@@ -78,6 +78,18 @@ def test_coco_and_llava_json(tmp_path):
     assert records(folder / 'llava.json', image_root=root) == pairs
 
 
+def test_coco_and_llava_json_with_a_byte_order_mark_read_like_csv_and_jsonl(tmp_path):
+    folder = make_folder(tmp_path)
+    pairs = records(folder)
+    coco = {'images': [{'id': i, 'file_name': f'{i}.jpg'} for i in range(30)],
+            'annotations': [{'image_id': int(os.path.basename(p)[:-4]), 'caption': c} for p, c in pairs]}
+    llava = [{'image': os.path.basename(p), 'conversations': [{'from': 'human', 'value': '<image>'},
+                                                            {'from': 'gpt', 'value': c}]} for p, c in pairs]
+    for name, doc in (('coco.json', coco), ('llava.json', llava)):
+        (folder / name).write_bytes(b'\xef\xbb\xbf' + json.dumps(doc).encode())     # as Windows tools save it
+        assert records(folder / name, image_root=str(folder / 'images')) == pairs
+
+
 def test_splits_keep_all_captions_of_an_image_together(tmp_path):
     cfg = Config(dataset=str(make_folder(tmp_path, n_images=60)), val_frac=0.2, test_frac=0.2, image_size=16)
     splits = load_splits(cfg, log=lambda *a: None)

@@ -132,6 +132,9 @@ def test_resume_extends_a_moved_run_and_refuses_what_changes_the_result(tiny_cfg
     assert lrs[8] == pytest.approx(min_lr)                  # the cosine ended at step 6, as first planned
     ckpt = load_checkpoint(os.path.join(moved, 'ckpt.pt'))
     assert ckpt['step'] == 9 and ckpt['config']['lr_decay_iters'] == 6
+    walls = [r for r in rows if 'wall_s' in r]                  # the total and each part's, not the last part's
+    assert [len(r['wall_parts_s']) for r in walls] == [1, 2] and walls[1]['wall_s'] == sum(walls[1]['wall_parts_s'])
+    assert 0 < walls[1]['wall_parts_s'][0] <= walls[0]['wall_s'] and ' over 2 parts (' in lines[-1]
     with pytest.raises(ConfigError, match=r"would change the result: alpha 1.0 -> 2.0, learning_rate 0.004 -> 0.001 "):
         train_quiet(dataclasses.replace(longer, learning_rate=1e-3, alpha=2.0))
     with pytest.raises(ConfigError, match="no checkpoint"):
@@ -151,6 +154,33 @@ def test_resume_refuses_changed_training_data(tiny_cfg, tmp_path):
     (folder / 'captions.csv').write_text('\n'.join(text))
     with pytest.raises(ConfigError, match=r"the training captions \(token rows\) differ"):
         train_quiet(dataclasses.replace(cfg, resume=True, max_iters=8))
+
+
+@pytest.mark.slow
+def test_a_refused_resume_names_the_changed_images_of_every_split(tiny_cfg, tmp_path):
+    from data import load_splits
+    from test_captions import make_folder, write_image
+    folder = make_folder(tmp_path, n_images=40)
+    cfg = dataclasses.replace(tiny_cfg, dataset=str(folder), image_size=16, val_frac=0.25, test_frac=0.25,
+                              block_size=24, final_eval=False, loss='ntp', init_lm='scratch')
+    train_quiet(cfg)
+    splits = load_splits(cfg, log=lambda *a: None)
+    paths = {name: sorted(set(split.images.paths)) for name, split in splits.items()}
+    again = dataclasses.replace(cfg, resume=True, max_iters=8)
+    for split, n in (('train', 5), ('val', 1), ('test', 1)):
+        saved = {p: open(p, 'rb').read() for p in paths[split][:n]}
+        for k, path in enumerate(saved):
+            write_image(path, 1000 + k)                            # other pixels, still a good JPEG
+        with pytest.raises(ConfigError) as e:
+            train_quiet(again)
+        what = 'training images' if split == 'train' else 'val or test images'
+        assert what in str(e.value) and '\n' not in str(e.value), str(e.value)
+        named = [p for p in saved if p in str(e.value)]
+        assert len(named) == min(n, 3) and (n <= 3 or f'and {n - 3} more' in str(e.value)), str(e.value)
+        for path, content in saved.items():
+            open(path, 'wb').write(content)
+    _, lines = train_quiet(again)                                  # restored: it resumes
+    assert any('resumed from' in line for line in lines)
 
 
 # ---- checkpoints and eval ----

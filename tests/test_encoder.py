@@ -50,7 +50,7 @@ def test_clip_pretraining_learns_and_is_cached(shapes_h):
     vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, 0.0)
     encoder.load_encoder_into(vit, path)                            # the LVLM's ViT takes its weights
     other = dataclasses.replace(cfg, enc_max_iters=31)             # another recipe, another encoder
-    assert encoder.default_vision_ckpt(other, splits['train']) != path
+    assert encoder.default_vision_ckpt(other, splits['train'], vocab) != path
 
 
 def test_word_targets_are_each_images_share_of_captions_using_each_word(shapes_h):
@@ -94,7 +94,7 @@ def test_word_pretraining_learns_and_is_cached_apart_from_clip(shapes_h):
     report = [line for line in logs if 'val word loss' in line][0]
     val_loss, alone = float(report.split('loss ')[1].split()[0]), float(report.rstrip(')').split()[-1])
     assert val_loss < alone                                         # it sees shapes and colours in val images
-    assert path != encoder.default_vision_ckpt(dataclasses.replace(cfg, init_vision='clip'), splits['train'])
+    assert path != encoder.default_vision_ckpt(dataclasses.replace(cfg, init_vision='clip'), splits['train'], vocab)
     vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, 0.0)
     encoder.load_encoder_into(vit, path)
 

@@ -114,6 +114,24 @@ def test_under_torchrun_every_rank_stops_after_the_same_step(tiny_cfg, tmp_path)
     assert 'stopped by a signal to another process' in err        # rank 0 stopped because rank 1 was told
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('script', ['train.py', 'eval.py', 'sample.py'])
+def test_a_signal_during_start_up_ends_in_one_line(tiny_cfg, tmp_path, script):
+    """Ctrl-C or SIGTERM while the imports load, while the settings are read or as set-up begins."""
+    args = flags(tiny_cfg, max_iters=40) if script == 'train.py' else [f'--ckpt={tmp_path}/none.pt']
+    for sig, delay in ((signal.SIGINT, 0.3), (signal.SIGTERM, 0.3), (signal.SIGTERM, 1.5), (signal.SIGINT, 3.0)):
+        proc = subprocess.Popen([sys.executable, script] + args + [f'--out_dir={tmp_path / sig.name}'] * (
+            script == 'train.py'), cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, sig)
+        status, err = proc.wait(timeout=60), proc.stderr.read()
+        if script != 'train.py' and err == f"error: --ckpt: no checkpoint at {tmp_path}/none.pt\n":
+            continue                                         # it ended first, naming the missing checkpoint
+        assert status == Interrupted.status and err.count('\n') == 1, (sig, delay, status, err)
+        assert err.startswith(f'error: stopped by {sig.name}'), err
+
+
 def test_a_signal_during_a_checkpoint_write_keeps_a_loadable_checkpoint(tiny_cfg, monkeypatch):
     import runs.files as checkpoint
     real_save, saves = checkpoint.torch.save, []
@@ -264,10 +282,6 @@ def test_eval_refuses_another_kind_or_vocabulary_and_names_outputs_apart(tiny_cf
     train(other, **quiet)
     with pytest.raises(ConfigError, match='another vocabulary'):
         evaluation.main([f'--ckpt={ckpt}', f'--ref_ckpt={other.ref_ckpt}'])
-    with pytest.raises(ConfigError, match='--n_generate must be >= 0'):
-        evaluation.main([f'--ckpt={ckpt}', '--n_generate=-1'])
-    with pytest.raises(ConfigError, match='--beam must be >= 1'):
-        evaluation.main([f'--ckpt={ckpt}', '--beam=-2'])
     a, b = (evaluation.output_path(ckpt, str(tmp_path / d / 'flickr'), 'test', 6) for d in ('x', 'y'))
     assert a != b and os.path.basename(a).startswith('eval_flickr-')
 
@@ -409,6 +423,36 @@ def one_line_error(capsys, argv, main=None):
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and err.startswith('error: '), err
     return e.value.code, err
+
+
+def test_under_torchrun_an_error_is_printed_once_with_the_rank_where_it_happened(capsys, monkeypatch, tmp_path):
+    from runs.cli import cli
+
+    def fails(message):
+        def main(argv):
+            raise ConfigError(message)
+        return main
+    import runs.errors
+    monkeypatch.setattr(runs.errors.time, 'sleep', lambda s: None)
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', f'test-{tmp_path.name}')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    printed = []
+    for rank, message in ((0, 'the same on every rank'), (1, 'the same on every rank'), (1, 'on rank 1 alone')):
+        monkeypatch.setenv('RANK', str(rank))
+        with pytest.raises(SystemExit) as e:
+            cli(fails(message), [], '')
+        assert e.value.code == 2
+        printed.append(capsys.readouterr().err)
+    assert printed == ['error: the same on every rank (rank 0 of 2)\n', '', 'error: on rank 1 alone (rank 1 of 2)\n']
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_settings_mistake_is_one_line(tiny_cfg, tmp_path):
+    proc = start(flags(tiny_cfg, out_dir=tmp_path / 'run') + ['--alpha=-1'], nproc=2)
+    proc.wait(timeout=120)
+    lines = [line for line in proc.stderr.read().splitlines() if 'error' in line and 'alpha' in line]
+    assert len(lines) == 1 and '(rank 0 of 2)' in lines[0], lines
+    assert lines[0].startswith("error: config key 'alpha' must be >= 0"), lines
 
 
 @pytest.mark.parametrize('source, says', [(b'alpha = (1,\n', 'line 1: '),

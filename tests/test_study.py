@@ -208,3 +208,43 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     assert margin.returncode == 0, margin.stderr[-2000:]
     r1 = float(margin.stdout.split('R@1 ')[1].split(';')[0])   # the same candidates as eval's retrieval
     assert math.isfinite(record['test']['retrieval_r1']) and r1 == pytest.approx(record['test']['retrieval_r1'], abs=1e-3)
+
+
+def test_a_resumed_flickr_runs_wall_time_is_the_sum_of_its_parts(tmp_path, monkeypatch):
+    """A run stopped (a failed part), stopped again with the study itself killed (no end recorded), then
+    finished: its record's wall_s is the total and wall_parts_s each part, not its last part alone."""
+    import time
+    from study import flickr
+    config = tmp_path / 'c.py'
+    config.write_text('max_iters = 5\n')
+    out_root, runs_dir = tmp_path / 'out', tmp_path / 'runs'
+    name = flickr.run_name('full', 'ntp', 1)
+    parts = iter([(0.3, 1, False), (0.2, None, True), (0.1, 0, True)])      # (seconds, exit status, resumed)
+
+    def fake_train(cmd, stdout, **kw):
+        seconds, status, resumed = next(parts)
+        assert ('--resume=True' in cmd) == resumed
+        os.makedirs(out_root / name, exist_ok=True)
+        open(out_root / name / 'ckpt.pt', 'w').close()
+        time.sleep(seconds)
+        stdout.write('step\n')
+        stdout.flush()
+        if status is None:
+            raise KeyboardInterrupt                 # the study killed mid-part: its end is the log's last write
+        if status == 0:
+            (out_root / name / 'eval_test.json').write_text(json.dumps(dict.fromkeys(flickr.METRICS, 0.5)))
+        return subprocess.CompletedProcess(cmd, status)
+    monkeypatch.setattr(flickr.subprocess, 'run', fake_train)
+    monkeypatch.setattr(flickr, 'code_state', lambda: ('0' * 40, False))
+    args = (str(config), 'full', 'ntp', 1, str(out_root), str(runs_dir), 1, [])
+    with pytest.raises(ConfigError, match='failed'):
+        flickr.run(*args)
+    with pytest.raises(KeyboardInterrupt):
+        flickr.run(*args)
+    parts_file = out_root / f'{name}.parts.json'
+    record = json.loads(parts_file.read_text())
+    record[-1][1] = None                            # as a SIGKILL of the study would leave it
+    parts_file.write_text(json.dumps(record))
+    record = flickr.run(*args)
+    assert len(record['wall_parts_s']) == 3 and record['wall_s'] == pytest.approx(sum(record['wall_parts_s']), abs=0.2)
+    assert record['wall_parts_s'][0] >= 0.3 and record['wall_parts_s'][1] >= 0.2 and record['wall_s'] >= 0.6
