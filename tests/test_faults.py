@@ -459,6 +459,23 @@ def test_checkpoints_name_the_reference_they_keep_once(tiny_cfg, tmp_path):
     assert json_out['n_captions'] == 2
 
 
+def test_a_resume_with_a_changed_reference_is_refused(tiny_cfg):
+    """The same ref_ckpt path holding another reference (retrained, edited): PRIOR would weigh the
+    rest of the run by other scores, so the resume is refused, naming the reference."""
+    from data import load_splits, make_vocab
+    from reference import load_reference, save_reference
+    cfg = dataclasses.replace(tiny_cfg, max_iters=2, final_eval=False)
+    train(cfg, **quiet)
+    ref, _, _ = load_reference(cfg.ref_ckpt, 'cpu')
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(1.01)
+    captions = load_splits(cfg, names=('train',))['train']
+    vocab = make_vocab(cfg, captions)
+    save_reference(ref, vocab, cfg, captions.encode(vocab), cfg.ref_ckpt)
+    with pytest.raises(ConfigError, match="the reference LM differ from the checkpoint's"):
+        train(dataclasses.replace(cfg, resume=True, max_iters=4), **quiet)
+
+
 def test_a_damaged_feature_cache_is_computed_anew(tiny_cfg):
     from data import load_splits, make_vocab
     from pretrained.features import use_cached_features
