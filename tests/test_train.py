@@ -125,6 +125,13 @@ def test_ddp_two_processes_match_one_process(tiny_cfg, tmp_path):
     assert a[0][1] == pytest.approx(b[0][1], rel=1e-6)             # same data, same init
     for (_, la), (_, lb) in zip(a, b):
         assert la == pytest.approx(lb, rel=1e-4)
+    # AdamW and clipping would hide a gradient scaled by a constant (DDP's average over processes not
+    # undone): the gradient norm shows it, and the final weights are the same
+    norms = [[r['grad_norm'] for r in map(json.loads, open(d / 'log.jsonl')) if 'grad_norm' in r] for d in (one, two)]
+    assert len(norms[0]) == 4 and norms[0] == pytest.approx(norms[1], rel=1e-4)
+    final = [load_checkpoint(str(d / 'ckpt.pt'))['model'] for d in (one, two)]
+    for k in final[0]:
+        torch.testing.assert_close(final[1][k], final[0][k], rtol=1e-4, atol=1e-5)
     assert sorted(os.listdir(two)) == ['ckpt.pt', 'log.jsonl', 'loss.png', 'reference.pt']   # rank 0 wrote, once
 
 
