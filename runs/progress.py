@@ -80,7 +80,8 @@ class Throughput:
         mem = peak_memory(self.cuda) / 2 ** 20
         line = (f"iter {self.progress.line(step)}: loss {loss:.4f}, lr {lr:.2e}, {1000 * dt / self.iters:.0f} ms/iter, "
                 f"{self.tokens * self.world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%, peak mem {mem:,.0f} MiB")
-        record = {'step': step, 'train_loss': loss, 'grad_norm': grad_norm, 'lr': lr, 'ms_per_iter': 1000 * dt / self.iters, 'mfu': mfu,
+        record = {'step': step, 'train_loss': loss, 'grad_norm': grad_norm, 'lr': lr,
+                  'ms_per_iter': 1000 * dt / self.iters, 'mfu': mfu,
                   'peak_mem_mib': mem}
         self.restart()
         return line, record

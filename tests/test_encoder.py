@@ -256,7 +256,8 @@ def test_sample_greedy_caption_and_weights_are_evals(tiny_cfg, tmp_path, capsys)
     text = 'a photo of one red circle in the north.'
     sample.main([f'--ckpt={ckpt}', str(tmp_path / 'photo.png'), f'--weights={text}', f'--ref_ckpt={ref_path}'])
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"{tmp_path / 'photo.png'}: " + evaluation.generate_captions(model, splits['test'], vocab, [0], 'cpu')[0]
+    greedy = evaluation.generate_captions(model, splits['test'], vocab, [0], 'cpu')[0]
+    assert out[0] == f"{tmp_path / 'photo.png'}: {greedy}"
     tokens = sample.get_tokenizer().encode_ordinary(text)
     k = len(tokens) + 1                                                       # and the closing EOT
     data = CaptionData(image[None], torch.tensor([0]), [text], [tokens], [np.zeros(k)], [np.full(k - 1, -1)],
