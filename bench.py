@@ -136,7 +136,7 @@ class Bench:
         spent, batches, ref_probs_of = self.timed(variant)
         self.sync()
         t0 = time.perf_counter()
-        _, _, flops, tokens = train_step(self.cfg, self.model, self.raw_model, self.optimizer, self.train, batches, it,
+        _, _, _, flops, tokens = train_step(self.cfg, self.model, self.raw_model, self.optimizer, self.train, batches, it,
                                          ref_probs_of, device=self.device, ctx=self.ctx, scaler=self.scaler)
         self.sync()
         return dict(s=time.perf_counter() - t0, data=spent['data'] + spent['lookup'], lookup=spent['lookup'],

@@ -20,6 +20,9 @@ Teacher-forced metrics (one forward pass over every caption):
   acc_count, acc_colour, acc_shape, acc_position at each attribute word, is the true value
                                                  the likeliest among all values of that
                                                  attribute, given the image? (chance 1/n)
+                                                 A tie is wrong, so a value the vocabulary
+                                                 cannot write (it shares the unknown id
+                                                 with another) is never right.
   attr_acc                                       mean of the four attribute accuracies
 Free-running metrics (a generated caption per image, parsed back into (colour, shape, position) objects):
   hallucination   share of described objects that are not in the image
@@ -76,7 +79,9 @@ def forward_batches(model, data, rows, device, ctx=None, batch_size=128):
 
 
 def teacher_forced_metrics(model, data, vocab, rows, device, ctx=None):
-    """Per-class NLL and attribute accuracies over data[rows], in one pass."""
+    """Per-class NLL and attribute accuracies over data[rows], in one pass. An attribute word is right
+    when its value scores strictly above every other value of that attribute: argmax would break a
+    tie by the order of the values, and values missing from the vocabulary all tie at the unknown id."""
     value_ids = [v.to(device) for v in attribute_value_ids(vocab)]
     nll_sum, nll_n = torch.zeros(len(CLASS_NAMES) + 1), torch.zeros(len(CLASS_NAMES) + 1)
     hits, seen = torch.zeros(len(ATTR_NAMES)), torch.zeros(len(ATTR_NAMES))
@@ -95,7 +100,8 @@ def teacher_forced_metrics(model, data, vocab, rows, device, ctx=None):
             if m.any():
                 scores = logits[m][:, ids].float()                    # [n, n_values]
                 truth = (targets[m][:, None] == ids[None]).float().argmax(-1)
-                hits[a] += (scores.argmax(-1) == truth).sum().item()
+                rival = scores.scatter(1, truth[:, None], -math.inf).max(-1).values
+                hits[a] += (scores.gather(1, truth[:, None]).squeeze(1) > rival).sum().item()   # a tie is wrong
                 seen[a] += m.sum().item()
     out = {'loss': (nll_sum[-1] / nll_n[-1].clamp(min=1)).item()}
     for c, name in enumerate(CLASS_NAMES):
@@ -165,13 +171,23 @@ def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0
     for rows, same_image in candidates:
         images, idx, targets, _ = data.batch(rows, device, same_image)
         with torch.no_grad(), ctx or contextlib.nullcontext():
-            nll = token_nll(model(images, idx), targets).sum(1).cpu()
-        ranks.append(rank_of_first(-(nll / (targets != IGNORE).sum(1).cpu())))
-        if ref_probs is not None:
-            ratio_ranks.append(rank_of_first(-nll + reference_nll(ref_probs[rows], data.targets[rows])))
+            nll = token_nll(model(images, idx), targets).cpu()
+        plain, ratio = retrieval_scores(nll, targets.cpu(), None if ref_probs is None else ref_probs[rows])
+        ranks.append(rank_of_first(plain))
+        if ratio is not None:
+            ratio_ranks.append(rank_of_first(ratio))
     model.train(was_training)
     return {'retrieval_images': len(candidates), 'retrieval_candidates': n_candidates,
             **recall_at(ranks, 'retrieval'), **recall_at(ratio_ranks, 'retrieval_ratio')}
+
+
+def retrieval_scores(nll, targets, ref_probs=None):
+    """Scores of candidate captions (higher ranks first) from their per-token NLL [n,T] given the image:
+    minus the mean NLL per token, and (given P_r [n,T] of their tokens) the likelihood ratio
+    log p(c | image) - log P_r(c), or None."""
+    caption_nll = nll.sum(1)
+    plain = -caption_nll / (targets != IGNORE).sum(1)
+    return plain, None if ref_probs is None else -caption_nll + reference_nll(ref_probs, targets)
 
 
 def reference_nll(probs, targets):

@@ -88,8 +88,9 @@ def target_weights_source(cfg, ref_probs, device):
 def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_of, loss_fn=objective,
                device='cpu', ctx=contextlib.nullcontext(), world=1, scaler=None):
     """One iteration: cfg.grad_accum micro-batches, then one clipped AdamW update (loss-scaled under fp16).
-    Returns (the step's loss as a device tensor, lr, FLOPs, tokens) of this process; the loss is NaN if the
-    gradient was not finite (fp16's GradScaler skips such steps). Nothing here waits for the device."""
+    Returns (the step's loss and the gradient norm before clipping, as device tensors, lr, FLOPs, tokens)
+    of this process; the loss is NaN if the gradient was not finite (fp16's GradScaler skips such steps).
+    Nothing here waits for the device."""
     lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
     set_lr(optimizer, lr)
     # Every micro-batch divides by the caption tokens of the whole step, so the step's loss
@@ -115,7 +116,7 @@ def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_
     grad_norm = optimizer_step(raw_model, optimizer, cfg.grad_clip, scaler)
     if scaler is None:
         loss_sum = torch.where(torch.isfinite(grad_norm), loss_sum, torch.nan)
-    return loss_sum, lr, flops, tokens
+    return loss_sum, grad_norm, lr, flops, tokens
 
 
 def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
@@ -265,9 +266,9 @@ def train_loop(job, loss_fn, stopper, ckpt):
     stopper.deferring = True                     # from here a signal ends the run after the step in progress
     stopper.where = f"a second time, at once ({ckpt_path} is the last checkpoint written)"
     while job.step < cfg.max_iters:
-        loss_sum, lr, flops, tokens = train_step(cfg, job.model, job.raw_model, job.optimizer, train_data, batches,
-                                                 job.step, ref_probs_of, loss_fn, device, job.ctx, job.world,
-                                                 job.scaler)
+        loss_sum, grad_norm, lr, flops, tokens = train_step(cfg, job.model, job.raw_model, job.optimizer, train_data,
+                                                            batches, job.step, ref_probs_of, loss_fn, device, job.ctx,
+                                                            job.world, job.scaler)
         job.step += 1
         meter.add(flops, tokens)
         guard.note(loss_sum, job.step)
@@ -276,7 +277,7 @@ def train_loop(job, loss_fn, stopper, ckpt):
                 dist.all_reduce(loss_sum)        # the processes' parts of the step's loss
             loss_val = loss_sum.item()           # syncs the device, so the timing is real
             guard.check(job.saved_step, ckpt_path)
-            line, entry = meter.report(job.step, loss_val, lr)
+            line, entry = meter.report(job.step, loss_val, lr, grad_norm.item())
             log(line)
             if job.rank == 0:
                 job.record(entry)

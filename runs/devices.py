@@ -108,7 +108,8 @@ def device_peak_flops(device, observed=0.0):
         known = [k for k in GPU_PEAK_FLOPS if k in name]
         return GPU_PEAK_FLOPS[max(known, key=len)] if known else None      # 'L40S' over 'L4'
     if 'cpu' not in _cpu_peak:
-        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        g = torch.Generator().manual_seed(0)     # not the global RNG: every run in a process draws the same
+        a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
         a @ b                                    # warm up the BLAS threads first
         best = float('inf')
         for _ in range(10):

