@@ -1,5 +1,6 @@
 """
-Speed and memory of one training step: NTP and PRIOR side by side, in one process.
+Speed and memory of one training step: NTP and PRIOR side by side, in one process; then what the
+reference costs elsewhere (scoring the captions once, and decoding with --debias).
 
     python bench.py                                    # the default config on this machine
     python bench.py configs/shapes_h.py --bench_iters=50
@@ -10,7 +11,9 @@ Three variants of train.py's step, on one model and optimiser, fed the same batc
   cached  PRIOR reading P_r from a memory-mapped [N, T] array, as train.py reads its cache
   online  PRIOR running the text-only reference GPT inside the step (no grad) for P_r
 The variants take turns every iteration, so a machine that gets busier or quieter mid-run
-shifts all three alike, and each figure is the median over the timed iterations.
+shifts all three alike, and each figure is the median over the timed iterations. Decoding is
+timed the same way: plain and debiased (the reference beside the LVLM, reference.Debias) in
+turns, greedy and with beam search of the config's beam (at least 2), on the val images.
 
 It prints figures and asserts nothing. Speed does not depend on weight values, so the LM
 starts from scratch, the reference is a fresh GPT and the cached P_r are random: nothing
@@ -37,7 +40,8 @@ import torch
 from config import load_config, settings_help
 from data import global_batch, load_splits, make_loader, make_vocab, micro_batches
 from model import GPT, gpt_config
-from reference import score_captions, target_probs
+from decoding.generate import generate
+from reference import DEBIAS_MIN_WEIGHT, Debias, score_captions, target_probs
 from runs.cli import Flag, cli, flags_help, parse_flags
 from runs.devices import (device_peak_flops, grad_scaler, peak_memory, precision_context, reset_peak_memory,
                           resolve_device, resolve_precision, to_device)
@@ -186,6 +190,32 @@ def scoring_speed(bench):
           f"captions/s ({len(val)} captions, fp32)")
 
 
+@torch.no_grad()
+def decoding_speed(bench, n_images=64, repeats=3):
+    """Captions per second of plain and debiased decoding, greedy and beam search, and their ratio (pairs
+    of turns on the same images). Weights are random, so captions may stop early or run to the limit:
+    both variants write the same number of steps only in expectation, hence the paired medians."""
+    val, model = bench.splits['val'], bench.raw_model.eval()
+    rows = torch.arange(min(n_images, len(val)))
+    images = val.batch(rows, bench.device)[0]
+    fix = Debias(bench.ref, bench.cfg.alpha, bench.cfg.weight_floor, DEBIAS_MIN_WEIGHT)
+    for beam in (1, max(2, bench.cfg.beam)):
+        seconds = {False: [], True: []}
+        for it in range(repeats + 1):
+            for debiased in (False, True):
+                bench.sync()
+                t0 = time.perf_counter()
+                with bench.ctx:
+                    generate(model, images, bench.vocab.eot, bench.vocab.eot, bench.cfg.block_size, beam=beam,
+                             debias=fix if debiased else None)
+                bench.sync()
+                if it:                                   # the first turn warms up
+                    seconds[debiased].append(time.perf_counter() - t0)
+        ratio = statistics.median(b / a for a, b in zip(seconds[False], seconds[True]))
+        print(f"decoding, beam {beam} ({len(rows)} val images): plain {len(rows) / statistics.median(seconds[False]):,.1f} "
+              f"captions/s, debiased {len(rows) / statistics.median(seconds[True]):,.1f}; debiased/plain time {ratio:.2f}")
+
+
 def main(argv):
     flags, cfg = parse_args(argv)
     n_iters = flags['bench_warmup'] + flags['bench_iters']
@@ -201,6 +231,7 @@ def main(argv):
                 timings[v].append(r)
     report(bench, timings, mem, flags['bench_iters'], flags['bench_warmup'])
     scoring_speed(bench)
+    decoding_speed(bench)
     bench.tmp.cleanup()
 
 

@@ -45,13 +45,13 @@ import torch
 from config import from_dict
 from data import load_splits
 from decoding.generate import generate
-from metrics.caption_scores import bleu, cider_d, words
+from metrics.caption_scores import caption_scores, rows_by_image
 from metrics.objects import attribute_value_ids, caption_metrics
 from metrics.retrieval import rank_of_first, recall_at, retrieval_candidates
 from model import LVLM, GPTConfig
 from pretrained.features import caches_features, use_cached_features
 from prior_loss import IGNORE, token_nll, token_weights
-from reference import reference_from, score_captions
+from reference import DEBIAS_MIN_WEIGHT, debias_for, reference_from, score_captions
 from runs.caches import cache_root
 from runs.cli import Flag, cli, flags_help, parse_flags
 from runs.devices import precision_context, resolve_device
@@ -64,7 +64,13 @@ from sources.tokenizer import Vocab
 
 
 
-def forward_batches(model, data, rows, device, ctx=None, batch_size=128):
+def caption_logits(model, images, idx, debias=None):
+    """The LVLM's next-token logits [B,T,V]; with `debias` (reference.Debias), its corrected
+    log-probabilities, which every metric below reads as it reads logits."""
+    return model(images, idx) if debias is None else debias.scores(model, images, idx)
+
+
+def forward_batches(model, data, rows, device, ctx=None, batch_size=128, debias=None):
     """Teacher-forced passes over data[rows]: yields (row batch, logits, targets, classes)."""
     was_training = model.training
     model.eval()
@@ -73,19 +79,19 @@ def forward_batches(model, data, rows, device, ctx=None, batch_size=128):
             sel = rows[start:start + batch_size]
             images, idx, targets, classes = data.batch(sel, device)
             with ctx or contextlib.nullcontext():
-                logits = model(images, idx)
+                logits = caption_logits(model, images, idx, debias)
             yield sel, logits, targets, classes
     model.train(was_training)
 
 
-def teacher_forced_metrics(model, data, vocab, rows, device, ctx=None):
+def teacher_forced_metrics(model, data, vocab, rows, device, ctx=None, debias=None):
     """Per-class NLL and attribute accuracies over data[rows], in one pass. An attribute word is right
     when its value scores strictly above every other value of that attribute: argmax would break a
     tie by the order of the values, and values missing from the vocabulary all tie at the unknown id."""
     value_ids = [v.to(device) for v in attribute_value_ids(vocab)]
     nll_sum, nll_n = torch.zeros(len(CLASS_NAMES) + 1), torch.zeros(len(CLASS_NAMES) + 1)
     hits, seen = torch.zeros(len(ATTR_NAMES)), torch.zeros(len(ATTR_NAMES))
-    for sel, logits, targets, classes in forward_batches(model, data, rows, device, ctx):
+    for sel, logits, targets, classes in forward_batches(model, data, rows, device, ctx, debias=debias):
         attrs = data.attrs[sel].to(device)
         nll = token_nll(logits, targets)
         mask = targets != IGNORE
@@ -113,10 +119,10 @@ def teacher_forced_metrics(model, data, vocab, rows, device, ctx=None):
     return out
 
 
-def caption_nlls(model, data, rows, device, ctx=None):
+def caption_nlls(model, data, rows, device, ctx=None, debias=None):
     """Per-token NLL [len(rows), T] (0 where ignored)."""
     return torch.cat([token_nll(logits, targets).cpu()
-                      for _, logits, targets, _ in forward_batches(model, data, rows, device, ctx)])
+                      for _, logits, targets, _ in forward_batches(model, data, rows, device, ctx, debias=debias)])
 
 
 def reference_probs(reference, data, device):
@@ -141,19 +147,20 @@ def top_weight_loss(nll, data, ref_probs):
 
 
 @torch.no_grad()
-def generate_captions(model, data, vocab, rows, device, beam=1, length_penalty=0.0, batch_size=128):
+def generate_captions(model, data, vocab, rows, device, beam=1, length_penalty=0.0, batch_size=128, debias=None):
     """One caption for each of data[rows]' images: greedy, or by beam search (decoding/generate.py)."""
     model.eval()
     out = []
     for start in range(0, len(rows), batch_size):
         images = data.batch(rows[start:start + batch_size], device)[0]
         for ids in generate(model, images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=data.block_size,
-                            beam=beam, length_penalty=length_penalty):
+                            beam=beam, length_penalty=length_penalty, debias=debias):
             out.append(vocab.decode(ids[:ids.index(vocab.eot)] if vocab.eot in ids else ids))
     return out
 
 
-def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0, ctx=None, ref_probs=None):
+def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0, ctx=None, ref_probs=None,
+                      debias=None):
     """For each of n_images images, rank its caption among n_candidates (the true one and
     captions of other images; chance R@1 is 1/n_candidates; metrics/retrieval.py) in two ways:
       retrieval_r1/r5              by the LVLM's mean per-token NLL given the image (length-normalised,
@@ -171,7 +178,7 @@ def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0
     for rows, same_image in candidates:
         images, idx, targets, _ = data.batch(rows, device, same_image)
         with torch.no_grad(), ctx or contextlib.nullcontext():
-            nll = token_nll(model(images, idx), targets).cpu()
+            nll = token_nll(caption_logits(model, images, idx, debias), targets).cpu()
         plain, ratio = retrieval_scores(nll, targets.cpu(), None if ref_probs is None else ref_probs[rows])
         ranks.append(rank_of_first(plain))
         if ratio is not None:
@@ -195,49 +202,30 @@ def reference_nll(probs, targets):
     return -(probs.clamp(min=1e-30).log() * (targets != IGNORE)).sum(1)
 
 
-def rows_by_image(data):
-    """Each image's caption rows, images in order of first appearance."""
-    out = {}
-    for row, img in enumerate(data.image_index.tolist()):
-        out.setdefault(img, []).append(row)
-    return out
-
-
-def caption_refs(data, rows):
-    """The references of a caption scored against its image: the words of every caption of each row's image."""
-    by_image = rows_by_image(data)
-    return [[words(data.texts[r]) for r in by_image[int(data.image_index[row])]] for row in rows]
-
-
-def evaluate(model, data, vocab, device, n_generate=0, ctx=None, reference=None, beam=1, length_penalty=0.0):
+def evaluate(model, data, vocab, device, n_generate=0, ctx=None, reference=None, beam=1, length_penalty=0.0,
+             debias=None):
     """All metrics of a split, and the generated captions as (row, text) pairs: one caption for each
-    image (n_generate > 0: the first n_generate only), greedy or by beam search. Shapes: teacher-forced
+    image (n_generate > 0: the first n_generate only), greedy or by beam search; with `debias`
+    (reference.Debias), every metric of the corrected model. Shapes: teacher-forced
     metrics on every caption, and the objects the captions describe. Data on disk: caption loss, loss
     on the top-weighted quarter and retrieval by likelihood ratio (both need `reference`, a reference
     checkpoint's dict), retrieval by likelihood, and the captions' scores (caption_scores)."""
     rows = torch.arange(len(data))
     gen_rows = torch.tensor([r[0] for r in rows_by_image(data).values()])[:n_generate or None]
-    captions = generate_captions(model, data, vocab, gen_rows, device, beam, length_penalty)
+    captions = generate_captions(model, data, vocab, gen_rows, device, beam, length_penalty, debias=debias)
     if data.objects is None:
-        nll = caption_nlls(model, data, rows, device, ctx)
+        nll = caption_nlls(model, data, rows, device, ctx, debias)
         ref_probs = reference_probs(reference, data, device) if reference else None
         metrics = {'loss': (nll.sum() / (data.targets != IGNORE).sum()).item()}
         metrics['loss_top_weight'] = top_weight_loss(nll, data, ref_probs) if reference else float('nan')
-        metrics.update(retrieval_metrics(model, data, device, ctx=ctx, ref_probs=ref_probs))
+        metrics.update(retrieval_metrics(model, data, device, ctx=ctx, ref_probs=ref_probs, debias=debias))
         metrics.update(caption_scores(captions, data, gen_rows))
     else:
-        metrics = teacher_forced_metrics(model, data, vocab, rows, device, ctx=ctx)
+        metrics = teacher_forced_metrics(model, data, vocab, rows, device, ctx=ctx, debias=debias)
         metrics.update(caption_metrics(captions, [data.objects[i] for i in gen_rows.tolist()]))
-    metrics.update(n_captions=len(rows), n_generated=len(gen_rows), beam=beam, length_penalty=length_penalty)
+    metrics.update(n_captions=len(rows), n_generated=len(gen_rows), beam=beam, length_penalty=length_penalty,
+                   **({'debias_min_weight': debias.min_weight} if debias else {}))
     return metrics, list(zip(gen_rows.tolist(), captions))
-
-
-def caption_scores(captions, data, rows):
-    """BLEU-1..4 and CIDEr-D of captions[i], written for the image of data's row rows[i], against all of
-    that image's captions; and `distinct`, the share of different captions (1/n: one whatever the image)."""
-    hyps, refs = [words(c) for c in captions], caption_refs(data, rows.tolist())
-    out = {f'bleu{n}': b for n, b in enumerate(bleu(hyps, refs), start=1)}
-    return {**out, 'cider': cider_d(hyps, refs), 'distinct': len(set(captions)) / len(captions)}
 
 
 TABLE_KEYS = ('loss', 'loss_relevant', 'loss_filler', 'loss_noise', 'attr_acc', 'acc_count', 'acc_colour',
@@ -314,15 +302,19 @@ FLAGS = {'ckpt': Flag('out/shapes_u/ckpt.pt', help='a train.py checkpoint (works
          'skip_bad': Flag(False, help='with --dataset: skip and count bad entries'),
          'out': Flag('', help='the JSON to write (default: eval_<split>_step<N>.json beside the checkpoint)'),
          'ref_ckpt': Flag('', help='a reference LM for loss_top_weight and retrieval_ratio (an NTP run from scratch '
-                                   'carries none)')}
+                                   'carries none)'),
+         'debias': Flag(False, help="divide PRIOR's tilt out of the model with the run's own reference (a loss=prior "
+                                    "or prior_batch run; docs/beyond-prior.md)"),
+         'debias_min_weight': Flag(DEBIAS_MIN_WEIGHT, low=0, high=1,
+                                   help='with --debias: the weight floor w_min of the correction')}
 
 
-def output_path(ckpt_path, dataset, split, step):
-    """eval_[DATASET-HASH_]SPLIT_stepN.json beside the checkpoint, never train.py's eval_test.json; the
-    hash of the dataset's full path keeps two datasets in folders of one name apart."""
+def output_path(ckpt_path, dataset, split, step, debiased=False):
+    """eval_[debias_][DATASET-HASH_]SPLIT_stepN.json beside the checkpoint, never train.py's eval_test.json;
+    the hash of the dataset's full path keeps two datasets in folders of one name apart."""
     where = os.path.abspath(dataset)
     other = f"{os.path.basename(where)}-{hashlib.sha1(where.encode()).hexdigest()[:8]}_" if dataset else ''
-    return os.path.join(os.path.dirname(ckpt_path), f"eval_{other}{split}_step{step}.json")
+    return os.path.join(os.path.dirname(ckpt_path), f"eval_{'debias_' if debiased else ''}{other}{split}_step{step}.json")
 
 
 def main(argv):
@@ -333,6 +325,8 @@ def main(argv):
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
     reference = reference_file(args['ref_ckpt'], vocab.gpt2_ids) if args['ref_ckpt'] else \
         reference_of(ckpt, args['ckpt'], vocab.gpt2_ids)              # NTP runs: pass one
+    debias = debias_for(cfg, reference_of(ckpt, args['ckpt'], vocab.gpt2_ids), device,
+                        args['debias_min_weight']) if args['debias'] else None     # the run's own reference only
     if args['dataset']:                           # evaluate on other data than the run's own
         cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
     data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)
@@ -343,11 +337,12 @@ def main(argv):
     beam = args['beam'] or cfg.beam
     length_penalty = cfg.length_penalty if args['length_penalty'] < 0 else args['length_penalty']
     metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'], ctx=ctx,
-                                 reference=reference, beam=beam, length_penalty=length_penalty)
-    print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}, step {ckpt['step']}) on {cfg.dataset} {args['split']}:")
+                                 reference=reference, beam=beam, length_penalty=length_penalty, debias=debias)
+    print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}{', debiased' if debias else ''}, step {ckpt['step']}) on "
+          f"{cfg.dataset} {args['split']}:")
     print(sample_report(captions, data))
     print(format_table({cfg.loss: metrics}))
-    out = args['out'] or output_path(args['ckpt'], args['dataset'], args['split'], ckpt['step'])
+    out = args['out'] or output_path(args['ckpt'], args['dataset'], args['split'], ckpt['step'], bool(debias))
     atomic_write(out, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     print(f"wrote {out}")
     if args['figure']:

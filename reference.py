@@ -5,22 +5,26 @@ score every training caption token once, P_r(t_i | t_<i), and cache the scores o
     python reference.py [config.py] [--key=value ...]      # every setting: --help
 
 The LVLM reads the cached scores (memory-mapped): PRIOR costs one reference pass, paid once, not one
-per epoch. Where the reference and its checked score cache live: runs/reference_files.py. Next: model.py.
+per epoch. Where the reference and its checked score cache live: runs/reference_files.py. At use time
+the same reference can divide PRIOR's tilt back out of the trained model (Debias, --debias in eval.py
+and sample.py; prior_loss.debias). Next: model.py.
 """
 
 import runs.startup  # noqa: F401  (first of all: a signal while the imports below load ends in one line)
 
 import functools
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from config import as_dict, load_config, settings_help
 from data import batch_indices, load_splits, make_vocab, text_width
 from model import GPT, GPTConfig, gpt_config
 from pretrained.gpt2 import load_gpt2_into
-from prior_loss import IGNORE, ntp_loss, token_nll
+from prior_loss import IGNORE, TILTED, debias, ntp_loss, token_nll
 from runs.caches import captions_fingerprint, load_or_build, recipe
 from runs.cli import cli
 from runs.devices import barrier, resolve_device
@@ -141,6 +145,40 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
     if scored and ref_probs is None:             # the master wrote it
         ref_probs = load_cache(ref_ckpt, train, vocab)
     return ref_ckpt, ref_probs
+
+
+DEBIAS_MIN_WEIGHT = 0.1   # the correction's default weight floor w_min (docs/beyond-prior.md: how it was chosen)
+
+
+@dataclass
+class Debias:
+    """PRIOR's tilt divided out of a trained LVLM wherever it is used (prior_loss.debias): the run's
+    reference reads the same text beside the LVLM and gives P_r of every next token."""
+    reference: GPT
+    alpha: float
+    weight_floor: float
+    min_weight: float
+
+    def __call__(self, logits, ref_logits):
+        """Corrected log-probabilities [...,V] from the LVLM's logits and the reference's after the same text."""
+        return debias(F.log_softmax(logits.float(), dim=-1), F.softmax(ref_logits.float(), dim=-1),
+                      self.alpha, self.weight_floor, self.min_weight)
+
+    def scores(self, model, images, idx):
+        """Teacher-forced: corrected log-probabilities [B,T,V], used where model(images, idx)'s logits would be."""
+        return self(model(images, idx), self.reference(idx))
+
+
+def debias_for(cfg, reference, device, min_weight):
+    """The Debias of a run (cfg: its config; reference: its reference checkpoint's dict, or None),
+    refused in one line where there is no tilt to divide out or no reference to do it with."""
+    if cfg.loss not in TILTED:
+        raise ConfigError(f"--debias divides out the tilt of loss={' or '.join(TILTED)}; this run trained with "
+                          f"loss={cfg.loss}, which has none (or not that one)")
+    if reference is None:
+        raise ConfigError("--debias needs the run's reference LM and this run has none; pass --ref_ckpt=PATH")
+    ref, _ = reference_from(reference, device)
+    return Debias(ref, cfg.alpha, cfg.weight_floor, min_weight)
 
 
 def main(argv):

@@ -5,9 +5,11 @@ Caption your own images with a trained LVLM.
     python sample.py --ckpt=... photo.jpg --beam=3
     python sample.py --ckpt=... photo.jpg --temperature=0.8 --top_k=20 --num_samples=3
     python sample.py --ckpt=... photo.jpg --weights="a red circle in the north"
+    python sample.py --ckpt=... photo.jpg --debias=True           # a PRIOR run with its tilt divided out
 
 The run's own decoding by default (its config's `beam`: 1 is greedy), --beam=K for beam search of
-width K, or --temperature > 0 to sample, optionally from the top_k tokens only.
+width K, or --temperature > 0 to sample, optionally from the top_k tokens only. --debias=True
+writes from the distribution with PRIOR's tilt divided out by the run's reference (any decoding).
 A folder stands for every image file in it. --weights=CAPTION prints, for that caption and
 each image, every token with the reference's P_r, its PRIOR weight (1 - P_r)^alpha normalised
 to mean 1, and the LVLM's loss given the image: which words the text alone already predicts,
@@ -24,7 +26,7 @@ import torch
 from decoding.generate import generate
 from eval import load_trained
 from prior_loss import token_nll, token_weights
-from reference import reference_from, target_probs
+from reference import DEBIAS_MIN_WEIGHT, debias_for, reference_from, target_probs
 from runs.cli import Flag, cli, flags_help, parse_flags
 from runs.devices import resolve_device
 from runs.errors import ConfigError
@@ -42,7 +44,11 @@ FLAGS = {'ckpt': Flag('out/shapes_u/ckpt.pt', help='a train.py checkpoint'),
          'seed': Flag(1337, low=0, help='the sampling seed'),
          'device': Flag('auto', help='auto, cpu, cuda, cuda:N'),
          'weights': Flag('', help="a caption: print each token's P_r, PRIOR weight and LVLM loss per image"),
-         'ref_ckpt': Flag('', help="--weights' reference LM ('' = the run's own)")}
+         'ref_ckpt': Flag('', help="--weights' reference LM ('' = the run's own)"),
+         'debias': Flag(False, help="divide PRIOR's tilt out with the run's own reference (a loss=prior or prior_batch "
+                                    "run; docs/beyond-prior.md)"),
+         'debias_min_weight': Flag(DEBIAS_MIN_WEIGHT, low=0, high=1,
+                                   help='with --debias: the weight floor w_min of the correction')}
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.webp')     # what torchvision.io decodes
 
 
@@ -91,6 +97,8 @@ def main(argv):
     if not os.path.isfile(args['ckpt']):
         raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
+    debias = debias_for(cfg, reference_of(ckpt, args['ckpt'], vocab.gpt2_ids), device,
+                        args['debias_min_weight']) if args['debias'] else None
     paths = image_paths([a for a in argv if not a.startswith('--')])
     files = checked_images(paths, cfg.image_size, cfg.max_image_pixels)      # as training reads its images
     images = to_unit_range(torch.stack([files[i] for i in range(len(paths))]).to(device))
@@ -101,7 +109,7 @@ def main(argv):
     for n in range(args['num_samples']):
         ids = generate(model, images, bos=vocab.eot, eot=vocab.eot, max_new_tokens=max_new,
                        temperature=args['temperature'], top_k=args['top_k'] or None, beam=beam,
-                       length_penalty=length_penalty)
+                       length_penalty=length_penalty, debias=debias)
         for path, row in zip(paths, ids):
             row = row[:row.index(vocab.eot)] if vocab.eot in row else row
             print(f"{path}{f' [{n + 1}]' if args['num_samples'] > 1 else ''}: {vocab.decode(row)}")

@@ -6,6 +6,9 @@ was read. Three ways to choose tokens:
   greedy       the likeliest next token (temperature 0, beam 1)
   sampled      from the temperature-scaled distribution, optionally from its top_k tokens only
   beam search  keep the `beam` best partial captions of each image (beam_search below)
+
+Each of them can read a `debias` (reference.Debias) beside the model: its text-only reference reads
+the same tokens with a KV cache of its own, and every step's log-probabilities are corrected by it.
 """
 
 import torch
@@ -33,19 +36,26 @@ class KVCache:
 
 class NextToken:
     """Log-probabilities [N,V] of the next token of N captions being written, one token at a time:
-    call it with each caption's latest token (BOS first). `copies` repeats each image's row."""
+    call it with each caption's latest token (BOS first). `copies` repeats each image's row; with
+    `debias`, they are corrected by its reference, which reads the same tokens."""
 
-    def __init__(self, model, images, copies=1):
+    def __init__(self, model, images, copies=1, debias=None):
         self.model, self.prefix = model, model.image_prefix(images).repeat_interleave(copies, 0)
         self.cache = KVCache(model.lm.config.n_layer)
+        self.debias = debias
+        self.ref_cache = KVCache(debias.reference.config.n_layer) if debias else None
 
     def __call__(self, tokens):
         prefix, self.prefix = self.prefix, None                # the image is read with the first token
         logits = self.model.lm(tokens[:, None], prefix=prefix, cache=self.cache)[:, -1]
-        return F.log_softmax(logits.float(), dim=-1)
+        if self.debias is None:
+            return F.log_softmax(logits.float(), dim=-1)
+        return self.debias(logits, self.debias.reference(tokens[:, None], cache=self.ref_cache)[:, -1])
 
     def select(self, rows):
         self.cache.select(rows)
+        if self.ref_cache is not None:
+            self.ref_cache.select(rows)
 
 
 def n_steps(model, max_new_tokens):
@@ -53,13 +63,14 @@ def n_steps(model, max_new_tokens):
 
 
 @torch.no_grad()
-def generate(model, images, bos, eot, max_new_tokens, temperature=0.0, top_k=None, beam=1, length_penalty=0.0):
+def generate(model, images, bos, eot, max_new_tokens, temperature=0.0, top_k=None, beam=1, length_penalty=0.0,
+             debias=None):
     """Caption each image: greedy (temperature 0), sampled (optionally top-k), or with beam > 1 by
-    beam search. Returns one list of token ids per image, without BOS; a caption that ended early
+    beam search; with `debias`, from the corrected distribution. Returns one list of token ids per image, without BOS; a caption that ended early
     ends in EOT (greedy and sampled repeat it to the longest one's length), so callers cut at the first EOT."""
     if beam > 1:
-        return beam_search(model, images, bos, eot, max_new_tokens, beam, length_penalty)
-    next_token = NextToken(model, images)
+        return beam_search(model, images, bos, eot, max_new_tokens, beam, length_penalty, debias)
+    next_token = NextToken(model, images, debias=debias)
     tokens = torch.full((images.size(0),), bos, dtype=torch.long, device=images.device)
     done = torch.zeros(images.size(0), dtype=torch.bool, device=images.device)
     out = []
@@ -88,7 +99,7 @@ def normalised(score, length, length_penalty):
 
 
 @torch.no_grad()
-def beam_search(model, images, bos, eot, max_new_tokens, beam, length_penalty=0.0):
+def beam_search(model, images, bos, eot, max_new_tokens, beam, length_penalty=0.0, debias=None):
     """The best caption of each image under normalised(), searched with `beam` hypotheses per image,
     all images at once. Each step extends every live hypothesis by every token and ranks the 2*beam
     best extensions of each image by log-probability: those ending in EOT within the first `beam`
@@ -97,7 +108,7 @@ def beam_search(model, images, bos, eot, max_new_tokens, beam, length_penalty=0.
     worst (its log-probability only falls, and its length is at most the step limit). Live
     hypotheses that reach the limit are finished as they are. beam=1 is greedy decoding."""
     B, K, device = images.size(0), beam, images.device
-    next_token = NextToken(model, images, copies=K)
+    next_token = NextToken(model, images, copies=K, debias=debias)
     tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
     scores = torch.full((B, K), float('-inf'), device=device)
     scores[:, 0] = 0.0                                     # one empty hypothesis to start from

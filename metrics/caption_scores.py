@@ -5,7 +5,8 @@ image against all of that image's reference captions. Text is lowercased and spl
 punctuation dropped (COCO's tokenizer does the same; it runs Java, this does not). Words are
 Unicode-aware: accented letters are letters (in either Unicode form), and each Chinese or Japanese
 character is a word of its own, as those scripts put no spaces between words; emoji are dropped
-with the punctuation.
+with the punctuation. caption_scores() scores the captions of a split (data.py's: its image_index and
+texts) against every caption of each one's image.
 """
 
 import math
@@ -76,3 +77,25 @@ def cider_d(hypotheses, references, sigma=6.0):
                 total[n] += cos * math.exp(-(lh - lr) ** 2 / (2 * sigma ** 2))
         scores.append(10.0 * total.mean() / len(refs))
     return float(np.mean(scores))
+
+
+def rows_by_image(data):
+    """Each image's caption rows, images in order of first appearance."""
+    out = {}
+    for row, img in enumerate(data.image_index.tolist()):
+        out.setdefault(img, []).append(row)
+    return out
+
+
+def caption_refs(data, rows):
+    """The references of a caption scored against its image: the words of every caption of each row's image."""
+    by_image = rows_by_image(data)
+    return [[words(data.texts[r]) for r in by_image[int(data.image_index[row])]] for row in rows]
+
+
+def caption_scores(captions, data, rows):
+    """BLEU-1..4 and CIDEr-D of captions[i], written for the image of data's row rows[i], against all of
+    that image's captions; and `distinct`, the share of different captions (1/n: one whatever the image)."""
+    hyps, refs = [words(c) for c in captions], caption_refs(data, rows.tolist())
+    out = {f'bleu{n}': b for n, b in enumerate(bleu(hyps, refs), start=1)}
+    return {**out, 'cider': cider_d(hyps, refs), 'distinct': len(set(captions)) / len(captions)}

@@ -22,8 +22,8 @@ import sys
 import torch
 
 from data import load_splits
-from eval import caption_refs, evaluate, load_trained
-from metrics.caption_scores import bleu, cider_d, words
+from eval import evaluate, load_trained
+from metrics.caption_scores import bleu, caption_refs, cider_d, words
 from pretrained.features import caches_features, use_cached_features
 from runs.caches import cache_root
 from runs.cli import cli, parse_flags

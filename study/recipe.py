@@ -23,7 +23,8 @@ import time
 import torch
 
 from data import load_splits
-from eval import caption_scores, evaluate, generate_captions, load_trained, rows_by_image
+from eval import evaluate, generate_captions, load_trained
+from metrics.caption_scores import caption_scores, rows_by_image
 from pretrained.features import caches_features, use_cached_features
 from runs.caches import cache_root
 from runs.cli import cli, parse_flags

@@ -302,7 +302,7 @@ def test_caption_metrics_count_distinct_greedy_captions(tmp_path, monkeypatch):
     n_images = len(set(test.image_index.tolist()))
     for said, expected in ((lambda i: 'a dog runs', 1 / n_images), (lambda i: f'a dog {i}', 1.0)):
         monkeypatch.setattr(evaluation, 'generate_captions',
-                            lambda model, data, vocab, rows, device, *decoding: [said(i) for i in range(len(rows))])
+                            lambda model, data, vocab, rows, device, *decoding, **debias: [said(i) for i in range(len(rows))])
         metrics, captions = evaluation.evaluate(model, test, vocab, 'cpu')
         assert len(captions) == n_images and metrics['distinct'] == pytest.approx(expected)
 

@@ -503,6 +503,10 @@ def test_checkpoints_name_the_reference_they_keep_once(tiny_cfg, tmp_path):
     assert fig.stat().st_size > 0
     json_out = json.load(open(os.path.join(cfg.out_dir, 'eval_test_step6.json')))
     assert json_out['n_captions'] == 2
+    evaluation.main([f'--ckpt={cfg.out_dir}/ckpt.pt', '--n_generate=2', '--debias=True'])   # its own file
+    debiased = json.load(open(os.path.join(cfg.out_dir, 'eval_debias_test_step6.json')))
+    assert debiased['debias_min_weight'] == 0.1 and debiased['loss'] != json_out['loss']
+    assert json.load(open(os.path.join(cfg.out_dir, 'eval_test_step6.json'))) == json_out
 
 
 def test_a_resume_with_a_changed_reference_is_refused(tiny_cfg):
