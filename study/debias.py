@@ -35,10 +35,12 @@ import torch  # noqa: E402
 
 import eval as evaluation  # noqa: E402
 from data import load_splits  # noqa: E402
+from prior_loss import IGNORE, prior_weight  # noqa: E402
 from reference import debias_for  # noqa: E402
 from runs.cli import cli, parse_flags  # noqa: E402
 from runs.files import atomic_write, checkpoint_path  # noqa: E402
-from runs.reference_files import reference_of  # noqa: E402
+from runs.reference_files import load_cache, reference_of  # noqa: E402
+from sources.shapes import CLASS_NAMES  # noqa: E402
 from study.plan import PRESETS, ROOT, code_state, make_config, run_name, spec  # noqa: E402
 from study.stats import holm, mean_std, relative_change, t_test  # noqa: E402
 from train import train  # noqa: E402
@@ -95,6 +97,25 @@ def execute(setting, condition, objective, seed, args):
              if objective in TILTED else '') + f" ({record['seconds']:.0f} s)", flush=True)
 
 
+def caption_factor(run_dir):
+    """PRIOR's per-caption factor c = k / sum_j w_j over the run's training captions (its cached P_r,
+    alpha 1, no floor): its spread, and per token class the mean c of the captions holding that class's
+    tokens over the mean c of all caption tokens (a class-level stand-in for E[c | h, v] / E[c | h],
+    the correction's residual tilt; 1 = none)."""
+    model, vocab, cfg, ckpt = evaluation.load_trained(checkpoint_path(run_dir), 'cpu')
+    train_data = load_splits(cfg, names=('train',), log=lambda *a: None)['train'].encode(vocab)
+    p_r = torch.from_numpy(load_cache(ckpt['ref_ckpt'], train_data, vocab)[:].copy())
+    _, _, targets, classes = train_data.batch(torch.arange(len(train_data)), 'cpu')
+    mask = targets != IGNORE
+    c = mask.sum(1) / (prior_weight(p_r) * mask).sum(1)
+    per_token = c[:, None].expand_as(targets)[mask]
+    out = {'mean': c.mean().item(), 'cv': (c.std() / c.mean()).item(),
+           'p5': c.quantile(0.05).item(), 'p95': c.quantile(0.95).item()}
+    for k, name in enumerate(CLASS_NAMES):
+        out[f'tilt_{name}'] = (c[:, None].expand_as(targets)[classes == k].mean() / per_token.mean()).item()
+    return out
+
+
 def load(results):
     where = os.path.join(results, 'runs')
     records = [json.load(open(os.path.join(where, f))) for f in sorted(os.listdir(where)) if f.endswith('.json')] \
@@ -141,7 +162,7 @@ def ci(r, scale=1.0, digits=1):
     return f"{scale * r['mean']:+.{digits}f} [{scale * r['ci'][0]:+.{digits}f}, {scale * r['ci'][1]:+.{digits}f}]"
 
 
-def report(results):
+def report(results, out):
     runs = load(results)
     floors, lines = {}, ['# Debiased PRIOR vs NTP on the shapes data (study/debias.py)', '',
                          f"{len(runs)} runs; test split, teacher-forced metrics on every caption, {N_GENERATE} greedy "
@@ -181,6 +202,17 @@ def report(results):
                     r = runs.get((setting, condition, v.partition('+')[0], s))
                     cells.append(variant_metrics(r, v, floors[setting])['attr_acc'] if r else float('nan'))
                 lines.append(f"| {setting.upper()}, {condition} | {s} | " + ' | '.join(f"{x:.4f}" for x in cells) + ' |')
+    lines += ['', "## PRIOR's per-caption factor c = k / sum_j w_j on the training captions", '',
+              'Its spread, and per token class the residual tilt the correction leaves (mean c of the captions '
+              "holding the class's tokens / mean c over all tokens; 1 = none, < 1: the corrected model still "
+              'under-predicts that class):', '', '| setting, condition | mean c | CV | 5-95% | '
+              + ' | '.join(f'tilt {n}' for n in CLASS_NAMES) + ' |', '|---' * (4 + len(CLASS_NAMES)) + '|']
+    for setting in LR:
+        for condition in CONDITIONS:
+            if (setting, condition, 'prior', SEEDS[0]) in runs:
+                f = caption_factor(os.path.join(out, runs[(setting, condition, 'prior', SEEDS[0])]['name']))
+                lines.append(f"| {setting.upper()}, {condition} | {f['mean']:.3f} | {f['cv']:.3f} | {f['p5']:.2f}-"
+                             f"{f['p95']:.2f} | " + ' | '.join(f"{f[f'tilt_{n}']:.3f}" for n in CLASS_NAMES) + ' |')
     commits = sorted({r['commit'][:7] for r in runs.values()})
     lines += ['', f"Commits the runs started at: {', '.join(commits)}; train wall time per run "
               f"{mean_std([r['train_seconds'] for r in runs.values()])[0]:.0f} s on average (1 thread)."]
@@ -197,7 +229,7 @@ def main(argv):
             for seed in SEEDS:
                 for objective in OBJECTIVES:
                     execute(setting, condition, objective, seed, args)
-    report(args['results'])
+    report(args['results'], args['out'])
 
 
 if __name__ == '__main__':
