@@ -190,6 +190,16 @@ def report(results, out):
                      f"{ci(rel, 100)} | {rel['t']:.2f}, {rel['p']:.3f}, {c['holm']:.3f}{mark} | "
                      f"{ci(c['hallucination'], 100)} | {ci(c['recall'], 100)} | {ci(c['exact'], 100)} | "
                      + ' / '.join(f"{c[k]['mean']:+.3f}" for k in ('loss_relevant', 'loss_filler', 'loss_noise')) + ' |')
+    lines += ['', 'Outside the design (exploratory, no correction): each debiased variant against its own uncorrected '
+              'checkpoints, test attr_acc, paired by seed.', '', '| setting, condition | variant | seeds better / all | '
+              'change, points | t, p |', '|---' * 5 + '|']
+    for (setting, condition, variant), c in table.items():
+        plain = table[(setting, condition, variant.partition('+')[0])]
+        if variant.endswith('+debias') and c['pairs']:
+            d = [v['attr_acc'] - u['attr_acc'] for (_, v), (_, u) in zip(c['pairs'], plain['pairs'])]
+            r = t_test(d)
+            lines.append(f"| {setting.upper()}, {condition} | {variant} | {sum(x > 0 for x in d)} / {len(d)} | "
+                         f"{ci(r, 100, 2)} | {r['t']:.2f}, {r['p']:.3f} |")
     lines += ['', '## Per seed: test attr_acc', '', '| setting, condition | seed | ntp | ' + ' | '.join(VARIANTS) + ' |',
               '|---' * (3 + len(VARIANTS)) + '|']
     for setting in LR:
