@@ -12,8 +12,8 @@ Three variants of train.py's step, on one model and optimiser, fed the same batc
   online  PRIOR running the text-only reference GPT inside the step (no grad) for P_r
 The variants take turns every iteration, so a machine that gets busier or quieter mid-run
 shifts all three alike, and each figure is the median over the timed iterations. Decoding is
-timed the same way: plain and debiased (the reference beside the LVLM, reference.Debias) in
-turns, greedy and with beam search of the config's beam (at least 2), on the val images.
+timed the same way, step by step: plain and debiased (the reference beside the LVLM,
+reference.Debias) in turns, for greedy and beam-search batches (the config's beam, at least 2).
 
 It prints figures and asserts nothing. Speed does not depend on weight values, so the LM
 starts from scratch, the reference is a fresh GPT and the cached P_r are random: nothing
@@ -40,7 +40,7 @@ import torch
 from config import load_config, settings_help
 from data import global_batch, load_splits, make_loader, make_vocab, micro_batches
 from model import GPT, gpt_config
-from decoding.generate import generate
+from decoding.generate import NextToken
 from reference import DEBIAS_MIN_WEIGHT, Debias, score_captions, target_probs
 from runs.cli import Flag, cli, flags_help, parse_flags
 from runs.devices import (device_peak_flops, grad_scaler, peak_memory, precision_context, reset_peak_memory,
@@ -192,13 +192,14 @@ def scoring_speed(bench):
 
 @torch.no_grad()
 def decoding_speed(bench, n_images=64, repeats=3):
-    """Captions per second of plain and debiased decoding, greedy and beam search, and their ratio (pairs
-    of turns on the same images). Weights are random, so captions may stop early or run to the limit:
-    both variants write the same number of steps only in expectation, hence the paired medians."""
+    """The cost of one decoding step (decoding/generate.NextToken over a whole caption length), plain and
+    debiased (the reference beside the LVLM, reference.Debias), for greedy and beam-search batches
+    (n_images x beam rows). Fixed steps: with random weights the two would write captions of other lengths."""
     val, model = bench.splits['val'], bench.raw_model.eval()
-    rows = torch.arange(min(n_images, len(val)))
-    images = val.batch(rows, bench.device)[0]
+    images = val.batch(torch.arange(min(n_images, len(val))), bench.device)[0]
     fix = Debias(bench.ref, bench.cfg.alpha, bench.cfg.weight_floor, DEBIAS_MIN_WEIGHT)
+    steps = bench.cfg.block_size - 1
+    tokens = torch.randint(0, bench.vocab.size, (steps, len(images) * max(2, bench.cfg.beam)), device=bench.device)
     for beam in (1, max(2, bench.cfg.beam)):
         seconds = {False: [], True: []}
         for it in range(repeats + 1):
@@ -206,14 +207,16 @@ def decoding_speed(bench, n_images=64, repeats=3):
                 bench.sync()
                 t0 = time.perf_counter()
                 with bench.ctx:
-                    generate(model, images, bench.vocab.eot, bench.vocab.eot, bench.cfg.block_size, beam=beam,
-                             debias=fix if debiased else None)
+                    next_token = NextToken(model, images, copies=beam, debias=fix if debiased else None)
+                    for t in range(steps):
+                        next_token(tokens[t, :len(images) * beam])
                 bench.sync()
                 if it:                                   # the first turn warms up
                     seconds[debiased].append(time.perf_counter() - t0)
         ratio = statistics.median(b / a for a, b in zip(seconds[False], seconds[True]))
-        print(f"decoding, beam {beam} ({len(rows)} val images): plain {len(rows) / statistics.median(seconds[False]):,.1f} "
-              f"captions/s, debiased {len(rows) / statistics.median(seconds[True]):,.1f}; debiased/plain time {ratio:.2f}")
+        plain, debiased = (1000 * statistics.median(seconds[d]) / steps for d in (False, True))
+        print(f"decoding step, {len(images)} images x beam {beam}: plain {plain:.2f} ms, debiased {debiased:.2f} ms; "
+              f"debiased/plain {ratio:.2f}")
 
 
 def main(argv):

@@ -18,7 +18,7 @@ def test_bench_prints_its_figures(preset, arch):
                          timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for field in ('parameters', 'ms/iter', 'tokens/s', 'images/s', 'MFU', 'data', 'peak mem',
-                  'PRIOR/NTP step time: cached', 'FLOPs predict', 'captions/s'):
+                  'PRIOR/NTP step time: cached', 'FLOPs predict', 'captions/s', 'debiased/plain'):
         assert field in out.stdout, f"{field!r} missing from:\n{out.stdout}"
     firsts = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
     assert [w for w in firsts if w in ('ntp', 'cached', 'online')] == ['ntp', 'cached', 'online']
