@@ -21,6 +21,7 @@ its first run:
 
     python -m study.debias                 # run what is missing, in order, then write the report
     python -m study.debias --report=True   # only the report (study/results_debias/report.md)
+    python -m study.debias --settings=h --conditions=noisy     # a part of it (two processes: one condition each)
 """
 
 import dataclasses
@@ -46,7 +47,7 @@ from study.stats import holm, mean_std, relative_change, t_test  # noqa: E402
 from train import train  # noqa: E402
 
 FLAGS = {'results': os.path.join(ROOT, 'study', 'results_debias'), 'out': 'out/debias', 'report': False,
-         'settings': 'u,h'}
+         'settings': 'u,h', 'conditions': 'clean,noisy'}      # two processes may split the work by condition
 LR = {'u': 4e-3, 'h': 2e-3}
 CONDITIONS = {'clean': {}, 'noisy': {'caption_noise': 0.4}}
 SEEDS = [1, 2, 3, 4, 5]
@@ -71,12 +72,13 @@ def execute(setting, condition, objective, seed, args):
         return
     cfg = make_config(dict(s, objective='ntp'), PRESETS['full'], args['out'], 1234)
     cfg = dataclasses.replace(cfg, loss=objective, out_dir=os.path.join(args['out'], run_name(s)))
+    # a checkpoint without a record: the run was interrupted, and continues where it stopped
+    cfg = dataclasses.replace(cfg, resume=os.path.exists(checkpoint_path(cfg.out_dir)))
     commit, uncommitted = code_state()
     t0 = time.time()
-    if not os.path.exists(checkpoint_path(cfg.out_dir)):
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as logf:
-            train(cfg, log=lambda *a, **k: print(*a, file=logf, flush=True))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, 'train.log'), 'a') as logf:
+        train(cfg, log=lambda *a, **k: print(*a, file=logf, flush=True))
     train_seconds = time.time() - t0
     ckpt_path = checkpoint_path(cfg.out_dir)
     model, vocab, _, ckpt = evaluation.load_trained(ckpt_path, 'cpu')
@@ -235,7 +237,7 @@ def main(argv):
     args = parse_flags(argv, FLAGS)
     settings = [s for s in args['settings'].split(',') if s]
     for setting in [] if args['report'] else settings:
-        for condition in CONDITIONS:
+        for condition in args['conditions'].split(','):
             for seed in SEEDS:
                 for objective in OBJECTIVES:
                     execute(setting, condition, objective, seed, args)
