@@ -3,6 +3,7 @@ Evaluate a trained LVLM, from any directory: a checkpoint holds everything eval 
 
     python eval.py --ckpt=out/shapes_u/ckpt.pt [--split=test|val|all] [--figure=weights.png]
     python eval.py --ckpt=out/run_ntp/ckpt.pt --ref_ckpt=out/ref/.../ref.pt   # loss_top_weight of an NTP run
+    python eval.py --ckpt=out/shapes_u/ckpt.pt --debias=True    # PRIOR's tilt divided out (eval_debias_*.json)
 
 It evaluates in the run's precision (bf16 autocast on CUDA by default, as train.py's final
 eval), prints the table and writes eval_<split>_step<N>.json beside the checkpoint (or --out),
