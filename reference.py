@@ -147,7 +147,7 @@ def ensure_reference(cfg, train, vocab, device, log=print, is_master=True, score
     return ref_ckpt, ref_probs
 
 
-DEBIAS_MIN_WEIGHT = 0.1   # the correction's default weight floor w_min (docs/beyond-prior.md: how it was chosen)
+DEBIAS_MIN_WEIGHT = 0.2   # the correction's weight floor w_min, chosen on val (docs/beyond-prior.md#debiased-prior)
 
 
 @dataclass

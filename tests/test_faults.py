@@ -492,6 +492,7 @@ def test_unusable_out_dirs_are_one_line(tmp_path, capsys, kind):
 
 def test_checkpoints_name_the_reference_they_keep_once(tiny_cfg, tmp_path):
     import eval as evaluation
+    from reference import DEBIAS_MIN_WEIGHT
     from runs.files import weights_digest
     cfg = dataclasses.replace(tiny_cfg, final_eval=False, n_test=2)
     train(cfg, **quiet)
@@ -505,7 +506,7 @@ def test_checkpoints_name_the_reference_they_keep_once(tiny_cfg, tmp_path):
     assert json_out['n_captions'] == 2
     evaluation.main([f'--ckpt={cfg.out_dir}/ckpt.pt', '--n_generate=2', '--debias=True'])   # its own file
     debiased = json.load(open(os.path.join(cfg.out_dir, 'eval_debias_test_step6.json')))
-    assert debiased['debias_min_weight'] == 0.1 and debiased['loss'] != json_out['loss']
+    assert debiased['debias_min_weight'] == DEBIAS_MIN_WEIGHT and debiased['loss'] != json_out['loss']
     assert json.load(open(os.path.join(cfg.out_dir, 'eval_test_step6.json'))) == json_out
 
 
