@@ -164,6 +164,37 @@ def ci(r, scale=1.0, digits=1):
     return f"{scale * r['mean']:+.{digits}f} [{scale * r['ci'][0]:+.{digits}f}, {scale * r['ci'][1]:+.{digits}f}]"
 
 
+def exploratory_lines(table):
+    """Each debiased variant against its own uncorrected checkpoints (outside the design's Holm family)."""
+    lines = ['', 'Outside the design (exploratory, no correction): each debiased variant against its own uncorrected '
+              'checkpoints, test attr_acc, paired by seed.', '', '| setting, condition | variant | seeds better / all | '
+              'change, points | t, p |', '|---' * 5 + '|']
+    for (setting, condition, variant), c in table.items():
+        plain = table[(setting, condition, variant.partition('+')[0])]
+        if variant.endswith('+debias') and c['pairs']:
+            d = [v['attr_acc'] - u['attr_acc'] for (_, v), (_, u) in zip(c['pairs'], plain['pairs'])]
+            r = t_test(d)
+            lines.append(f"| {setting.upper()}, {condition} | {variant} | {sum(x > 0 for x in d)} / {len(d)} | "
+                         f"{ci(r, 100, 2)} | {r['t']:.2f}, {r['p']:.3f} |")
+    return lines
+
+
+def factor_lines(runs, out):
+    """The per-caption factor's spread and residual tilt, from each condition's first PRIOR run."""
+    lines = ['', "## PRIOR's per-caption factor c = k / sum_j w_j on the training captions", '',
+              'Its spread, and per token class the residual tilt the correction leaves (mean c of the captions '
+              "holding the class's tokens / mean c over all tokens; 1 = none, < 1: the corrected model still "
+              'under-predicts that class):', '', '| setting, condition | mean c | CV | 5-95% | '
+              + ' | '.join(f'tilt {n}' for n in CLASS_NAMES) + ' |', '|---' * (4 + len(CLASS_NAMES)) + '|']
+    for setting in LR:
+        for condition in CONDITIONS:
+            if (setting, condition, 'prior', SEEDS[0]) in runs:
+                f = caption_factor(os.path.join(out, runs[(setting, condition, 'prior', SEEDS[0])]['name']))
+                lines.append(f"| {setting.upper()}, {condition} | {f['mean']:.3f} | {f['cv']:.3f} | {f['p5']:.2f}-"
+                             f"{f['p95']:.2f} | " + ' | '.join(f"{f[f'tilt_{n}']:.3f}" for n in CLASS_NAMES) + ' |')
+    return lines
+
+
 def report(results, out):
     runs = load(results)
     floors, lines = {}, ['# Debiased PRIOR vs NTP on the shapes data (study/debias.py)', '',
@@ -192,16 +223,7 @@ def report(results, out):
                      f"{ci(rel, 100)} | {rel['t']:.2f}, {rel['p']:.3f}, {c['holm']:.3f}{mark} | "
                      f"{ci(c['hallucination'], 100)} | {ci(c['recall'], 100)} | {ci(c['exact'], 100)} | "
                      + ' / '.join(f"{c[k]['mean']:+.3f}" for k in ('loss_relevant', 'loss_filler', 'loss_noise')) + ' |')
-    lines += ['', 'Outside the design (exploratory, no correction): each debiased variant against its own uncorrected '
-              'checkpoints, test attr_acc, paired by seed.', '', '| setting, condition | variant | seeds better / all | '
-              'change, points | t, p |', '|---' * 5 + '|']
-    for (setting, condition, variant), c in table.items():
-        plain = table[(setting, condition, variant.partition('+')[0])]
-        if variant.endswith('+debias') and c['pairs']:
-            d = [v['attr_acc'] - u['attr_acc'] for (_, v), (_, u) in zip(c['pairs'], plain['pairs'])]
-            r = t_test(d)
-            lines.append(f"| {setting.upper()}, {condition} | {variant} | {sum(x > 0 for x in d)} / {len(d)} | "
-                         f"{ci(r, 100, 2)} | {r['t']:.2f}, {r['p']:.3f} |")
+    lines += exploratory_lines(table)
     lines += ['', '## Per seed: test attr_acc', '', '| setting, condition | seed | ntp | ' + ' | '.join(VARIANTS) + ' |',
               '|---' * (3 + len(VARIANTS)) + '|']
     for setting in LR:
@@ -214,17 +236,7 @@ def report(results, out):
                     r = runs.get((setting, condition, v.partition('+')[0], s))
                     cells.append(variant_metrics(r, v, floors[setting])['attr_acc'] if r else float('nan'))
                 lines.append(f"| {setting.upper()}, {condition} | {s} | " + ' | '.join(f"{x:.4f}" for x in cells) + ' |')
-    lines += ['', "## PRIOR's per-caption factor c = k / sum_j w_j on the training captions", '',
-              'Its spread, and per token class the residual tilt the correction leaves (mean c of the captions '
-              "holding the class's tokens / mean c over all tokens; 1 = none, < 1: the corrected model still "
-              'under-predicts that class):', '', '| setting, condition | mean c | CV | 5-95% | '
-              + ' | '.join(f'tilt {n}' for n in CLASS_NAMES) + ' |', '|---' * (4 + len(CLASS_NAMES)) + '|']
-    for setting in LR:
-        for condition in CONDITIONS:
-            if (setting, condition, 'prior', SEEDS[0]) in runs:
-                f = caption_factor(os.path.join(out, runs[(setting, condition, 'prior', SEEDS[0])]['name']))
-                lines.append(f"| {setting.upper()}, {condition} | {f['mean']:.3f} | {f['cv']:.3f} | {f['p5']:.2f}-"
-                             f"{f['p95']:.2f} | " + ' | '.join(f"{f[f'tilt_{n}']:.3f}" for n in CLASS_NAMES) + ' |')
+    lines += factor_lines(runs, out)
     commits = sorted({r['commit'][:7] for r in runs.values()})
     lines += ['', f"Commits the runs started at: {', '.join(commits)}; train wall time per run "
               f"{mean_std([r['train_seconds'] for r in runs.values()])[0]:.0f} s on average (1 thread)."]
