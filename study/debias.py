@@ -167,8 +167,8 @@ def ci(r, scale=1.0, digits=1):
 def exploratory_lines(table):
     """Each debiased variant against its own uncorrected checkpoints (outside the design's Holm family)."""
     lines = ['', 'Outside the design (exploratory, no correction): each debiased variant against its own uncorrected '
-              'checkpoints, test attr_acc, paired by seed.', '', '| setting, condition | variant | seeds better / all | '
-              'change, points | t, p |', '|---' * 5 + '|']
+             'checkpoints, test attr_acc, paired by seed.', '', '| setting, condition | variant | seeds better / all | '
+             'change, points | t, p |', '|---' * 5 + '|']
     for (setting, condition, variant), c in table.items():
         plain = table[(setting, condition, variant.partition('+')[0])]
         if variant.endswith('+debias') and c['pairs']:
@@ -182,10 +182,10 @@ def exploratory_lines(table):
 def factor_lines(runs, out):
     """The per-caption factor's spread and residual tilt, from each condition's first PRIOR run."""
     lines = ['', "## PRIOR's per-caption factor c = k / sum_j w_j on the training captions", '',
-              'Its spread, and per token class the residual tilt the correction leaves (mean c of the captions '
-              "holding the class's tokens / mean c over all tokens; 1 = none, < 1: the corrected model still "
-              'under-predicts that class):', '', '| setting, condition | mean c | CV | 5-95% | '
-              + ' | '.join(f'tilt {n}' for n in CLASS_NAMES) + ' |', '|---' * (4 + len(CLASS_NAMES)) + '|']
+             'Its spread, and per token class the residual tilt the correction leaves (mean c of the captions '
+             "holding the class's tokens / mean c over all tokens; 1 = none, < 1: the corrected model still "
+             'under-predicts that class):', '', '| setting, condition | mean c | CV | 5-95% | '
+             + ' | '.join(f'tilt {n}' for n in CLASS_NAMES) + ' |', '|---' * (4 + len(CLASS_NAMES)) + '|']
     for setting in LR:
         for condition in CONDITIONS:
             if (setting, condition, 'prior', SEEDS[0]) in runs:
