@@ -324,10 +324,9 @@ def main(argv):
     if not os.path.isfile(args['ckpt']):
         raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
-    reference = reference_file(args['ref_ckpt'], vocab.gpt2_ids) if args['ref_ckpt'] else \
-        reference_of(ckpt, args['ckpt'], vocab.gpt2_ids)              # NTP runs: pass one
-    debias = debias_for(cfg, reference_of(ckpt, args['ckpt'], vocab.gpt2_ids), device,
-                        args['debias_min_weight']) if args['debias'] else None     # the run's own reference only
+    own = reference_of(ckpt, args['ckpt'], vocab.gpt2_ids) if args['debias'] or not args['ref_ckpt'] else None
+    reference = reference_file(args['ref_ckpt'], vocab.gpt2_ids) if args['ref_ckpt'] else own   # NTP runs: pass one
+    debias = debias_for(cfg, own, device, args['debias_min_weight']) if args['debias'] else None   # own reference only
     if args['dataset']:                           # evaluate on other data than the run's own
         cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
     data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import eval as evaluation  # noqa: E402
 from data import load_splits  # noqa: E402
-from prior_loss import IGNORE, prior_weight  # noqa: E402
+from prior_loss import IGNORE, TILTED, prior_weight  # noqa: E402
 from reference import debias_for  # noqa: E402
 from runs.cli import cli, parse_flags  # noqa: E402
 from runs.files import atomic_write, checkpoint_path  # noqa: E402
@@ -52,7 +52,6 @@ LR = {'u': 4e-3, 'h': 2e-3}
 CONDITIONS = {'clean': {}, 'noisy': {'caption_noise': 0.4}}
 SEEDS = [1, 2, 3, 4, 5]
 OBJECTIVES = ('ntp', 'prior', 'prior_batch')
-TILTED = ('prior', 'prior_batch')
 FLOORS = (0.02, 0.05, 0.1, 0.2, 0.5)
 VARIANTS = ('prior', 'prior+debias', 'prior_batch', 'prior_batch+debias')
 N_GENERATE = 200

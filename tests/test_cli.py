@@ -141,13 +141,19 @@ def test_resume_extends_a_moved_run_and_refuses_what_changes_the_result(tiny_cfg
         train_quiet(dataclasses.replace(longer, out_dir=str(tmp_path / 'empty')))
 
 
-@pytest.mark.slow
-def test_resume_refuses_changed_training_data(tiny_cfg, tmp_path):
+def trained_on_a_folder(tiny_cfg, tmp_path):
+    """(folder, cfg) of a short NTP run on a 40-image caption folder, trained."""
     from test_captions import make_folder
     folder = make_folder(tmp_path, n_images=40)
     cfg = dataclasses.replace(tiny_cfg, dataset=str(folder), image_size=16, val_frac=0.25, test_frac=0.25,
                               block_size=24, final_eval=False, loss='ntp', init_lm='scratch')
     train_quiet(cfg)
+    return folder, cfg
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_training_data(tiny_cfg, tmp_path):
+    folder, cfg = trained_on_a_folder(tiny_cfg, tmp_path)
     text = (folder / 'captions.csv').read_text().splitlines()
     row = next(i for i, line in enumerate(text[1:], 1) if ' dog ' in line)    # one word of one caption
     text[row] = text[row].replace(' dog ', ' cat ', 1)
@@ -159,11 +165,8 @@ def test_resume_refuses_changed_training_data(tiny_cfg, tmp_path):
 @pytest.mark.slow
 def test_a_refused_resume_names_the_changed_images_of_every_split(tiny_cfg, tmp_path):
     from data import load_splits
-    from test_captions import make_folder, write_image
-    folder = make_folder(tmp_path, n_images=40)
-    cfg = dataclasses.replace(tiny_cfg, dataset=str(folder), image_size=16, val_frac=0.25, test_frac=0.25,
-                              block_size=24, final_eval=False, loss='ntp', init_lm='scratch')
-    train_quiet(cfg)
+    from test_captions import write_image
+    folder, cfg = trained_on_a_folder(tiny_cfg, tmp_path)
     splits = load_splits(cfg, log=lambda *a: None)
     paths = {name: sorted(set(split.images.paths)) for name, split in splits.items()}
     again = dataclasses.replace(cfg, resume=True, max_iters=8)
