@@ -127,15 +127,16 @@ def command(config, condition, loss, seed, out_root, extra):
             f'--out_dir={os.path.join(out_root, run_name(condition, loss, seed))}'] + CONDITIONS[condition] + extra
 
 
-def finished(config, condition, loss, seed, out_root, runs_dir, extra):
-    """The record of a run that finished before, or None; one made by other settings is refused."""
+def finished(config, condition, loss, seed, out_root, runs_dir, extra, same_config=True):
+    """The record of a run that finished before, or None; one made by other settings is refused (with
+    same_config=False, as a report of finished runs reads them, an edit of the config file since is not)."""
     path = os.path.join(runs_dir, run_name(condition, loss, seed) + '.json')
     if not os.path.isfile(path):
         return None
     record = read_json(path)
     cmd = command(config, condition, loss, seed, out_root, extra)
-    if settings(record['command']) != settings(' '.join(cmd[1:])) or \
-            record.get('config_sha256', file_sha256(config)) != file_sha256(config):
+    if settings(record['command']) != settings(' '.join(cmd[1:])) or (same_config and
+            record.get('config_sha256', file_sha256(config)) != file_sha256(config)):
         raise ConfigError(f"{path} was made by `{record['command']}` with another {config} or other settings than "
                           f"this comparison's; move it away or pass another --results")
     return record
@@ -321,7 +322,8 @@ def main(argv):
         noisy, images = noisy_dataset(args['config'], out_root)
         extra['noisy'] = [f'--dataset={noisy}', f'--image_root={images}']
     todo = [(c, loss, s) for c in conditions for s in seeds for loss in losses]
-    done = [finished(args['config'], *job, out_root, runs_dir, extra[job[0]]) for job in todo]   # checked first
+    done = [finished(args['config'], *job, out_root, runs_dir, extra[job[0]], not args['report'])
+            for job in todo]                     # checked first
     if args['report']:                           # an interrupted comparison: the finished runs only, none started
         records = [r for r in done if r]
         if not records:
