@@ -147,6 +147,19 @@ def interrupt(signum, frame):
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
 
+def signal_inside(error):
+    """The Interrupted that a library caught and re-raised as an error of its own, or None: tiktoken turns
+    any exception while it parses its ranks into a ValueError, so a Ctrl-C at that moment would otherwise
+    end in that ValueError's traceback."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def cli(main, argv, doc, flags_help=''):
     """Run an entry point's main(argv). --help/-h prints `doc` and `flags_help`; a settings mistake
     (ConfigError) ends in one line on stderr and exit status 2, as argparse does; SIGTERM or SIGINT
@@ -167,6 +180,12 @@ def cli(main, argv, doc, flags_help=''):
     except KeyboardInterrupt:                    # Ctrl-C where no run is there to save
         print_error("interrupted")
         raise SystemExit(Interrupted.status)
+    except Exception as e:
+        stopped = signal_inside(e)
+        if stopped is None:
+            raise
+        print_error(str(stopped))
+        raise SystemExit(stopped.status)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

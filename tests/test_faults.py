@@ -427,6 +427,21 @@ def one_line_error(capsys, argv, main=None):
     return e.value.code, err
 
 
+def test_a_signal_a_library_re_raised_as_its_own_error_is_still_one_line(capsys):
+    """tiktoken turns a Ctrl-C while it parses its ranks into `ValueError: Error parsing line`."""
+    def main(argv, signal=True):
+        try:
+            if signal:
+                raise Interrupted('stopped by SIGINT')
+            int('x')
+        except Exception as e:
+            raise ValueError('Error parsing line') from e
+    status, err = one_line_error(capsys, [], main)
+    assert status == Interrupted.status and err == 'error: stopped by SIGINT\n'
+    with pytest.raises(ValueError, match='Error parsing line'):     # with no signal inside, it stays as it is
+        one_line_error(capsys, [], lambda argv: main(argv, signal=False))
+
+
 def test_under_torchrun_an_error_is_printed_once_with_the_rank_where_it_happened(capsys, monkeypatch, tmp_path):
     from runs.cli import cli
 
