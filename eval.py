@@ -39,6 +39,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -318,9 +319,22 @@ def output_path(ckpt_path, dataset, split, step, debiased=False):
     return os.path.join(os.path.dirname(ckpt_path), f"eval_{'debias_' if debiased else ''}{other}{split}_step{step}.json")
 
 
-def main(argv):
-    args = parse_flags(argv, FLAGS)
-    device = resolve_device(args['device'])
+@dataclass
+class Evaluation:
+    """What eval.py computed for one checkpoint, and what it read to compute it."""
+    metrics: dict
+    captions: list                               # (row, text): one caption per image captioned
+    data: object
+    model: LVLM
+    vocab: Vocab
+    cfg: object
+    step: int
+    reference: dict | None                       # for loss_top_weight and ratio retrieval
+
+
+def evaluate_checkpoint(args, device, log=print):
+    """eval.py's work for its parsed flags `args` (FLAGS), without printing or writing (study.photo_debias
+    calls it so, with the same flags as the command line)."""
     if not os.path.isfile(args['ckpt']):
         raise ConfigError(f"--ckpt: no checkpoint at {args['ckpt']}")
     model, vocab, cfg, ckpt = load_trained(args['ckpt'], device)
@@ -329,26 +343,33 @@ def main(argv):
     debias = debias_for(cfg, own, device, args['debias_min_weight']) if args['debias'] else None   # own reference only
     if args['dataset']:                           # evaluate on other data than the run's own
         cfg.dataset, cfg.image_root, cfg.skip_bad = args['dataset'], args['image_root'], args['skip_bad']
-    data = load_splits(cfg, names=(args['split'],))[args['split']].encode(vocab)
+    data = load_splits(cfg, names=(args['split'],), log=log)[args['split']].encode(vocab)
     if caches_features(cfg):                      # as train.py: the frozen encoder's features, computed once,
         cfg.out_dir = os.path.dirname(os.path.abspath(args['ckpt']))      # beside the run folder as it is now
-        use_cached_features({args['split']: data}, model.vision, device, cache_root(cfg))
+        use_cached_features({args['split']: data}, model.vision, device, cache_root(cfg), log=log)
     ctx = precision_context(device, cfg.precision)            # the run's own, as its final eval
     beam = args['beam'] or cfg.beam
     length_penalty = cfg.length_penalty if args['length_penalty'] < 0 else args['length_penalty']
     metrics, captions = evaluate(model, data, vocab, device, n_generate=args['n_generate'], ctx=ctx,
                                  reference=reference, beam=beam, length_penalty=length_penalty, debias=debias)
-    print(f"{args['ckpt']} ({cfg.arch}, {cfg.loss}{', debiased' if debias else ''}, step {ckpt['step']}) on "
-          f"{cfg.dataset} {args['split']}:")
-    print(sample_report(captions, data))
-    print(format_table({cfg.loss: metrics}))
-    out = args['out'] or output_path(args['ckpt'], args['dataset'], args['split'], ckpt['step'], bool(debias))
-    atomic_write(out, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+    return Evaluation(metrics, captions, data, model, vocab, cfg, ckpt['step'], reference)
+
+
+def main(argv):
+    args = parse_flags(argv, FLAGS)
+    device = resolve_device(args['device'])
+    e = evaluate_checkpoint(args, device)
+    print(f"{args['ckpt']} ({e.cfg.arch}, {e.cfg.loss}{', debiased' if args['debias'] else ''}, step {e.step}) on "
+          f"{e.cfg.dataset} {args['split']}:")
+    print(sample_report(e.captions, e.data))
+    print(format_table({e.cfg.loss: e.metrics}))
+    out = args['out'] or output_path(args['ckpt'], args['dataset'], args['split'], e.step, args['debias'])
+    atomic_write(out, lambda f: f.write(json.dumps(e.metrics, indent=1).encode()))
     print(f"wrote {out}")
     if args['figure']:
-        if not reference:
+        if not e.reference:
             raise ConfigError("--figure needs the reference LM; this run had none (loss=ntp, init_lm!=ref)")
-        weights_figure(model, data, vocab, reference, cfg.alpha, cfg.weight_floor, device, args['figure'])
+        weights_figure(e.model, e.data, e.vocab, e.reference, e.cfg.alpha, e.cfg.weight_floor, device, args['figure'])
         print(f"wrote {args['figure']}")
 
 

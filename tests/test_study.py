@@ -16,6 +16,7 @@ from study import stats
 from study import plan
 from study.flickr import noisy_dataset
 from study.noise_echo import strip_noise
+from study.photo_debias import FLOORS
 from study.plan import PRESETS, SETTINGS, run_name, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,6 +203,27 @@ def test_flickr_comparison_runs_pairs_and_resumes(tmp_path):
     ntp = json.loads((tmp_path / 'results' / 'noise_echo' / 'noisy_ntp_seed1.json').read_text())
     assert ntp['bleu4'] == pytest.approx(noisy_eval['bleu4'], abs=1e-9)     # the run's own captions, again
     assert '| attribution |' in (tmp_path / 'results' / 'noise_echo.md').read_text()
+    debias_cmd = [sys.executable, '-m', 'study.photo_debias', '--seeds=1,2', f'--out={tmp_path / "out"}',
+                  f'--results={tmp_path / "results"}']
+    debias = subprocess.run(debias_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert debias.returncode == 0, debias.stderr[-2000:]
+    table = (tmp_path / 'results' / 'debias.md').read_text()
+    assert '## noisy (seeds 1;' in table and '## full (seeds 1, 2;' in table and '| attribution |' in table
+    assert 'Holm across all 18 tests' in table       # 2 arms x 4 metrics (full), x 5 with the attribution (noisy)
+    evals = tmp_path / 'results' / 'debias'
+    val = {f: json.loads((evals / f'full_prior_seed{s}_val_floor{f}.json').read_text())['cider']
+           for f in FLOORS for s in (1, 2)}
+    chosen = float(table.split('## full')[1].split('Floor chosen on val: ')[1].split(' ')[0])
+    means = {f: sum(json.loads((evals / f'full_prior_seed{s}_val_floor{f}.json').read_text())['cider']
+                    for s in (1, 2)) / 2 for f in FLOORS}
+    assert val and means[chosen] == max(means.values())             # chosen on val, never on test
+    plain = json.loads((evals / 'full_prior_seed1_test.json').read_text())
+    own = json.loads((tmp_path / 'results' / 'runs' / 'full_prior_seed1.json').read_text())['test']
+    assert plain['bleu4'] == pytest.approx(own['bleu4'], abs=1e-9) and plain['loss'] == pytest.approx(own['loss'])
+    debiased = json.loads((evals / f'full_prior_seed1_test_floor{chosen}.json').read_text())
+    assert debiased['floor'] == chosen and debiased['loss'] != pytest.approx(plain['loss'])   # the corrected model
+    again = subprocess.run(debias_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and '.json:' not in again.stdout                # every evaluation reused
     margin = subprocess.run([sys.executable, '-m', 'study.retrieval_margin',
                              f'--ckpt={tmp_path}/out/full_ntp_seed1/ckpt.pt', '--split=test'],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
