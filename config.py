@@ -117,6 +117,8 @@ class Config:
     eval_interval: int = 50      # val loss every N iterations (and at the end)
     eval_batches: int = 16       # val batches per periodic eval (16 x 32 covers the 500 shapes val captions)
     ckpt_interval: int = 250     # 0: only at the end
+    patience: int = 0            # > 0: stop when val loss has not improved for this many evaluations in a row;
+                                 # the weights of the best val loss go to best.pt and to the test eval (runs/early_stop.py)
     resume: bool = False
     final_eval: bool = True      # run eval.py's metrics on the test split at the end
     beam: int = 1                # captions in eval.py and sample.py: 1 = greedy, K > 1 = beam search of width K
@@ -185,7 +187,7 @@ RANGES = {
     'min_lr_ratio': (0, 1), 'warmup_iters': (0, None), 'weight_decay': (0, None), 'beta1': (0, 0.9999),
     'beta2': (0, 0.9999), 'grad_clip': (0, None), 'log_interval': (1, None), 'eval_interval': (1, None),
     'eval_batches': (1, None), 'ckpt_interval': (0, None), 'seed': (0, None), 'num_workers': (0, None),
-    'lr_decay_iters': (0, None), 'beam': (1, None), 'length_penalty': (0, None),
+    'lr_decay_iters': (0, None), 'patience': (0, None), 'beam': (1, None), 'length_penalty': (0, None),
 }
 
 

@@ -38,6 +38,7 @@ from runs.caches import cache_root, captions_fingerprint, image_digests, images_
 from runs.cli import cli
 from runs.devices import (barrier, device_peak_flops, grad_scaler, precision_context, resolve_device,
                           resolve_precision, setup_processes, to_device, wrap)
+from runs.early_stop import EarlyStop, best_path
 from runs.errors import ConfigError
 from runs.files import (append_log, atomic_write, check_out_dir, checkpoint_path, claim_dir, load_checkpoint,
                         save_checkpoint, start_log, weights_digest)
@@ -124,6 +125,7 @@ def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
     m = evaluation.teacher_forced_metrics(model, val_data, vocab, rows, device, ctx=ctx)
     record({'step': step, **{f'val_{k}': v for k, v in m.items()}})
     log(f"step {step}: {evaluation.val_summary(m)}")
+    return m
 
 
 @dataclass
@@ -147,6 +149,7 @@ class Job:
     raw_model: object
     optimizer: object
     inputs: dict                    # the training captions', images' and reference's digests
+    early: EarlyStop                # the best val loss so far, with patience > 0 (runs/early_stop.py)
     step: int = 0
     saved_step: int = None          # the last checkpoint written (or resumed from)
     t_start: float = 0.0            # when this part of the run began (a resume is a new part),
@@ -160,9 +163,9 @@ class Job:
         if self.tracker:
             self.tracker.log({k: v for k, v in entry.items() if k != 'step'}, step=entry['step'])
 
-    def save(self):
-        """This step's checkpoint. The run folder is self-contained: eval.py needs no other file
-        (reference.pt, written once) and no working directory."""
+    def save(self, path=None):
+        """This step's checkpoint (or, at `path`, a copy such as best.pt). The run folder is self-contained:
+        eval.py needs no other file (reference.pt, written once) and no working directory."""
         cuda = str(self.device).startswith('cuda')
         save_checkpoint({'model': self.raw_model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                          'scaler': self.scaler.state_dict() if self.scaler else None, 'config': as_dict(self.cfg),
@@ -170,9 +173,11 @@ class Job:
                          'data_position': self.step * global_batch(self.cfg, self.world), **self.inputs,
                          'ref_ckpt': self.ref_ckpt,
                          'rng': {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None},
-                         'wall_parts_s': self.wall_parts()},
-                        checkpoint_path(self.cfg.out_dir))
-        self.saved_step = self.step
+                         'wall_parts_s': self.wall_parts(),
+                         **({'early_stop': self.early.state()} if self.cfg.patience else {})},
+                        path or checkpoint_path(self.cfg.out_dir))
+        if path is None:
+            self.saved_step = self.step
 
 
 def train(cfg, log=print, loss_fn=objective):
@@ -239,8 +244,9 @@ def setup(cfg, log, ckpt):
         if ref_ckpt:
             keep_reference(ref_ckpt, cfg.out_dir)
     wrapped = wrap(model, cfg.compile, ddp, device)
+    early = EarlyStop(cfg.patience, ckpt.get('early_stop') if ckpt else None)
     return Job(cfg, log, ddp, device, rank, world, precision_context(device, cfg.precision), scaler, tracker, splits,
-               vocab, ref_ckpt, ref_probs, reference, wrapped, model, optimizer, inputs, step,
+               vocab, ref_ckpt, ref_probs, reference, wrapped, model, optimizer, inputs, early, step,
                saved_step=step if ckpt else None)
 
 
@@ -265,7 +271,7 @@ def train_loop(job, loss_fn, stopper, ckpt):
     meter, guard = Throughput(device, job.world, cfg.max_iters, job.step), FiniteGuard(cfg.max_iters, device)
     stopper.deferring = True                     # from here a signal ends the run after the step in progress
     stopper.where = f"a second time, at once ({ckpt_path} is the last checkpoint written)"
-    while job.step < cfg.max_iters:
+    while job.step < cfg.max_iters and not job.early.done:
         loss_sum, grad_norm, lr, flops, tokens = train_step(cfg, job.model, job.raw_model, job.optimizer, train_data,
                                                             batches, job.step, ref_probs_of, loss_fn, device, job.ctx,
                                                             job.world, job.scaler)
@@ -287,16 +293,40 @@ def train_loop(job, loss_fn, stopper, ckpt):
             guard.check(job.saved_step, ckpt_path)   # on every process: the same answer (gradients are all-reduced)
         if job.rank == 0 and (do_eval or do_save):
             with meter.paused():                 # evaluation and checkpoints are not training time
-                if do_eval:
-                    validate(cfg, job.raw_model, job.splits['val'], job.vocab, device, job.ctx, job.step,
-                             job.record, log)
-                if do_save:
-                    job.save()
+                validate_and_save(job, do_eval, do_save)
+        if do_eval and cfg.patience and stops_early(job):
+            job.saved_step = job.step            # (the master saved where it stopped)
+            break
         job.saved_step = job.step if do_save else job.saved_step      # (the master wrote it)
         stopper.stop_if_requested(job.step, ckpt_path, lambda: guard.check(job.saved_step, ckpt_path),
                                   job.save if job.rank == 0 and not do_save else None)
     stopper.deferring = False
     report_broken(train_data.images, log)
+
+
+def validate_and_save(job, do_eval, do_save):
+    """The master's work at an eval or checkpoint step. With patience: best.pt when val loss is the best
+    so far, and a checkpoint where an early stop ends the run."""
+    cfg = job.cfg
+    if do_eval:
+        m = validate(cfg, job.raw_model, job.splits['val'], job.vocab, job.device, job.ctx, job.step, job.record,
+                     job.log)
+        if cfg.patience and job.early.improved(job.step, m['loss']):
+            job.save(best_path(cfg.out_dir))
+        if job.early.done:
+            job.log(f"early stop at step {job.step}: no better val loss in {cfg.patience} evaluations since step "
+                    f"{job.early.best_step} ({job.early.best_loss:.4f}); best.pt holds those weights")
+            do_save = True
+    if do_save:
+        job.save()
+
+
+def stops_early(job):
+    """Whether every process stops here: the master alone evaluated, so it tells the others."""
+    stop = torch.tensor([job.early.done], device=job.device)
+    if job.ddp:
+        dist.broadcast(stop, 0)
+    return bool(stop.item())
 
 
 def finish(job):
@@ -305,10 +335,14 @@ def finish(job):
     if job.rank == 0:
         plot_run(os.path.join(cfg.out_dir, 'log.jsonl'), os.path.join(cfg.out_dir, 'loss.png'))
         if cfg.final_eval:
+            if cfg.patience:                     # the weights of the best val loss
+                job.raw_model.load_state_dict(load_checkpoint(best_path(cfg.out_dir))['model'])
             test = job.splits['test']
             results, captions = evaluation.evaluate(job.raw_model, test, job.vocab, job.device, ctx=job.ctx,
                                                     reference=job.reference, beam=cfg.beam,
                                                     length_penalty=cfg.length_penalty)
+            if cfg.patience:
+                results['best_step'] = job.early.best_step
             atomic_write(os.path.join(cfg.out_dir, 'eval_test.json'),
                          lambda f: f.write(json.dumps(results, indent=1).encode()))
             how = 'greedy' if cfg.beam == 1 else f'beam {cfg.beam}'

@@ -1,0 +1,72 @@
+"""Early stopping on val loss (runs/early_stop.py, train.py's `patience`): where a run stops, what
+best.pt holds, what the test evaluation reads, and that a resumed run stops where the uninterrupted
+one did, with the same weights."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import eval as evaluation
+import train as train_module
+from runs.cli import parse_flags
+from runs.early_stop import EarlyStop
+from runs.files import load_checkpoint
+
+
+def test_the_count_restarts_at_each_improvement_and_nan_never_improves():
+    e = EarlyStop(2)
+    seen = [e.improved(s, loss) for s, loss in ((1, 3.0), (2, 2.0), (3, 2.5), (4, 1.5), (5, float('nan')))]
+    assert seen == [True, True, False, True, False]
+    assert (e.best_step, e.best_loss, e.evals_since, e.done) == (4, 1.5, 1, False)
+    assert not e.improved(6, 1.5) and e.done                 # equal is no improvement: the second in a row
+    assert EarlyStop(2, e.state()).state() == e.state() and EarlyStop(2, e.state()).done
+    assert not EarlyStop(0, e.state()).done                  # patience 0: never stops
+
+
+# The val loss each evaluation reports (by step): best at 4, then at 8, then two worse ones.
+SCRIPT = {2: 3.0, 4: 2.0, 6: 2.4, 8: 1.9, 10: 2.2, 12: 2.3, 14: 2.5, 16: 2.6, 18: 2.7, 20: 2.8}
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    real = train_module.validate
+
+    def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
+        m = real(cfg, model, val_data, vocab, device, ctx, step, record, log)
+        return {**m, 'loss': SCRIPT.get(step, m['loss'])}
+    monkeypatch.setattr(train_module, 'validate', validate)
+
+
+def weights(path):
+    return load_checkpoint(str(path))['model']
+
+
+def test_a_run_stops_after_patience_evaluations_and_is_tested_on_its_best_weights(tiny_cfg, scripted):
+    cfg = dataclasses.replace(tiny_cfg, max_iters=20, eval_interval=2, ckpt_interval=4, patience=2)
+    results = train_module.train(cfg, log=lambda *a, **k: None)
+    out = tiny_cfg.out_dir
+    assert load_checkpoint(f'{out}/ckpt.pt')['step'] == 12 and load_checkpoint(f'{out}/best.pt')['step'] == 8
+    assert results['best_step'] == 8
+    val_steps = [r['step'] for r in map(json.loads, open(f'{out}/log.jsonl')) if 'val_loss' in r]
+    assert val_steps[-1] == 12                                # nothing trained after the stop
+    best = evaluation.evaluate_checkpoint(parse_flags([f'--ckpt={out}/best.pt', '--device=cpu'], evaluation.FLAGS),
+                                          torch.device('cpu'), log=lambda *a: None).metrics
+    last = evaluation.evaluate_checkpoint(parse_flags([f'--ckpt={out}/ckpt.pt', '--device=cpu'], evaluation.FLAGS),
+                                          torch.device('cpu'), log=lambda *a: None).metrics
+    assert results['loss'] == pytest.approx(best['loss'], abs=1e-6) and results['loss'] != pytest.approx(last['loss'])
+
+
+def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tiny_cfg, tmp_path, scripted):
+    whole = dataclasses.replace(tiny_cfg, max_iters=20, eval_interval=2, ckpt_interval=4, patience=2,
+                                final_eval=False, dropout=0.1, out_dir=str(tmp_path / 'whole'))
+    train_module.train(whole, log=lambda *a, **k: None)
+    parts = dataclasses.replace(whole, out_dir=str(tmp_path / 'parts'))
+    train_module.train(dataclasses.replace(parts, max_iters=8, lr_decay_iters=20), log=lambda *a, **k: None)
+    train_module.train(dataclasses.replace(parts, lr_decay_iters=20, resume=True), log=lambda *a, **k: None)
+    for name in ('ckpt.pt', 'best.pt'):
+        a, b = weights(tmp_path / 'whole' / name), weights(tmp_path / 'parts' / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert load_checkpoint(str(tmp_path / 'parts' / 'ckpt.pt'))['step'] == 12
+    train_module.train(dataclasses.replace(parts, lr_decay_iters=20, resume=True), log=lambda *a, **k: None)
+    assert load_checkpoint(str(tmp_path / 'parts' / 'ckpt.pt'))['step'] == 12      # a stopped run trains no more
