@@ -162,15 +162,11 @@ def timed_part(base, resuming):
         seconds += [end - start for start, end in parts]
 
 
-def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
-    record = finished(config, condition, loss, seed, out_root, runs_dir, extra)
-    if record:
-        return record
-    name = run_name(condition, loss, seed)
-    out_dir, cmd = os.path.join(out_root, name), command(config, condition, loss, seed, out_root, extra)
-    resuming = os.path.isfile(checkpoint_path(out_dir))
-    if resuming:
-        cmd.append('--resume=True')
+def launch(cmd, name, out_root, threads):
+    """Run train.py's command `cmd` (out_dir <out_root>/<name>) in its own process, resumed if it has a
+    checkpoint, its output in <out_root>/<name>.log: {command, wall_s, wall_parts_s, commit, uncommitted}."""
+    resuming = os.path.isfile(checkpoint_path(os.path.join(out_root, name)))
+    cmd = list(cmd) + ['--resume=True'] * resuming
     env = dict(os.environ, PYTHONUNBUFFERED='1', **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
     commit, uncommitted = code_state()
     os.makedirs(out_root, exist_ok=True)
@@ -179,12 +175,21 @@ def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode:
         raise ConfigError(f"run {name} failed (exit {done.returncode}); see {out_root}/{name}.log")
-    with open(os.path.join(out_dir, 'eval_test.json')) as f:
+    return dict(command=' '.join(cmd[1:]), wall_s=round(sum(parts), 1), wall_parts_s=[round(p, 1) for p in parts],
+                commit=commit, uncommitted=uncommitted)      # the code as the run started
+
+
+def run(config, condition, loss, seed, out_root, runs_dir, threads, extra):
+    record = finished(config, condition, loss, seed, out_root, runs_dir, extra)
+    if record:
+        return record
+    name = run_name(condition, loss, seed)
+    done = launch(command(config, condition, loss, seed, out_root, extra), name, out_root, threads)
+    with open(os.path.join(out_root, name, 'eval_test.json')) as f:
         test = json.load(f)
-    record = dict(name=name, condition=condition, loss=loss, seed=seed, command=' '.join(cmd[1:]),
-                  config_sha256=file_sha256(config), wall_s=round(sum(parts), 1),
-                  wall_parts_s=[round(p, 1) for p in parts], test=test,
-                  commit=commit, uncommitted=uncommitted)    # the code as the run started
+    record = dict(name=name, condition=condition, loss=loss, seed=seed, command=done['command'],
+                  config_sha256=file_sha256(config), wall_s=done['wall_s'], wall_parts_s=done['wall_parts_s'],
+                  test=test, commit=done['commit'], uncommitted=done['uncommitted'])
     atomic_write(os.path.join(runs_dir, name + '.json'), lambda f: f.write(json.dumps(record, indent=1).encode()))
     print(f"{name}: {', '.join(f'{m} {test[m]:.4f}' for m in METRICS)} ({record['wall_s']:.0f} s)", flush=True)
     return record

@@ -123,6 +123,22 @@ def power_law_ci(points, seed=0, level=0.95):
     return float(lo), float(hi)
 
 
+def exponent_difference_ci(points_a, points_b, seed=0, level=0.95):
+    """Bootstrap interval of k_b - k_a for two objectives measured on the same seeds: points_* is
+    {x: {seed: y}}; each draw resamples the seeds at every x, the same ones for both (they are paired)."""
+    xs = sorted(points_a)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(N_BOOT):
+        draws = {x: [sorted(points_a[x])[i] for i in rng.integers(len(points_a[x]), size=len(points_a[x]))]
+                 for x in xs}
+        ka = fit_power_law(xs, [np.mean([points_a[x][s] for s in draws[x]]) for x in xs])[0]
+        kb = fit_power_law(xs, [np.mean([points_b[x][s] for s in draws[x]]) for x in xs])[0]
+        diffs.append(kb - ka)
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def first_step_reaching(curve, target, higher_better=True):
     """The first step of a [(step, value)] curve whose value reaches target; None if none does."""
     for step, value in curve:
