@@ -63,9 +63,9 @@ PRESETS = {
         base=dict(n_train=96, n_val=32, n_test=32, n_layer=1, n_head=2, n_embd=16, vit_layer=1, vit_embd=16,
                   max_iters=8, warmup_iters=2, batch_size=8, eval_interval=2, eval_batches=1, log_interval=4,
                   ckpt_interval=0, ref_max_iters=4, ref_batch_size=16, enc_max_iters=4, enc_batch_size=16),
-        objectives=('ntp', 'prior', 'prior_floor', 'label', 'gain', 'prior_gain'), noisy_objectives=('ntp', 'prior'),
+        objectives=('ntp', 'prior', 'prior_floor', 'label', 'gain'), noisy_objectives=('ntp', 'prior'),
         lrs=[2e-3, 4e-3, 8e-3], seeds=[1, 2], floor=0.2, n_generate=4, caption_noise=0.3,
-        compute_fractions=[1 / 4, 1 / 2], data_fractions=[1 / 2], scaling_seeds=2, frozen_lm_seeds=1),
+        compute_fractions=[1 / 2], data_fractions=[1 / 2], scaling_seeds=2, frozen_lm_seeds=1),
 }
 
 
