@@ -63,6 +63,7 @@ CONDITIONS = {'frozen': ['--freeze_lm=True'], 'full': [], 'noisy': []}
 METRICS = ('retrieval_r1', 'retrieval_r5', 'retrieval_ratio_r1', 'retrieval_ratio_r5', 'bleu4', 'cider', 'distinct',
            'loss', 'loss_top_weight')
 LOWER_BETTER = {'loss_top_weight', 'loss'}
+DESCRIBED = ('bleu1', 'bleu2', 'bleu3')          # shown where every run has them (since beam search), not tested
 
 # The noisy condition's alt-text, fixed before any run (seeded; a share of training captions each).
 BOILERPLATE = ('Stock photo:', 'Image of', 'Photo:', 'Free stock photo:', 'High resolution image:')
@@ -277,6 +278,13 @@ def summary(records, conditions, losses, config, weights=None):
                 row.append(f"{t['mean']:+.4f} [{t['ci'][0]:+.4f}, {t['ci'][1]:+.4f}], {t['p']:.3f}, {t['p_holm']:.3f}"
                            + (f" (**{better}**)" if t['significant'] else ''))
             lines.append(f"| {m}{' (lower is better)' if m in LOWER_BETTER else ''} | " + ' | '.join(row) + ' |')
+        for m in (m for m in DESCRIBED if all(m in by[cond, loss, s]['test'] for loss in losses for s in seeds)):
+            cells = [stats.mean_std([by[cond, loss, s]['test'][m] for s in seeds]) for loss in losses]
+            diffs = [stats.t_test([by[cond, loss, s]['test'][m] - by[cond, losses[0], s]['test'][m] for s in seeds])
+                     for loss in losses[1:]]
+            lines.append(f"| {m} (not tested) | " + ' | '.join(f"{mean:.4f} ± {std:.4f}" for mean, std, _ in cells) +
+                         ' | ' + ' | '.join(f"{t['mean']:+.4f} [{t['ci'][0]:+.4f}, {t['ci'][1]:+.4f}], {t['p']:.3f}, -"
+                                            if t['n'] > 1 else 'n/a' for t in diffs) + ' |')
         lines.append('')
     if weights:
         lines += [f"PRIOR's mean training weight per token kind on the noisy training captions (1 = NTP; from the "
@@ -285,8 +293,10 @@ def summary(records, conditions, losses, config, weights=None):
     walls = sorted(r['wall_s'] for r in records)
     commits = ', '.join(f"{c[:7]} ({n} run{'s' * (n > 1)})"
                         for c, n in collections.Counter(r['commit'] for r in records).items())
+    resumed = ("the sum of its parts, listed in its record's wall_parts_s" if all('wall_parts_s' in r for r in records)
+               else "its last part")             # records made before wall_parts_s was kept
     lines += [f"{len(records)} runs; wall time {walls[0] / 60:.1f} to {walls[-1] / 60:.1f} min each (a resumed run: "
-              f"the sum of its parts, listed in its record's wall_parts_s; the first run also builds the caches). "
+              f"{resumed}; the first run also builds the caches). "
               f"Commits as the runs started: {commits}. "
               f"± is the std over seeds; intervals are t-based over the seed pairs; p is the paired t-test's; Holm p "
               f"is corrected across all {len(tests)} tests above; bold: significant after that correction (and which "
