@@ -294,7 +294,7 @@ def train_loop(job, loss_fn, stopper, ckpt):
         if job.rank == 0 and (do_eval or do_save):
             with meter.paused():                 # evaluation and checkpoints are not training time
                 validate_and_save(job, do_eval, do_save)
-        if do_eval and cfg.patience and stops_early(job):
+        if do_eval and cfg.patience and job.early.everyone_stops(job.device, job.ddp):
             job.saved_step = job.step            # (the master saved where it stopped)
             break
         job.saved_step = job.step if do_save else job.saved_step      # (the master wrote it)
@@ -319,14 +319,6 @@ def validate_and_save(job, do_eval, do_save):
             do_save = True
     if do_save:
         job.save()
-
-
-def stops_early(job):
-    """Whether every process stops here: the master alone evaluated, so it tells the others."""
-    stop = torch.tensor([job.early.done], device=job.device)
-    if job.ddp:
-        dist.broadcast(stop, 0)
-    return bool(stop.item())
 
 
 def finish(job):

@@ -8,6 +8,9 @@ The state travels in ckpt.pt, so a resumed run stops where the uninterrupted one
 import math
 import os
 
+import torch
+import torch.distributed as dist
+
 
 def best_path(out_dir):
     return os.path.join(out_dir, 'best.pt')
@@ -36,3 +39,10 @@ class EarlyStop:
     @property
     def done(self):
         return self.patience > 0 and self.evals_since >= self.patience
+
+    def everyone_stops(self, device, ddp):
+        """Whether every process stops now: the master alone evaluated, so it tells the others."""
+        stop = torch.tensor([self.done], device=device)
+        if ddp:
+            dist.broadcast(stop, 0)
+        return bool(stop.item())
