@@ -251,8 +251,8 @@ def setup(cfg, log, ckpt):
 
 
 def train_loop(job, loss_fn, stopper, ckpt):
-    """The steps from job.step to cfg.max_iters: a log line every log_interval steps, validation
-    every eval_interval, a checkpoint every ckpt_interval and at the end."""
+    """The steps from job.step to cfg.max_iters (or an early stop, with patience): a log line every
+    log_interval steps, validation every eval_interval, a checkpoint every ckpt_interval and at the end."""
     cfg, log, device, cuda = job.cfg, job.log, job.device, str(job.device).startswith('cuda')
     ckpt_path = checkpoint_path(cfg.out_dir)
     peak, n = device_peak_flops(device), global_batch(cfg, job.world)
