@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from runs.errors import ConfigError, OutDirBusy, StorageError
+from runs.errors import ConfigError, OutDirBusy, RunStopped, StorageError
 
 
 def temp_path(path):
@@ -87,6 +87,8 @@ def load_checkpoint(path, map_location='cpu', required=(), mmap=False):
     except pickle.UnpicklingError:
         raise ConfigError(f"checkpoint {path} is not a plain PyTorch checkpoint (not one at all, or it would "
                          f"run code when loaded); refused without loading it") from None
+    except RunStopped:                           # a signal while reading: the file is not to blame
+        raise
     except Exception as e:                       # whatever a torn or foreign file trips the unpickler on
         raise ConfigError(f"checkpoint {path} is empty, truncated or not a PyTorch checkpoint "
                          f"({type(e).__name__})") from None

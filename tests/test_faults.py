@@ -442,6 +442,19 @@ def test_a_signal_a_library_re_raised_as_its_own_error_is_still_one_line(capsys)
         one_line_error(capsys, [], lambda argv: main(argv, signal=False))
 
 
+def test_a_signal_while_a_checkpoint_is_read_is_not_blamed_on_the_file(tmp_path, monkeypatch):
+    """It was once reported as 'checkpoint ... is empty, truncated or not a PyTorch checkpoint (Interrupted)'."""
+    from runs import files
+    path = tmp_path / 'ref.pt'
+    torch.save({'model': {}}, path)
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted('stopped by SIGINT')
+    monkeypatch.setattr(files.torch, 'load', interrupted)
+    with pytest.raises(Interrupted):
+        load_checkpoint(str(path))
+
+
 def test_under_torchrun_an_error_is_printed_once_with_the_rank_where_it_happened(capsys, monkeypatch, tmp_path):
     from runs.cli import cli
 
