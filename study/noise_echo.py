@@ -44,6 +44,12 @@ def strip_noise(text):
     return PREFIX.sub('', ATTRIBUTION.sub('', text))
 
 
+def noise_shares(texts):
+    """The share of captions that carry an attribution, and the share that start with a boilerplate prefix."""
+    return {'attribution': sum(bool(ATTRIBUTION.search(t)) for t in texts) / len(texts),
+            'boilerplate': sum(bool(PREFIX.match(t)) for t in texts) / len(texts)}
+
+
 def echo(ckpt_path, n_generate):
     """The figures of one checkpoint on its test split, and three of its captions."""
     model, vocab, cfg, _ = load_trained(ckpt_path, torch.device('cpu'))
@@ -54,9 +60,7 @@ def echo(ckpt_path, n_generate):
     refs = caption_refs(data, [row for row, _ in captions])
     texts = [text for _, text in captions]
     cut = [strip_noise(t) for t in texts]
-    return {'attribution': sum(bool(ATTRIBUTION.search(t)) for t in texts) / len(texts),
-            'boilerplate': sum(bool(PREFIX.match(t)) for t in texts) / len(texts),
-            'bleu4': metrics['bleu4'], 'cider': metrics['cider'],
+    return {**noise_shares(texts), 'bleu4': metrics['bleu4'], 'cider': metrics['cider'],
             'bleu4_cut': bleu([words(t) for t in cut], refs)[3], 'cider_cut': cider_d([words(t) for t in cut], refs),
             'examples': texts[:3]}
 

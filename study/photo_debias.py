@@ -34,7 +34,7 @@ from runs.errors import ConfigError
 from runs.files import atomic_write, checkpoint_path
 from study import stats
 from study.flickr import read_json, run_name
-from study.noise_echo import ATTRIBUTION, PREFIX
+from study.noise_echo import noise_shares
 
 FLAGS = {'seeds': '1,2,3,4,5', 'conditions': 'noisy,full', 'out': 'out/flickr_beam3',
          'results': 'study/results/flickr_beam3'}
@@ -56,9 +56,7 @@ def scored(ckpt, split, path, floor=None):
     e = evaluation.evaluate_checkpoint(parse_flags(flags, evaluation.FLAGS), torch.device('cpu'), log=lambda *a: None)
     texts = [text for _, text in e.captions]
     record = {'ckpt': ckpt, 'split': split, 'floor': floor, **{m: e.metrics[m] for m in METRICS},
-              'attribution': sum(bool(ATTRIBUTION.search(t)) for t in texts) / len(texts),
-              'boilerplate': sum(bool(PREFIX.match(t)) for t in texts) / len(texts),
-              'beam': e.metrics['beam'], 'captions': e.captions}
+              **noise_shares(texts), 'beam': e.metrics['beam'], 'captions': e.captions}
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
     print(f"{os.path.basename(path)}: " + ', '.join(f"{m} {record[m]:.4f}" for m in ('bleu4', 'cider', 'attribution')),
           flush=True)

@@ -50,22 +50,25 @@ def paired(pts, arm, base='ntp'):
     return ({n: a[n] for n in sizes}, {n: b[n] for n in sizes}) if len(sizes) > 1 else None
 
 
-def fit(pt):
-    """{k, a, r2, ci95} of one arm's {n: {seed: error}}, or None when it has fewer than two sizes or an
-    error that is not positive (a power law cannot reach 0)."""
+def fittable(pt):
+    """(sizes, mean error over seeds at each) of one arm's {n: {seed: error}}, or None when it has fewer
+    than two sizes or an error that is not positive (a power law cannot reach 0)."""
     xs = sorted(pt)
     means = [float(np.mean(list(pt[n].values()))) for n in xs]
-    if len(xs) < 2 or min(means) <= 0:
+    return (xs, means) if len(xs) > 1 and min(means) > 0 else None
+
+
+def fit(pt):
+    """{k, a, r2, ci95} of one arm's points, or None (see fittable)."""
+    if not fittable(pt):
         return None
-    k, a, r2 = stats.fit_power_law(xs, means)
-    return {'k': k, 'a': a, 'r2': r2, 'ci95': stats.power_law_ci({n: list(pt[n].values()) for n in xs})}
+    k, a, r2 = stats.fit_power_law(*fittable(pt))
+    return {'k': k, 'a': a, 'r2': r2, 'ci95': stats.power_law_ci({n: list(ys.values()) for n, ys in pt.items()})}
 
 
 def exponent(pt):
-    """The fitted exponent alone (no interval), or None as in fit."""
-    xs = sorted(pt)
-    means = [float(np.mean(list(pt[n].values()))) for n in xs]
-    return stats.fit_power_law(xs, means)[0] if len(xs) > 1 and min(means) > 0 else None
+    """The fitted exponent alone (no interval), or None (see fittable)."""
+    return stats.fit_power_law(*fittable(pt))[0] if fittable(pt) else None
 
 
 def tables(records):
