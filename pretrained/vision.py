@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.flop_counter
-import torchvision
 
 from runs.errors import ConfigError
 from runs.files import load_checkpoint
@@ -47,6 +46,7 @@ class TorchvisionEncoder(GridEncoder):
     once; None is random); `state_dict`: the model's weights from a file instead."""
 
     def __init__(self, name, image_size, weights=None, state_dict=None):
+        import torchvision                       # on first use: see sources.images.torchvision_io
         super().__init__()
         model = torchvision.models.get_model(name, weights=weights)
         if state_dict is not None:               # the same weights saved to a file (offline nodes)

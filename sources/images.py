@@ -24,8 +24,6 @@ import struct
 import sys
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
 
 from runs.errors import ConfigError
 
@@ -124,11 +122,19 @@ def file_bytes(path, digest=None):
     return raw
 
 
+def torchvision_io():
+    """torchvision.io, imported on first use rather than at the top: torchvision takes over a second to
+    import (it pulls in torch._dynamo), and the built-in data, which most runs and tests use, never needs it."""
+    import torchvision.io
+    return torchvision.io
+
+
 def decode(path, raw=None):
     """An image file (or its bytes `raw`) as uint8 RGB [3,H,W] (grey, RGBA, palette, CMYK, 16-bit too;
     an animation's first frame)."""
+    io = torchvision_io()
     raw = file_bytes(path) if raw is None else raw
-    image = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    image = io.decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=io.ImageReadMode.RGB)
     return image[0] if image.dim() == 4 else image
 
 
@@ -166,6 +172,7 @@ def undecodable(paths, max_pixels):
     """({path: message} of the files torchvision cannot decode, {path: sha256} of the others), each
     tried once in a child process: a decoder crash takes down only the child and names the file it
     was on; the next child carries on after that file. The child's memory is capped near what max_pixels needs."""
+    torchvision_io()                             # before the fork: not again in each child, under its memory cap
     fork = multiprocessing.get_context('fork')
     problems, digests, start = {}, {}, 0
     while start < len(paths):
@@ -227,6 +234,7 @@ class ImageFiles:
     shared with the workers too) and CaptionData drops its caption tokens from the loss."""
 
     def __init__(self, paths, size, digests=None, skip_bad=False):
+        from torchvision.transforms import v2       # on first use, as torchvision_io()
         self.paths, self.size, self.digests, self.skip_bad = paths, size, digests, skip_bad
         self.transform = v2.Compose([v2.ToDtype(torch.uint8, scale=True), v2.Resize(size, antialias=True),
                                      v2.CenterCrop(size)])

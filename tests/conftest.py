@@ -3,6 +3,10 @@ import sys
 
 import pytest
 
+# The tests train tiny models, where one torch thread is fastest; it also lets `pytest -n auto`
+# (pytest-xdist) run one test per core without oversubscribing them. Their subprocesses inherit it.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
