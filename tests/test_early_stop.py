@@ -70,3 +70,30 @@ def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tiny_cfg, tmp_path,
     assert load_checkpoint(str(tmp_path / 'parts' / 'ckpt.pt'))['step'] == 12
     train_module.train(dataclasses.replace(parts, lr_decay_iters=20, resume=True), log=lambda *a, **k: None)
     assert load_checkpoint(str(tmp_path / 'parts' / 'ckpt.pt'))['step'] == 12      # a stopped run trains no more
+
+
+
+def expected_stop(val_losses, patience):
+    """(stop step, best step) by the rule, from a run's own logged (step, val loss) after step 0."""
+    rule = EarlyStop(patience)
+    for step, loss in val_losses:
+        rule.improved(step, loss)
+        if rule.done:
+            return step, rule.best_step
+    return None, rule.best_step
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_process_stops_at_the_masters_early_stop(tiny_cfg, tmp_path):
+    """Only the master evaluates; it tells the other process to stop. The run ends (no process
+    hangs) at the step its own val losses call for, and nothing trains past it. The high learning
+    rate makes val loss worsen at once, so the stop comes early."""
+    from test_train import as_flags, run_train
+    out = tmp_path / 'two'
+    run_train(as_flags(tiny_cfg, max_iters=16, eval_interval=1, ckpt_interval=0, final_eval=False, patience=1,
+                       learning_rate=0.1, batch_size=4, grad_accum=2, out_dir=str(out)), nproc=2)
+    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    stop, best = expected_stop([(r['step'], r['val_loss']) for r in rows if 'val_loss' in r and r['step'] > 0], 1)
+    assert stop is not None and stop < 16
+    assert load_checkpoint(str(out / 'ckpt.pt'))['step'] == stop and load_checkpoint(str(out / 'best.pt'))['step'] == best
+    assert [r['step'] for r in rows if 'train_loss' in r] == list(range(1, stop + 1))    # nothing past the stop
