@@ -49,7 +49,7 @@ from data import load_splits
 from decoding.generate import generate
 from metrics.caption_scores import caption_scores, rows_by_image
 from metrics.objects import attribute_value_ids, caption_metrics
-from metrics.retrieval import rank_of_first, recall_at, retrieval_candidates
+from metrics.retrieval import rank_of_first, recall_at, retrieval_candidates, retrieval_scores
 from model import LVLM, GPTConfig
 from pretrained.features import caches_features, use_cached_features
 from prior_loss import IGNORE, token_nll, token_weights
@@ -181,27 +181,13 @@ def retrieval_metrics(model, data, device, n_images=200, n_candidates=10, seed=0
         images, idx, targets, _ = data.batch(rows, device, same_image)
         with torch.no_grad(), ctx or contextlib.nullcontext():
             nll = token_nll(caption_logits(model, images, idx, debias), targets).cpu()
-        plain, ratio = retrieval_scores(nll, targets.cpu(), None if ref_probs is None else ref_probs[rows])
+        plain, ratio = retrieval_scores(nll, targets.cpu() != IGNORE, None if ref_probs is None else ref_probs[rows])
         ranks.append(rank_of_first(plain))
         if ratio is not None:
             ratio_ranks.append(rank_of_first(ratio))
     model.train(was_training)
     return {'retrieval_images': len(candidates), 'retrieval_candidates': n_candidates,
             **recall_at(ranks, 'retrieval'), **recall_at(ratio_ranks, 'retrieval_ratio')}
-
-
-def retrieval_scores(nll, targets, ref_probs=None):
-    """Scores of candidate captions (higher ranks first) from their per-token NLL [n,T] given the image:
-    minus the mean NLL per token, and (given P_r [n,T] of their tokens) the likelihood ratio
-    log p(c | image) - log P_r(c), or None."""
-    caption_nll = nll.sum(1)
-    plain = -caption_nll / (targets != IGNORE).sum(1)
-    return plain, None if ref_probs is None else -caption_nll + reference_nll(ref_probs, targets)
-
-
-def reference_nll(probs, targets):
-    """-log P_r of each caption (summed over its tokens), from per-token probabilities [N,T]."""
-    return -(probs.clamp(min=1e-30).log() * (targets != IGNORE)).sum(1)
 
 
 def evaluate(model, data, vocab, device, n_generate=0, ctx=None, reference=None, beam=1, length_penalty=0.0,

@@ -28,6 +28,20 @@ def retrieval_candidates(data, n_images=200, n_candidates=10, seed=0):
     return out
 
 
+def retrieval_scores(nll, mask, ref_probs=None):
+    """Scores of candidate captions (higher ranks first) from their per-token NLL [n,T] given the image
+    (`mask`: the caption tokens): minus the mean NLL per token, and (given P_r [n,T] of their tokens)
+    the likelihood ratio log p(c | image) - log P_r(c), or None."""
+    caption_nll = (nll * mask).sum(1)
+    plain = -caption_nll / mask.sum(1)
+    return plain, None if ref_probs is None else -caption_nll + reference_nll(ref_probs, mask)
+
+
+def reference_nll(probs, mask):
+    """-log P_r of each caption (summed over its tokens `mask`), from per-token probabilities [N,T]."""
+    return -(probs.clamp(min=1e-30).log() * mask).sum(1)
+
+
 def rank_of_first(scores):
     """The rank of the true caption, scores[0], among the candidates (higher scores rank first):
     1 + how many others score at least as high, so a tie counts against the true caption."""

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from data import CaptionData
-from eval import retrieval_scores, teacher_forced_metrics, top_weight_loss
+from eval import teacher_forced_metrics, top_weight_loss
 from metrics.caption_scores import cider_d
 from metrics.objects import caption_metrics
-from metrics.retrieval import rank_of_first, recall_at
+from metrics.retrieval import rank_of_first, recall_at, retrieval_scores
 from prior_loss import IGNORE, token_weights
 from reference import score_captions
 from sources.shapes import ATTRIBUTES, RELEVANT
@@ -159,14 +159,14 @@ def test_retrieval_scores_rank_by_mean_nll_and_by_likelihood_ratio():
     targets = torch.tensor([[1, 1, 1, 1, IGNORE, IGNORE], [1, 1, IGNORE, IGNORE, IGNORE, IGNORE], [1] * 6])
     nll = torch.tensor([[1.0, 1, 1, 1, 0, 0], [3, 0, 0, 0, 0, 0], [0.5] * 6])
     ref = torch.tensor([[math.exp(-1)] * 4 + [0, 0], [1.0, 1.0, 0, 0, 0, 0], [math.exp(-0.25)] * 6])
-    plain, ratio = retrieval_scores(nll, targets, ref)
+    plain, ratio = retrieval_scores(nll, targets != IGNORE, ref)
     # mean NLL per token: 4/4, 3/2, 3/6 -> the third ranks above the true one (by the sum, 4 > 3 = 3: last)
     torch.testing.assert_close(plain, torch.tensor([-1.0, -1.5, -0.5]))
     assert rank_of_first(plain) == 2
     # log p(c | image) - log P_r(c): -4 + 4, -3 + 0, -3 + 1.5 -> the true caption first
     torch.testing.assert_close(ratio, torch.tensor([0.0, -3.0, -1.5]))
     assert rank_of_first(ratio) == 1
-    assert retrieval_scores(nll, targets)[1] is None
+    assert retrieval_scores(nll, targets != IGNORE)[1] is None
 
 
 # ---- CIDEr-D ----
