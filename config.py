@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pretrained.vision import LITE_VARIANTS, TORCHVISION_ENCODERS
 from prior_loss import LOSSES
 from runs.cli import check_value, coerce, split_flag, unknown_key
+from runs.early_stop import STOP_METRICS
 from runs.errors import ConfigError
 
 
@@ -117,8 +118,10 @@ class Config:
     eval_interval: int = 50      # val loss every N iterations (and at the end)
     eval_batches: int = 16       # val batches per periodic eval (16 x 32 covers the 500 shapes val captions)
     ckpt_interval: int = 250     # 0: only at the end
-    patience: int = 0            # > 0: stop when val loss has not improved for this many evaluations in a row;
-                                 # the weights of the best val loss go to best.pt and to the test eval (runs/early_stop.py)
+    patience: int = 0            # > 0: stop when val `stop_on` has not improved for this many evaluations in a
+                                 # row; the weights of its best value go to best.pt and the test eval (runs/early_stop.py)
+    stop_on: str = 'loss'        # the val metric of early stopping: 'loss', or on the shapes data also
+                                 # 'loss_relevant' or 'attr_acc' (PRIOR's plain val loss can rise as it learns)
     resume: bool = False
     final_eval: bool = True      # run eval.py's metrics on the test split at the end
     beam: int = 1                # captions in eval.py and sample.py: 1 = greedy, K > 1 = beam search of width K
@@ -201,7 +204,8 @@ def check(cfg):
     check_ranges(cfg)
     choices = {'arch': ('h', 'u'), 'loss': tuple(LOSSES), 'init_lm': ('scratch', 'ref', 'gpt2'),
                'filler': ('low', 'default', 'high'), 'vocab': ('compact', 'gpt2'), 'init_vision': ('scratch', 'clip', 'words', 'pretrained'),
-               'vision': ('vit',) + tuple(LITE_VARIANTS) + TORCHVISION_ENCODERS, 'vision_features': ('head', 'blocks')}
+               'vision': ('vit',) + tuple(LITE_VARIANTS) + TORCHVISION_ENCODERS, 'vision_features': ('head', 'blocks'),
+               'stop_on': tuple(STOP_METRICS)}
     for key, allowed in choices.items():
         check_value(f"config key {key!r}", getattr(cfg, key), choices=allowed)
     if cfg.image_size % cfg.patch_size:
@@ -212,6 +216,9 @@ def check(cfg):
         raise ValueError(f"vit_embd {cfg.vit_embd} must be a multiple of n_head {cfg.n_head} (vision='vit')")
     if LOSSES[cfg.loss].needs_classes and cfg.dataset != 'shapes':
         raise ValueError(f"loss {cfg.loss!r} needs the true token classes, which only the built-in shapes data has")
+    if cfg.stop_on != 'loss' and cfg.dataset != 'shapes':
+        raise ValueError(f"stop_on {cfg.stop_on!r} needs the token classes and attributes, which only the built-in "
+                         "shapes data has; stop on 'loss'")
     if LOSSES[cfg.loss].needs_classes and (cfg.alpha != 1 or cfg.weight_floor):
         raise ValueError(f"loss {cfg.loss!r} fixes its weights from the token classes: alpha and weight_floor do not apply")
     if cfg.init_vision != 'scratch' and cfg.arch != 'h':

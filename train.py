@@ -125,6 +125,9 @@ def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
     m = evaluation.teacher_forced_metrics(model, val_data, vocab, rows, device, ctx=ctx)
     record({'step': step, **{f'val_{k}': v for k, v in m.items()}})
     log(f"step {step}: {evaluation.val_summary(m)}")
+    if cfg.patience and cfg.stop_on != 'loss' and m[cfg.stop_on] != m[cfg.stop_on]:     # NaN: nothing to score
+        raise ConfigError(f"stop_on {cfg.stop_on!r}: the {len(rows)} val captions of an evaluation do not hold "
+                          "every attribute (raise eval_batches or n_val, or stop on 'loss')")
     return m
 
 
@@ -149,7 +152,7 @@ class Job:
     raw_model: object
     optimizer: object
     inputs: dict                    # the training captions', images' and reference's digests
-    early: EarlyStop                # the best val loss so far, with patience > 0 (runs/early_stop.py)
+    early: EarlyStop                # the best val `stop_on` so far, with patience > 0 (runs/early_stop.py)
     step: int = 0
     saved_step: int = None          # the last checkpoint written (or resumed from)
     t_start: float = 0.0            # when this part of the run began (a resume is a new part),
@@ -244,7 +247,7 @@ def setup(cfg, log, ckpt):
         if ref_ckpt:
             keep_reference(ref_ckpt, cfg.out_dir)
     wrapped = wrap(model, cfg.compile, ddp, device)
-    early = EarlyStop(cfg.patience, ckpt.get('early_stop') if ckpt else None)
+    early = EarlyStop(cfg.patience, cfg.stop_on, ckpt.get('early_stop') if ckpt else None)
     return Job(cfg, log, ddp, device, rank, world, precision_context(device, cfg.precision), scaler, tracker, splits,
                vocab, ref_ckpt, ref_probs, reference, wrapped, model, optimizer, inputs, early, step,
                saved_step=step if ckpt else None)
@@ -305,17 +308,17 @@ def train_loop(job, loss_fn, stopper, ckpt):
 
 
 def validate_and_save(job, do_eval, do_save):
-    """The master's work at an eval or checkpoint step. With patience: best.pt when val loss is the best
-    so far, and a checkpoint where an early stop ends the run."""
+    """The master's work at an eval or checkpoint step. With patience: best.pt when val `stop_on` is the
+    best so far, and a checkpoint where an early stop ends the run."""
     cfg = job.cfg
     if do_eval:
         m = validate(cfg, job.raw_model, job.splits['val'], job.vocab, job.device, job.ctx, job.step, job.record,
                      job.log)
-        if cfg.patience and job.early.improved(job.step, m['loss']):
+        if cfg.patience and job.early.improved(job.step, m[cfg.stop_on]):
             job.save(best_path(cfg.out_dir))
         if job.early.done:
-            job.log(f"early stop at step {job.step}: no better val loss in {cfg.patience} evaluations since step "
-                    f"{job.early.best_step} ({job.early.best_loss:.4f}); best.pt holds those weights")
+            job.log(f"early stop at step {job.step}: no better val {cfg.stop_on} in {cfg.patience} evaluations since "
+                    f"step {job.early.best_step} ({job.early.best:.4f}); best.pt holds those weights")
             do_save = True
     if do_save:
         job.save()
@@ -327,7 +330,7 @@ def finish(job):
     if job.rank == 0:
         plot_run(os.path.join(cfg.out_dir, 'log.jsonl'), os.path.join(cfg.out_dir, 'loss.png'))
         if cfg.final_eval:
-            if cfg.patience:                     # the weights of the best val loss
+            if cfg.patience:                     # the weights of the best val value
                 job.raw_model.load_state_dict(load_checkpoint(best_path(cfg.out_dir))['model'])
             test = job.splits['test']
             results, captions = evaluation.evaluate(job.raw_model, test, job.vocab, job.device, ctx=job.ctx,

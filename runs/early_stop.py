@@ -1,8 +1,11 @@
 """
-Early stopping on val loss (the `patience` setting; 0 = off): the run keeps the weights of its best
-val loss so far in best.pt, a checkpoint that eval.py and sample.py read like ckpt.pt, and stops once
-val loss has not improved for `patience` evaluations in a row. The final test evaluation reads best.pt.
-The state travels in ckpt.pt, so a resumed run stops where the uninterrupted one would have.
+Early stopping (the `patience` setting; 0 = off): the run keeps the weights of its best val value so
+far in best.pt, a checkpoint that eval.py and sample.py read like ckpt.pt, and stops once that value
+has not improved for `patience` evaluations in a row. The final test evaluation reads best.pt.
+The value is val loss by default; `stop_on` names another teacher-forced val metric. PRIOR's plain
+val loss is a poor judge of PRIOR: its optimum is p ∝ q·w, not q, so the loss of the tokens it
+down-weights can rise while the image is still being learned. The state travels in ckpt.pt, so a
+resumed run stops where the uninterrupted one would have.
 """
 
 import math
@@ -11,27 +14,32 @@ import os
 import torch
 import torch.distributed as dist
 
+# The val metrics a run can stop on, and whether higher is better; all but 'loss' need the shapes
+# data's token classes and attributes.
+STOP_METRICS = {'loss': False, 'loss_relevant': False, 'attr_acc': True}
+
 
 def best_path(out_dir):
     return os.path.join(out_dir, 'best.pt')
 
 
 class EarlyStop:
-    def __init__(self, patience, state=None):
-        self.patience = patience
+    def __init__(self, patience, metric='loss', state=None):
+        self.patience, self.metric, self.higher = patience, metric, STOP_METRICS[metric]
         state = state or {}
-        self.best_loss = state.get('best_loss', math.inf)
+        self.best = state.get('best', -math.inf if self.higher else math.inf)
         self.best_step = state.get('best_step')
         self.evals_since = state.get('evals_since', 0)    # evaluations since the best
 
     def state(self):
-        return {'best_loss': self.best_loss, 'best_step': self.best_step, 'evals_since': self.evals_since}
+        return {'metric': self.metric, 'best': self.best, 'best_step': self.best_step,
+                'evals_since': self.evals_since}
 
-    def improved(self, step, val_loss):
-        """Note one evaluation: True when its val loss is the best so far (keep these weights). A NaN
-        loss never is."""
-        if val_loss < self.best_loss:
-            self.best_loss, self.best_step, self.evals_since = val_loss, step, 0
+    def improved(self, step, value):
+        """Note one evaluation: True when its value is the best so far (keep these weights). A NaN never is,
+        nor a tie."""
+        if (value > self.best) if self.higher else (value < self.best):
+            self.best, self.best_step, self.evals_since = value, step, 0
             return True
         self.evals_since += 1
         return False

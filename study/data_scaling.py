@@ -1,6 +1,6 @@
 """
 Does PRIOR scale better with data? NTP and PRIOR on two ladders of training-set sizes, every run
-trained until its val loss stops improving (train.py --patience; best.pt is tested), and the data
+trained until its val metric stops improving (train.py --patience and --stop_on; best.pt is tested), and the data
 exponent b of error(D) = a D^(-b) per objective with bootstrap intervals. The design was fixed
 before any run: study/results/data_scaling/design.md.
 
@@ -53,16 +53,16 @@ PRESETS = {
         'shapes': dict(settings={'u': ('configs/shapes_u.py', ['--learning_rate=0.004']),
                                  'h': ('configs/shapes_h.py', ['--learning_rate=0.002'])},   # study.json's best_lr
                        sizes=(1250, 2500, 5000, 10000, 20000, 40000),
-                       flags=['--eval_interval=100', '--eval_batches=16', '--patience=5', '--max_iters=6000',
-                              '--ckpt_interval=500', '--min_lr_ratio=1.0']),
+                       flags=['--eval_interval=100', '--eval_batches=16', '--patience=5', '--stop_on=attr_acc',
+                              '--max_iters=6000', '--ckpt_interval=500', '--min_lr_ratio=1.0']),
         'flickr': dict(fractions=(0.125, 0.25, 0.5, 1.0),
                        flags=['--eval_interval=250', '--eval_batches=16', '--patience=4', '--max_iters=4000',
                               '--ckpt_interval=500', '--min_lr_ratio=1.0'])},
     'tiny': {
         'shapes': dict(settings={'u': ('configs/shapes_u.py', ['--learning_rate=0.004'])}, sizes=(64, 128),
-                       flags=['--eval_interval=2', '--eval_batches=1', '--patience=2', '--max_iters=8',
-                              '--ckpt_interval=4', '--min_lr_ratio=1.0', '--n_val=32', '--n_test=32', '--n_layer=1',
-                              '--n_head=2', '--n_embd=16', '--vit_layer=1', '--vit_embd=16', '--ref_max_iters=4',
+                       flags=['--eval_interval=2', '--eval_batches=1', '--patience=2', '--stop_on=attr_acc',
+                              '--max_iters=8', '--ckpt_interval=4', '--min_lr_ratio=1.0', '--n_val=32', '--n_test=32',
+                              '--n_layer=1', '--n_head=2', '--n_embd=16', '--vit_layer=1', '--vit_embd=16', '--ref_max_iters=4',
                               '--enc_max_iters=4', '--batch_size=8', '--warmup_iters=1', '--log_interval=2',
                               '--device=cpu']),
         'flickr': dict(fractions=(0.5, 1.0), flags=['--eval_interval=2', '--patience=2', '--max_iters=6',

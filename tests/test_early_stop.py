@@ -1,8 +1,9 @@
-"""Early stopping on val loss (runs/early_stop.py, train.py's `patience`): where a run stops, what
-best.pt holds, what the test evaluation reads, and that a resumed run stops where the uninterrupted
-one did, with the same weights."""
+"""Early stopping on a val metric (runs/early_stop.py, train.py's `patience` and `stop_on`): where a
+run stops, what best.pt holds, what the test evaluation reads, and that a resumed run stops where the
+uninterrupted one did, with the same weights."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import eval as evaluation
 import train as train_module
 from runs.cli import parse_flags
 from runs.early_stop import EarlyStop
+from runs.errors import ConfigError
 from runs.files import load_checkpoint
 
 
@@ -18,14 +20,23 @@ def test_the_count_restarts_at_each_improvement_and_nan_never_improves():
     e = EarlyStop(2)
     seen = [e.improved(s, loss) for s, loss in ((1, 3.0), (2, 2.0), (3, 2.5), (4, 1.5), (5, float('nan')))]
     assert seen == [True, True, False, True, False]
-    assert (e.best_step, e.best_loss, e.evals_since, e.done) == (4, 1.5, 1, False)
+    assert (e.best_step, e.best, e.evals_since, e.done) == (4, 1.5, 1, False)
     assert not e.improved(6, 1.5) and e.done                 # equal is no improvement: the second in a row
-    assert EarlyStop(2, e.state()).state() == e.state() and EarlyStop(2, e.state()).done
-    assert not EarlyStop(0, e.state()).done                  # patience 0: never stops
+    assert EarlyStop(2, state=e.state()).state() == e.state() and EarlyStop(2, state=e.state()).done
+    assert not EarlyStop(0, state=e.state()).done            # patience 0: never stops
+
+
+def test_an_accuracy_improves_upwards():
+    e = EarlyStop(2, 'attr_acc')
+    assert [e.improved(s, acc) for s, acc in ((1, 0.2), (2, 0.5), (3, 0.4), (4, 0.5), (5, float('nan')))] == \
+        [True, True, False, False, False]
+    assert (e.best_step, e.best, e.done) == (2, 0.5, True)
 
 
 # The val loss each evaluation reports (by step): best at 4, then at 8, then two worse ones.
 SCRIPT = {2: 3.0, 4: 2.0, 6: 2.4, 8: 1.9, 10: 2.2, 12: 2.3, 14: 2.5, 16: 2.6, 18: 2.7, 20: 2.8}
+# And its attr_acc, which peaks elsewhere (at 6): with stop_on='attr_acc' the run follows this one.
+ACC_SCRIPT = {2: 0.3, 4: 0.5, 6: 0.7, 8: 0.6, 10: 0.7, 12: 0.65, 14: 0.9}
 
 
 @pytest.fixture
@@ -34,7 +45,7 @@ def scripted(monkeypatch):
 
     def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
         m = real(cfg, model, val_data, vocab, device, ctx, step, record, log)
-        return {**m, 'loss': SCRIPT.get(step, m['loss'])}
+        return {**m, 'loss': SCRIPT.get(step, m['loss']), 'attr_acc': ACC_SCRIPT.get(step, m['attr_acc'])}
     monkeypatch.setattr(train_module, 'validate', validate)
 
 
@@ -55,6 +66,25 @@ def test_a_run_stops_after_patience_evaluations_and_is_tested_on_its_best_weight
     last = evaluation.evaluate_checkpoint(parse_flags([f'--ckpt={out}/ckpt.pt', '--device=cpu'], evaluation.FLAGS),
                                           torch.device('cpu'), log=lambda *a: None).metrics
     assert results['loss'] == pytest.approx(best['loss'], abs=1e-6) and results['loss'] != pytest.approx(last['loss'])
+
+
+def test_a_run_can_stop_on_val_attr_acc_instead(tiny_cfg, scripted):
+    cfg = dataclasses.replace(tiny_cfg, max_iters=20, eval_interval=2, ckpt_interval=4, patience=2, stop_on='attr_acc',
+                              final_eval=False)
+    train_module.train(cfg, log=lambda *a, **k: None)
+    out = tiny_cfg.out_dir
+    assert load_checkpoint(f'{out}/ckpt.pt')['step'] == 10 and load_checkpoint(f'{out}/best.pt')['step'] == 6
+    assert load_checkpoint(f'{out}/ckpt.pt')['early_stop']['metric'] == 'attr_acc'
+
+
+def test_a_val_split_without_every_attribute_cannot_stop_on_attr_acc(tiny_cfg, monkeypatch):
+    real = evaluation.teacher_forced_metrics
+    monkeypatch.setattr(evaluation, 'teacher_forced_metrics',
+                        lambda *a, **k: {**real(*a, **k), 'attr_acc': float('nan')})
+    cfg = dataclasses.replace(tiny_cfg, max_iters=4, eval_interval=2, patience=2, stop_on='attr_acc')
+    with pytest.raises(ConfigError, match="stop_on 'attr_acc'.*every attribute"):
+        train_module.train(cfg, log=lambda *a, **k: None)
+    assert not any(os.path.exists(os.path.join(cfg.out_dir, f)) for f in ('ckpt.pt', 'best.pt'))   # before training
 
 
 def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tiny_cfg, tmp_path, scripted):
