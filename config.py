@@ -120,8 +120,8 @@ class Config:
     ckpt_interval: int = 250     # 0: only at the end
     patience: int = 0            # > 0: stop when val `stop_on` has not improved for this many evaluations in a
                                  # row; the weights of its best value go to best.pt and the test eval (runs/early_stop.py)
-    stop_on: str = 'loss'        # the val metric of early stopping: 'loss', or on the shapes data also
-                                 # 'loss_relevant' or 'attr_acc' (PRIOR's plain val loss can rise as it learns)
+    stop_on: str = 'loss'        # the val metric of early stopping: 'loss', 'retrieval_ratio_r1' (with a
+                                 # reference), on shapes 'loss_relevant' or 'attr_acc' (runs/early_stop.py: why)
     resume: bool = False
     final_eval: bool = True      # run eval.py's metrics on the test split at the end
     beam: int = 1                # captions in eval.py and sample.py: 1 = greedy, K > 1 = beam search of width K
@@ -216,9 +216,12 @@ def check(cfg):
         raise ValueError(f"vit_embd {cfg.vit_embd} must be a multiple of n_head {cfg.n_head} (vision='vit')")
     if LOSSES[cfg.loss].needs_classes and cfg.dataset != 'shapes':
         raise ValueError(f"loss {cfg.loss!r} needs the true token classes, which only the built-in shapes data has")
-    if cfg.stop_on != 'loss' and cfg.dataset != 'shapes':
+    if cfg.stop_on in ('loss_relevant', 'attr_acc') and cfg.dataset != 'shapes':
         raise ValueError(f"stop_on {cfg.stop_on!r} needs the token classes and attributes, which only the built-in "
-                         "shapes data has; stop on 'loss'")
+                         "shapes data has; stop on 'loss' or 'retrieval_ratio_r1'")
+    if cfg.stop_on == 'retrieval_ratio_r1' and not (LOSSES[cfg.loss].reads_reference or cfg.init_lm == 'ref'):
+        raise ValueError(f"stop_on 'retrieval_ratio_r1' needs the run's reference LM, which loss {cfg.loss!r} with "
+                         f"init_lm {cfg.init_lm!r} does not train; set init_lm='ref' or stop on 'loss'")
     if LOSSES[cfg.loss].needs_classes and (cfg.alpha != 1 or cfg.weight_floor):
         raise ValueError(f"loss {cfg.loss!r} fixes its weights from the token classes: alpha and weight_floor do not apply")
     if cfg.init_vision != 'scratch' and cfg.arch != 'h':

@@ -120,14 +120,19 @@ def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_
     return loss_sum, grad_norm, lr, flops, tokens
 
 
-def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
+def validate(cfg, model, val_data, vocab, device, ctx, step, record, log, reference=None):
     rows = torch.arange(min(len(val_data), cfg.eval_batches * cfg.batch_size))
     m = evaluation.teacher_forced_metrics(model, val_data, vocab, rows, device, ctx=ctx)
+    line = evaluation.val_summary(m)
+    if cfg.stop_on == 'retrieval_ratio_r1':      # photos: the headline metric itself, on the split's first 200 images
+        m.update(evaluation.retrieval_metrics(model, val_data, device, ctx=ctx,
+                                              ref_probs=evaluation.reference_probs(reference, val_data, device)))
+        line += f", ratio R@1 {m['retrieval_ratio_r1']:.3f}"
     record({'step': step, **{f'val_{k}': v for k, v in m.items()}})
-    log(f"step {step}: {evaluation.val_summary(m)}")
+    log(f"step {step}: {line}")
     if cfg.patience and cfg.stop_on != 'loss' and m[cfg.stop_on] != m[cfg.stop_on]:     # NaN: nothing to score
-        raise ConfigError(f"stop_on {cfg.stop_on!r}: the {len(rows)} val captions of an evaluation do not hold "
-                          "every attribute (raise eval_batches or n_val, or stop on 'loss')")
+        raise ConfigError(f"stop_on {cfg.stop_on!r}: val has nothing to score it on ({len(rows)} captions an "
+                          "evaluation, or under 10 images; raise eval_batches or n_val, or stop on 'loss')")
     return m
 
 
@@ -263,7 +268,8 @@ def train_loop(job, loss_fn, stopper, ckpt):
         f"batch {n} ({cfg.batch_size} x {cfg.grad_accum} accum x {job.world} proc); "
         f"{resolve_precision(device, cfg.precision)}; peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s")
     if job.step == 0 and job.rank == 0:
-        validate(cfg, job.raw_model, job.splits['val'], job.vocab, device, job.ctx, 0, job.record, log)
+        validate(cfg, job.raw_model, job.splits['val'], job.vocab, device, job.ctx, 0, job.record, log,
+                 job.reference)
     job.model.train()
     train_data = job.splits['train']
     batches = iter(make_loader(train_data, micro_batches(len(train_data), cfg, job.world, job.rank, job.step,
@@ -313,7 +319,7 @@ def validate_and_save(job, do_eval, do_save):
     cfg = job.cfg
     if do_eval:
         m = validate(cfg, job.raw_model, job.splits['val'], job.vocab, job.device, job.ctx, job.step, job.record,
-                     job.log)
+                     job.log, job.reference)
         if cfg.patience and job.early.improved(job.step, m[cfg.stop_on]):
             job.save(best_path(cfg.out_dir))
         if job.early.done:

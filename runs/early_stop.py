@@ -14,9 +14,9 @@ import os
 import torch
 import torch.distributed as dist
 
-# The val metrics a run can stop on, and whether higher is better; all but 'loss' need the shapes
-# data's token classes and attributes.
-STOP_METRICS = {'loss': False, 'loss_relevant': False, 'attr_acc': True}
+# The val metrics a run can stop on, and whether higher is better: loss_relevant and attr_acc need the
+# shapes data's token classes and attributes, retrieval by likelihood ratio a reference (eval.py).
+STOP_METRICS = {'loss': False, 'loss_relevant': False, 'attr_acc': True, 'retrieval_ratio_r1': True}
 
 
 def best_path(out_dir):

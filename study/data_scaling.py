@@ -8,6 +8,7 @@ before any run: study/results/data_scaling/design.md.
           test 1 - attr_acc and loss_relevant (PRIOR also debiased, eval's --debias)
   flickr  configs/flickr_cpu.py with 1/8, 1/4, 1/2 and all of its training photos (nested; val and
           test unchanged); test 1 - ratio-R@1, loss and CIDEr-D
+  Each run stops on the val twin of its ladder's headline metric (design.md, amendments 1 and 2).
 
     python -m study.data_scaling                          # both ladders, then the report
     python -m study.data_scaling --ladders=shapes --seeds=1,2 --results=DIR --out=DIR
@@ -56,8 +57,9 @@ PRESETS = {
                        flags=['--eval_interval=100', '--eval_batches=16', '--patience=5', '--stop_on=attr_acc',
                               '--max_iters=6000', '--ckpt_interval=500', '--min_lr_ratio=1.0']),
         'flickr': dict(fractions=(0.125, 0.25, 0.5, 1.0),
-                       flags=['--eval_interval=250', '--eval_batches=16', '--patience=4', '--max_iters=4000',
-                              '--ckpt_interval=500', '--min_lr_ratio=1.0'])},
+                       flags=['--eval_interval=250', '--eval_batches=16', '--patience=4',
+                              '--stop_on=retrieval_ratio_r1', '--max_iters=4000', '--ckpt_interval=500',
+                              '--min_lr_ratio=1.0'])},
     'tiny': {
         'shapes': dict(settings={'u': ('configs/shapes_u.py', ['--learning_rate=0.004'])}, sizes=(64, 128),
                        flags=['--eval_interval=2', '--eval_batches=1', '--patience=2', '--stop_on=attr_acc',
@@ -65,7 +67,8 @@ PRESETS = {
                               '--n_layer=1', '--n_head=2', '--n_embd=16', '--vit_layer=1', '--vit_embd=16', '--ref_max_iters=4',
                               '--enc_max_iters=4', '--batch_size=8', '--warmup_iters=1', '--log_interval=2',
                               '--device=cpu']),
-        'flickr': dict(fractions=(0.5, 1.0), flags=['--eval_interval=2', '--patience=2', '--max_iters=6',
+        'flickr': dict(fractions=(0.5, 1.0), flags=['--eval_interval=2', '--patience=2',
+                                                     '--stop_on=retrieval_ratio_r1', '--max_iters=6',
                                                      '--ckpt_interval=2', '--min_lr_ratio=1.0'])},
 }
 METRICS = {'shapes': ('attr_acc', 'loss_relevant'), 'flickr': ('retrieval_ratio_r1', 'loss', 'cider')}

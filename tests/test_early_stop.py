@@ -43,8 +43,8 @@ ACC_SCRIPT = {2: 0.3, 4: 0.5, 6: 0.7, 8: 0.6, 10: 0.7, 12: 0.65, 14: 0.9}
 def scripted(monkeypatch):
     real = train_module.validate
 
-    def validate(cfg, model, val_data, vocab, device, ctx, step, record, log):
-        m = real(cfg, model, val_data, vocab, device, ctx, step, record, log)
+    def validate(cfg, model, val_data, vocab, device, ctx, step, record, log, reference=None):
+        m = real(cfg, model, val_data, vocab, device, ctx, step, record, log, reference)
         return {**m, 'loss': SCRIPT.get(step, m['loss']), 'attr_acc': ACC_SCRIPT.get(step, m['attr_acc'])}
     monkeypatch.setattr(train_module, 'validate', validate)
 
@@ -82,9 +82,25 @@ def test_a_val_split_without_every_attribute_cannot_stop_on_attr_acc(tiny_cfg, m
     monkeypatch.setattr(evaluation, 'teacher_forced_metrics',
                         lambda *a, **k: {**real(*a, **k), 'attr_acc': float('nan')})
     cfg = dataclasses.replace(tiny_cfg, max_iters=4, eval_interval=2, patience=2, stop_on='attr_acc')
-    with pytest.raises(ConfigError, match="stop_on 'attr_acc'.*every attribute"):
+    with pytest.raises(ConfigError, match="stop_on 'attr_acc': val has nothing to score"):
         train_module.train(cfg, log=lambda *a, **k: None)
     assert not any(os.path.exists(os.path.join(cfg.out_dir, f)) for f in ('ckpt.pt', 'best.pt'))   # before training
+
+
+def test_a_photo_run_can_stop_on_val_retrieval_by_likelihood_ratio(tiny_cfg, tmp_path):
+    """The headline metric of real photos, measured on val at every evaluation with the run's reference;
+    the run stops where its own logged values say."""
+    from test_captions import make_folder
+    cfg = dataclasses.replace(tiny_cfg, dataset=str(make_folder(tmp_path, n_images=60)), image_size=16,
+                              val_frac=0.25, test_frac=0.25, block_size=24, max_iters=30, eval_interval=2,
+                              patience=2, stop_on='retrieval_ratio_r1', final_eval=False)
+    train_module.train(cfg, log=lambda *a, **k: None)
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, 'log.jsonl'))]
+    values = [(r['step'], r['val_retrieval_ratio_r1']) for r in rows if 'val_loss' in r and r['step'] > 0]
+    assert all(0 <= v <= 1 for _, v in values)
+    stop, best = expected_stop(values, 2, 'retrieval_ratio_r1')
+    assert load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))['step'] == (stop or 30)
+    assert load_checkpoint(os.path.join(cfg.out_dir, 'best.pt'))['step'] == best
 
 
 def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tiny_cfg, tmp_path, scripted):
@@ -103,11 +119,11 @@ def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tiny_cfg, tmp_path,
 
 
 
-def expected_stop(val_losses, patience):
-    """(stop step, best step) by the rule, from a run's own logged (step, val loss) after step 0."""
-    rule = EarlyStop(patience)
-    for step, loss in val_losses:
-        rule.improved(step, loss)
+def expected_stop(val_values, patience, metric='loss'):
+    """(stop step, best step) by the rule, from a run's own logged (step, val value) after step 0."""
+    rule = EarlyStop(patience, metric)
+    for step, value in val_values:
+        rule.improved(step, value)
         if rule.done:
             return step, rule.best_step
     return None, rule.best_step
