@@ -24,7 +24,6 @@ the commit it started at. The report: <results>/summary.md and <results>/<ladder
 
 import concurrent.futures
 import csv
-import io
 import json
 import os
 import random
@@ -39,9 +38,9 @@ from runs.caches import content_key
 from runs.cli import cli, parse_flags
 from runs.errors import ConfigError
 from runs.files import atomic_write, checkpoint_path, file_sha256, load_checkpoint
-from sources.captions import detect, split_of
+from sources.captions import split_of
 from study import scaling_report
-from study.flickr import launch, read_json, settings
+from study.flickr import csv_source, launch, read_json, settings, write_copy
 from study.plan import ROOT
 
 FLAGS = {'ladders': 'shapes,flickr', 'seeds': '1,2,3', 'objectives': 'ntp,prior', 'preset': 'full', 'jobs': 2,
@@ -77,10 +76,7 @@ METRICS = {'shapes': ('attr_acc', 'loss_relevant'), 'flickr': ('retrieval_ratio_
 def photo_subset(config, out_root, fraction):
     """A copy of the config's captions.csv with `fraction` of its training photos (a fixed random order of
     them, so each rung holds the smaller ones) and every val and test row; remade when its source changes."""
-    cfg = load_config([config])
-    kind, source, images = detect(cfg.dataset, cfg.image_root)
-    if kind != 'csv':
-        raise ConfigError(f"the flickr ladder subsets a captions.csv; {cfg.dataset!r} is {kind}")
+    cfg, source, images = csv_source(config, 'the flickr ladder')
     folder = os.path.join(out_root, f'photos_{fraction:g}')
     path, made_path = os.path.join(folder, 'captions.csv'), os.path.join(folder, 'made_from.json')
     made_from = content_key([file_sha256(source), cfg.val_frac, cfg.test_frac, fraction])
@@ -92,12 +88,9 @@ def photo_subset(config, out_root, fraction):
                     if split_of(os.path.normpath(r['image']), cfg.val_frac, cfg.test_frac) == 'train'})
     random.Random(0).shuffle(train)
     kept = set(train[:round(fraction * len(train))])
-    text = io.StringIO()
-    csv.writer(text).writerows([('image', 'caption')] + [
-        (r['image'], r['caption']) for r in rows if os.path.normpath(r['image']) in kept or
-        split_of(os.path.normpath(r['image']), cfg.val_frac, cfg.test_frac) != 'train'])
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-    atomic_write(made_path, lambda f: f.write(json.dumps({'made_from': made_from}).encode()))    # last
+    write_copy(path, [(r['image'], r['caption']) for r in rows if os.path.normpath(r['image']) in kept or
+                      split_of(os.path.normpath(r['image']), cfg.val_frac, cfg.test_frac) != 'train'],
+               made_path, {'made_from': made_from})
     return folder, images
 
 

@@ -78,10 +78,7 @@ def noisy_dataset(config, out_root):
     """A copy of the recipe's captions.csv where a share of the training split's captions carry alt-text
     noise (val and test rows unchanged, rows repeating an earlier image and caption dropped as data does),
     pointing at the same images; and its noise spans per row. Remade when its source or recipe changes."""
-    cfg = load_config([config])
-    kind, source, images = detect(cfg.dataset, cfg.image_root)
-    if kind != 'csv':
-        raise ConfigError(f"the noisy condition copies a captions.csv; {cfg.dataset!r} is {kind}")
+    cfg, source, images = csv_source(config, 'the noisy condition')
     folder = os.path.join(out_root, 'noisy_data')
     path, spans_path = os.path.join(folder, 'captions.csv'), os.path.join(folder, 'noise.json')
     made_from = content_key([file_sha256(source), cfg.val_frac, cfg.test_frac, NOISE_SHARE, BOILERPLATE, FIRST, LAST])
@@ -102,11 +99,25 @@ def noisy_dataset(config, out_root):
                     suffix = f" Photo by {rng.choice(FIRST)} {rng.choice(LAST)}."
             spans[f"{image}\t{prefix}{caption}{suffix}"] = [prefix.strip(), suffix.strip()]
             rows.append((row['image'], prefix + caption + suffix))
+    write_copy(path, rows, spans_path, {'made_from': made_from, 'spans': spans})
+    return folder, images
+
+
+def csv_source(config, purpose):
+    """(cfg, its captions.csv, its image folder) for a copy of a config's captions; other formats are refused."""
+    cfg = load_config([config])
+    kind, source, images = detect(cfg.dataset, cfg.image_root)
+    if kind != 'csv':
+        raise ConfigError(f"{purpose} copies a captions.csv; {cfg.dataset!r} is {kind}")
+    return cfg, source, images
+
+
+def write_copy(path, rows, made_path, made):
+    """A copy's captions.csv of (image, caption) rows, then its `made` record (last: a copy without one is remade)."""
     text = io.StringIO()
     csv.writer(text).writerows([('image', 'caption')] + rows)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-    atomic_write(spans_path, lambda f: f.write(json.dumps({'made_from': made_from, 'spans': spans}).encode()))  # last
-    return folder, images
+    atomic_write(made_path, lambda f: f.write(json.dumps(made).encode()))
 
 
 def run_name(condition, loss, seed):
