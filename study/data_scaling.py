@@ -108,9 +108,9 @@ def plan(preset, ladders, objectives, seeds, out_root, flickr_config):
                                      [f'--n_train={n}', *own, *ladder['flags']], facts))
     if 'flickr' in ladders:
         ladder = PRESETS[preset]['flickr']
-        for fraction in ladder['fractions']:
-            folder, images = photo_subset(flickr_config, out_root, fraction)
-            for seed in seeds:
+        rungs = {f: photo_subset(flickr_config, out_root, f) for f in ladder['fractions']}
+        for seed in seeds:                  # seed by seed: a ladder stopped part-way still spans every rung
+            for fraction, (folder, images) in rungs.items():
                 for obj in objectives:
                     facts = dict(ladder='flickr', setting='photos', objective=obj, seed=seed, size=fraction)
                     jobs.append((f"flickr_{obj}_f{fraction:g}_seed{seed}", flickr_config,

@@ -7,6 +7,7 @@ seed pairs jointly, the points, and a log-log figure per ladder beside the main 
 
 import json
 import os
+import re
 
 import matplotlib
 import numpy as np
@@ -156,6 +157,15 @@ def style(ax, xlabel, ylabel, title):
         ax.legend(fontsize=8)
 
 
+def stopped_on(records):
+    """Each ladder's early-stopping metric, as its runs' commands set it (train.py's default: val loss)."""
+    found = {}
+    for r in records:
+        metric = re.search(r'--stop_on=(\S+)', r['command'])
+        found.setdefault(r['ladder'], set()).add(metric.group(1) if metric else 'loss')
+    return '; '.join(f"{ladder}: {', '.join(sorted(m))}" for ladder, m in sorted(found.items()))
+
+
 def write(records, results):
     """summary.md and a figure per ladder in `results`; returns the markdown."""
     lines, fits = tables(records)
@@ -164,8 +174,8 @@ def write(records, results):
     text = '\n'.join(['# Data scaling: NTP vs PRIOR (design: design.md)', '',
                       'b: the exponent of error(D) = a D^(-b) fitted to the means over seeds (D: training captions); '
                       'intervals: 1,000 bootstrap draws over seeds (for b - b_ntp the seed pairs are drawn jointly). '
-                      'Every run trained with early stopping on val loss (capped: it reached max_iters first) and was tested on its best '
-                      'val checkpoint.', ''] + lines +
+                      f"Every run trained until its val stopping metric ({stopped_on(records)}) stopped improving "
+                      '(capped: it reached max_iters first) and was tested on its best val checkpoint.', ''] + lines +
                      [f"{len(records)} runs, {walls / 3600:.1f} h of run wall time in all; commits as the runs "
                       f"started: {', '.join(commits)}."]) + '\n'
     atomic_write(os.path.join(results, 'summary.md'), lambda f: f.write(text.encode()))

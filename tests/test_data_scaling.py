@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def record(objective, seed, n, error, debiased=None):
     r = dict(ladder='shapes', setting='u', objective=objective, seed=seed, n_train=n, best_step=10, last_step=20,
-             capped=False, wall_s=1.0, commit='0' * 40, test={'attr_acc': 1 - error, 'loss_relevant': 2 * error})
+             capped=False, wall_s=1.0, commit='0' * 40, command='train.py configs/shapes_u.py --stop_on=attr_acc',
+             test={'attr_acc': 1 - error, 'loss_relevant': 2 * error})
     if debiased is not None:
         r['test_debias'] = {'attr_acc': 1 - debiased, 'loss_relevant': 2 * debiased}
     return r
@@ -44,6 +45,7 @@ def test_the_fit_recovers_exponents_set_by_hand_and_their_paired_difference(tmp_
     assert diff == pytest.approx(0.1, abs=0.01) and lo < 0.1 < hi and hi - lo < 0.04    # paired: narrower than b's own
     assert (tmp_path / 'summary.md').read_text() == text and (tmp_path / 'shapes.png').stat().st_size > 0
     assert '| 1,000 | prior + debias | 3 |' in text              # the points, per size and arm
+    assert 'stopping metric (shapes: attr_acc)' in text          # read from the runs' commands
 
 
 def test_a_perfect_error_is_not_fitted():
