@@ -18,6 +18,7 @@ from study.plan import ROOT
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 # metric -> (what is fitted, from a record's value); the first of each ladder is its headline.
 ERRORS = {'shapes': {'attr_acc': ('1 - attr_acc', lambda v: 1 - v), 'loss_relevant': ('loss_relevant', lambda v: v)},
@@ -132,6 +133,8 @@ def figure(records, fits, ladder, path):
                 ax.plot(grid, f['a'] * grid ** -f['k'], color=COLOURS.get(arm, 'gray'),
                         label=f"{arm}: b = {f['k']:.3f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]")
         style(ax, 'training captions', ERRORS[ladder][metric][0], f"{ladder}, {setting}")
+        sizes = sorted({r['n_train'] for r in records if r['ladder'] == ladder and r['setting'] == setting})
+        ticks(ax, sizes, [f'{n:,}' for n in sizes])
     if compute:
         with open(COMPUTE) as f:
             scaling = json.load(f)['scaling']
@@ -144,6 +147,7 @@ def figure(records, fits, ladder, path):
             axes[0, -1].plot(grid, c['a'] * grid ** -c['k'], color=COLOURS.get(obj, 'gray'),
                              label=f"{obj}: compute k = {c['k']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]")
         style(axes[0, -1], 'training FLOPs', '1 - attr_acc', 'main study: compute (U, fixed data)')
+        ticks(axes[0, -1], xs, [f'{x:.1e}' for x in xs])
     fig.suptitle('Data scaling (points: seeds; lines: power-law fits, bootstrap 95% CI of b)')
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -155,6 +159,12 @@ def style(ax, xlabel, ylabel, title):
     ax.set_title(title, fontsize=10), ax.grid(alpha=0.3, which='both')
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+
+
+def ticks(ax, xs, labels):
+    """x ticks at the measured points only (a log axis labels its minor ticks, which overlap here)."""
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def stopped_on(records):
