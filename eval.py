@@ -11,7 +11,8 @@ never train.py's own eval_test.json.
 
 On data on disk (sources/captions.py): loss (caption NLL), loss_top_weight (NLL on the quarter of
 tokens with the highest PRIOR weight), retrieval_r1/r5 by likelihood and retrieval_ratio_r1/r5
-by likelihood ratio against the reference (see retrieval_metrics), BLEU-1..4 and
+by likelihood ratio against the reference (see retrieval_metrics), BLEU-1..4 (with bleu_len_ratio,
+the captions' words over BLEU's reference words: below 1 a brevity penalty scales every BLEU-n) and
 CIDEr-D of a caption for every image (greedy, or beam search with --beam), and `distinct`, the share
 of those captions that differ (a model that ignores the image says the same thing for every photo).
 On the built-in shapes data:
@@ -219,7 +220,7 @@ def evaluate(model, data, vocab, device, n_generate=0, ctx=None, reference=None,
 TABLE_KEYS = ('loss', 'loss_relevant', 'loss_filler', 'loss_noise', 'attr_acc', 'acc_count', 'acc_colour',
               'acc_shape', 'acc_position', 'hallucination', 'recall', 'exact')
 CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5', 'retrieval_ratio_r1',
-                      'retrieval_ratio_r5', 'bleu1', 'bleu2', 'bleu3', 'bleu4', 'cider', 'distinct')
+                      'retrieval_ratio_r5', 'bleu1', 'bleu2', 'bleu3', 'bleu4', 'bleu_len_ratio', 'cider', 'distinct')
 
 
 def val_summary(m):

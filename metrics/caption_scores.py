@@ -29,6 +29,17 @@ def ngram_counts(tokens, n_max=4):
     return Counter(tuple(tokens[i:i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
 
 
+def closest_ref_len(hyp, refs):
+    """BLEU's reference length for one hypothesis: the reference length closest to it (ties: the shorter)."""
+    return min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+
+
+def length_ratio(hypotheses, references):
+    """Words generated / BLEU's reference words (closest): below 1, BLEU's brevity penalty exp(1 - 1/ratio)
+    scales every BLEU-n (COCO's evaluation prints it as 'ratio')."""
+    return sum(map(len, hypotheses)) / max(1, sum(closest_ref_len(h, r) for h, r in zip(hypotheses, references)))
+
+
 def bleu(hypotheses, references, n_max=4):
     """Corpus BLEU-1..n_max (a list): clipped n-gram precisions summed over all captions, BLEU-n the
     geometric mean of precisions 1..n, times a brevity penalty against the reference length closest
@@ -43,7 +54,7 @@ def bleu(hypotheses, references, n_max=4):
             correct[len(gram) - 1] += min(c, best[gram])
             total[len(gram) - 1] += c
         hyp_len += len(hyp)
-        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+        ref_len += closest_ref_len(hyp, refs)
     log_precisions = np.log((correct + 1e-15) / (total + 1e-9))
     brevity = min(1.0, math.exp(1 - (ref_len + 1e-9) / (hyp_len + 1e-15)))
     return [float(brevity * np.exp(log_precisions[:n].mean())) for n in range(1, n_max + 1)]
@@ -95,7 +106,9 @@ def caption_refs(data, rows):
 
 def caption_scores(captions, data, rows):
     """BLEU-1..4 and CIDEr-D of captions[i], written for the image of data's row rows[i], against all of
-    that image's captions; and `distinct`, the share of different captions (1/n: one whatever the image)."""
+    that image's captions; BLEU's length ratio; and `distinct`, the share of different captions (1/n:
+    one whatever the image)."""
     hyps, refs = [words(c) for c in captions], caption_refs(data, rows.tolist())
     out = {f'bleu{n}': b for n, b in enumerate(bleu(hyps, refs), start=1)}
-    return {**out, 'cider': cider_d(hyps, refs), 'distinct': len(set(captions)) / len(captions)}
+    return {**out, 'bleu_len_ratio': length_ratio(hyps, refs), 'cider': cider_d(hyps, refs),
+            'distinct': len(set(captions)) / len(captions)}

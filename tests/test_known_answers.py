@@ -9,7 +9,7 @@ import torch
 
 from data import CaptionData
 from eval import teacher_forced_metrics, top_weight_loss
-from metrics.caption_scores import cider_d
+from metrics.caption_scores import bleu, cider_d, length_ratio
 from metrics.objects import caption_metrics
 from metrics.retrieval import rank_of_first, recall_at, retrieval_scores
 from prior_loss import IGNORE, token_weights
@@ -167,6 +167,20 @@ def test_retrieval_scores_rank_by_mean_nll_and_by_likelihood_ratio():
     torch.testing.assert_close(ratio, torch.tensor([0.0, -3.0, -1.5]))
     assert rank_of_first(ratio) == 1
     assert retrieval_scores(nll, targets != IGNORE)[1] is None
+
+
+# ---- BLEU's length ratio ----
+
+def test_bleu_length_ratio_takes_the_closest_reference_and_sets_the_brevity_penalty():
+    # 2 words against references of 5 and 3 words: the closest is 3; 4 words against 3 and 5: a tie,
+    # the shorter (3) counts. Ratio (2 + 4) / (3 + 3) = 1: no penalty.
+    hyps = [['a', 'dog'], ['a', 'man', 'is', 'here']]
+    refs = [[['a', 'dog', 'runs', 'on', 'it'], ['a', 'dog', 'runs']], [['a', 'man', 'is'], ['a', 'man', 'is', 'here', 'now']]]
+    assert length_ratio(hyps, refs) == pytest.approx(1.0)
+    # the first caption alone: 2 / 3 words; BLEU-1 = exp(1 - 1/ratio) * precision, precision 2/2
+    assert length_ratio(hyps[:1], refs[:1]) == pytest.approx(2 / 3)
+    assert bleu(hyps[:1], refs[:1])[0] == pytest.approx(math.exp(1 - 3 / 2))
+    assert length_ratio([['a', 'b', 'c']], [[['a']]]) == pytest.approx(3.0)      # longer: no penalty, ratio > 1
 
 
 # ---- CIDEr-D ----
