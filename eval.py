@@ -50,6 +50,7 @@ from data import load_splits
 from decoding.generate import generate
 from metrics.caption_scores import caption_scores, rows_by_image
 from metrics.objects import attribute_value_ids, caption_metrics
+from metrics.report import format_table, sample_report
 from metrics.retrieval import rank_of_first, recall_at, retrieval_candidates, retrieval_scores
 from model import LVLM, GPTConfig
 from pretrained.features import caches_features, use_cached_features
@@ -217,29 +218,6 @@ def evaluate(model, data, vocab, device, n_generate=0, ctx=None, reference=None,
     return metrics, list(zip(gen_rows.tolist(), captions))
 
 
-TABLE_KEYS = ('loss', 'loss_relevant', 'loss_filler', 'loss_noise', 'attr_acc', 'acc_count', 'acc_colour',
-              'acc_shape', 'acc_position', 'hallucination', 'recall', 'exact')
-CAPTION_TABLE_KEYS = ('loss', 'loss_top_weight', 'retrieval_r1', 'retrieval_r5', 'retrieval_ratio_r1',
-                      'retrieval_ratio_r5', 'bleu1', 'bleu2', 'bleu3', 'bleu4', 'bleu_len_ratio', 'cider', 'distinct')
-
-
-def val_summary(m):
-    """One line of teacher-forced metrics: 'val loss L (per class losses), attr_acc A' (what the data has)."""
-    classes = ', '.join(f"{c} {m[f'loss_{c}']:.3f}" for c in CLASS_NAMES if not math.isnan(m[f'loss_{c}']))
-    attr = '' if math.isnan(m['attr_acc']) else f", attr_acc {m['attr_acc']:.3f}"   # NaN: no attributes
-    return f"val loss {m['loss']:.4f}" + (f" ({classes})" if classes else '') + attr
-
-
-def format_table(results):
-    """results: {run name: metrics} -> a markdown table, one column per run."""
-    names = list(results)
-    keys = TABLE_KEYS if 'attr_acc' in results[names[0]] else CAPTION_TABLE_KEYS
-    lines = ['| metric | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
-    for key in keys:
-        lines.append(f'| {key} | ' + ' | '.join(f"{results[n][key]:.3f}" for n in names) + ' |')
-    return '\n'.join(lines)
-
-
 def load_trained(ckpt_path, device):
     """(model, vocab, cfg, checkpoint without its optimiser state) of a train.py checkpoint. The file
     is memory-mapped and the model built on the host, so only the weights ever reach `device`."""
@@ -265,15 +243,6 @@ def weights_figure(model, data, vocab, reference, alpha, weight_floor, device, p
         rows.append((image, [vocab.decode([t]) for t in sub.targets[r, :k].tolist()], weights[r, :k].tolist(),
                      nll[r, :k].tolist()))
     token_figure(rows, path)
-
-
-def sample_report(captions, data, n=3):
-    """A few greedy (row, caption) pairs next to the truth, as text."""
-    lines = []
-    for row, text in captions[:n]:
-        truth = data.objects[row] if data.objects is not None else repr(data.texts[row])
-        lines.append(f"  {text!r}\n    true: {truth}")
-    return '\n'.join(lines)
 
 
 FLAGS = {'ckpt': Flag('out/shapes_u/ckpt.pt', help='a train.py checkpoint (works from any directory, wherever the run '

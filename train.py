@@ -28,6 +28,7 @@ from config import absolute_paths, as_dict, load_config, settings_help
 from data import global_batch, load_splits, make_loader, make_vocab, micro_batches, step_token_count, text_width
 from encoder import ensure_encoder, load_encoder_into
 import eval as evaluation
+from metrics.report import format_table, sample_report, val_summary
 from model import LVLM, gpt_config
 from pretrained.features import caches_features, use_cached_features
 from pretrained.gpt2 import load_gpt2_into
@@ -123,7 +124,7 @@ def train_step(cfg, model, raw_model, optimizer, data, batches, step, ref_probs_
 def validate(cfg, model, val_data, vocab, device, ctx, step, record, log, reference=None):
     rows = torch.arange(min(len(val_data), cfg.eval_batches * cfg.batch_size))
     m = evaluation.teacher_forced_metrics(model, val_data, vocab, rows, device, ctx=ctx)
-    line = evaluation.val_summary(m)
+    line = val_summary(m)
     if cfg.stop_on == 'retrieval_ratio_r1':      # photos: the headline metric itself, on the split's first 200 images
         m.update(evaluation.retrieval_metrics(model, val_data, device, ctx=ctx,
                                               ref_probs=evaluation.reference_probs(reference, val_data, device)))
@@ -347,8 +348,8 @@ def finish(job):
             atomic_write(os.path.join(cfg.out_dir, 'eval_test.json'),
                          lambda f: f.write(json.dumps(results, indent=1).encode()))
             how = 'greedy' if cfg.beam == 1 else f'beam {cfg.beam}'
-            log(f'\nsample captions ({how}, test):\n' + evaluation.sample_report(captions, test))
-            log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n{evaluation.format_table({cfg.loss: results})}")
+            log(f'\nsample captions ({how}, test):\n' + sample_report(captions, test))
+            log(f"\ntest metrics ({cfg.arch.upper()}-LVLM, {cfg.loss}):\n{format_table({cfg.loss: results})}")
         log(f"outputs in {cfg.out_dir}: ckpt.pt, log.jsonl, loss.png" + (', eval_test.json' if cfg.final_eval else ''))
         parts = job.wall_parts()
         job.record({'step': job.step, 'wall_s': sum(parts), 'wall_parts_s': parts})

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data import load_splits, make_vocab
-from eval import TABLE_KEYS
+from metrics.report import TABLE_KEYS
 from prior_loss import IGNORE, token_weights
 from runs.files import load_checkpoint
 from sources.shapes import RELEVANT
