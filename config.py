@@ -91,6 +91,8 @@ class Config:
                                  # tokens, 0 elsewhere) and 'label' (relevant tokens weigh twice the rest)
     alpha: float = 1.0           # w = (1 - P_r)^alpha (prior, prior_gain); alpha=0 is NTP
     weight_floor: float = 0.0    # w = floor + (1 - floor) * (1 - P_r)^alpha; 0 is the paper's PRIOR
+    label_smoothing: float = 0.0 # training only: each token's target keeps 1 - s, every vocabulary entry
+                                 # gets s / V (Szegedy et al. 2016); eval's metrics never smooth
     # ---- initialisation and freezing ----
     init_lm: str = 'ref'         # 'scratch', 'ref' (the trained reference), or 'gpt2' (HF weights)
     gpt2_model: str = 'gpt2'     # init_lm=gpt2: a Hugging Face GPT-2-family name ('gpt2', 'gpt2-medium',
@@ -185,7 +187,7 @@ RANGES = {
     'n_layer': (1, None), 'n_head': (1, None), 'n_embd': (1, None), 'dropout': (0, 0.99), 'patch_size': (1, None),
     'vit_layer': (1, None), 'vit_embd': (1, None), 'enc_max_iters': (1, None), 'enc_batch_size': (2, None),
     'enc_learning_rate': ('> 0', None), 'ref_max_iters': (1, None), 'ref_learning_rate': ('> 0', None),
-    'ref_batch_size': (1, None), 'alpha': (0, None), 'weight_floor': (0, 1),
+    'ref_batch_size': (1, None), 'alpha': (0, None), 'weight_floor': (0, 1), 'label_smoothing': (0, 0.99),
     'batch_size': (1, None), 'grad_accum': (1, None), 'max_iters': (1, None), 'learning_rate': ('> 0', None),
     'min_lr_ratio': (0, 1), 'warmup_iters': (0, None), 'weight_decay': (0, None), 'beta1': (0, 0.9999),
     'beta2': (0, 0.9999), 'grad_clip': (0, None), 'log_interval': (1, None), 'eval_interval': (1, None),

@@ -75,21 +75,24 @@ TILTED = ('prior', 'prior_batch')     # the objectives whose tilt debias() divid
 
 def objective(cfg, logits, targets, ref_probs=None, n_tokens=None):
     """The training loss cfg.loss: NTP without P_r; 'gain' or 'prior_gain'; else PRIOR with cfg's
-    alpha and weight floor (the ceilings too, given their P_r). n_tokens: caption tokens of the
-    whole step, when this is one micro-batch of it."""
+    alpha and weight floor (the ceilings too, given their P_r); each token's NLL label-smoothed by
+    cfg.label_smoothing. n_tokens: caption tokens of the whole step, when this is one micro-batch of it."""
+    s = cfg.label_smoothing
     if ref_probs is None:
-        return ntp_loss(logits, targets, n_tokens)
+        return ntp_loss(logits, targets, n_tokens, smoothing=s)
     if cfg.loss in ('gain', 'prior_gain'):
-        return gain_loss(logits, targets, ref_probs, cfg.loss, cfg.alpha, n_tokens)
+        return gain_loss(logits, targets, ref_probs, cfg.loss, cfg.alpha, n_tokens, smoothing=s)
     if cfg.loss == 'prior_batch':
         weights = batch_mean_one(prior_weight(ref_probs, cfg.alpha, cfg.weight_floor), targets)
-        return weighted_loss(logits, targets, weights, n_tokens)
-    return prior_loss(logits, targets, ref_probs, cfg.alpha, cfg.weight_floor, n_tokens)
+        return weighted_loss(logits, targets, weights, n_tokens, smoothing=s)
+    return prior_loss(logits, targets, ref_probs, cfg.alpha, cfg.weight_floor, n_tokens, smoothing=s)
 
 
-def token_nll(logits, targets):
-    """Per-position NLL in float32, [B,T]; 0 at ignored positions."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction='none')
+def token_nll(logits, targets, smoothing=0.0):
+    """Per-position NLL in float32, [B,T]; 0 at ignored positions. smoothing s > 0 (training only)
+    gives (1 - s) * NLL + s * the mean NLL over the whole vocabulary."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction='none',
+                          label_smoothing=smoothing)
     return nll.view_as(targets)
 
 
@@ -97,9 +100,9 @@ def _count(targets, n_tokens):
     return (targets != IGNORE).sum().clamp(min=1) if n_tokens is None else n_tokens
 
 
-def ntp_loss(logits, targets, n_tokens=None):
+def ntp_loss(logits, targets, n_tokens=None, smoothing=0.0):
     """Summed NLL over caption tokens, divided by their count (or n_tokens). logits [B,T,V], targets [B,T] -> 0-dim."""
-    return token_nll(logits, targets).sum() / _count(targets, n_tokens)
+    return token_nll(logits, targets, smoothing).sum() / _count(targets, n_tokens)
 
 
 @torch.no_grad()
@@ -139,9 +142,9 @@ def batch_mean_one(w, targets):
     return w * mask.sum() / total if total >= FALLBACK_EPS else mask.float()
 
 
-def prior_loss(logits, targets, ref_probs, alpha=1.0, weight_floor=0.0, n_tokens=None):
+def prior_loss(logits, targets, ref_probs, alpha=1.0, weight_floor=0.0, n_tokens=None, smoothing=0.0):
     """sum(w * nll) / (caption tokens, or n_tokens). logits [B,T,V], targets/ref_probs [B,T] -> 0-dim."""
-    return weighted_loss(logits, targets, token_weights(ref_probs, targets, alpha, weight_floor), n_tokens)
+    return weighted_loss(logits, targets, token_weights(ref_probs, targets, alpha, weight_floor), n_tokens, smoothing)
 
 
 @torch.no_grad()
@@ -156,15 +159,19 @@ def gain_weights(nll, targets, ref_probs, loss, alpha=1.0):
     return per_caption_mean_one((1.0 - ref_probs.float().clamp(0.0, 1.0)) ** alpha * 2 * torch.sigmoid(gain), targets)
 
 
-def gain_loss(logits, targets, ref_probs, loss, alpha=1.0, n_tokens=None):
-    """The 'gain' or 'prior_gain' objective: one NLL pass gives both the loss and (detached) the weights."""
+def gain_loss(logits, targets, ref_probs, loss, alpha=1.0, n_tokens=None, smoothing=0.0):
+    """The 'gain' or 'prior_gain' objective: one NLL pass gives both the loss and (detached) the weights
+    (the weights always from the plain NLL, so a second pass when the loss is smoothed)."""
     nll = token_nll(logits, targets)
-    return (gain_weights(nll.detach(), targets, ref_probs, loss, alpha) * nll).sum() / _count(targets, n_tokens)
+    weights = gain_weights(nll.detach(), targets, ref_probs, loss, alpha)
+    if smoothing:
+        nll = token_nll(logits, targets, smoothing)
+    return (weights * nll).sum() / _count(targets, n_tokens)
 
 
-def weighted_loss(logits, targets, weights, n_tokens=None):
+def weighted_loss(logits, targets, weights, n_tokens=None, smoothing=0.0):
     """sum(weights * nll) / (caption tokens, or n_tokens)."""
-    return (weights * token_nll(logits, targets)).sum() / _count(targets, n_tokens)
+    return (weights * token_nll(logits, targets, smoothing)).sum() / _count(targets, n_tokens)
 
 
 def debias(logp, ref_probs, alpha=1.0, weight_floor=0.0, min_weight=0.0):

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prior_loss import IGNORE, gain_loss, gain_weights, ntp_loss, prior_loss, token_nll, token_weights
+from config import Config
+from prior_loss import IGNORE, gain_loss, gain_weights, ntp_loss, objective, prior_loss, token_nll, token_weights
 
 
 def make_batch(B=3, T=7, V=11, seed=0):
@@ -166,3 +167,43 @@ def test_micro_batches_add_up_to_the_whole_step():
         whole = loss(logits, targets, ref_probs, n_tokens=n)
         parts = sum(loss(logits[i:i + 2], targets[i:i + 2], ref_probs[i:i + 2], n_tokens=n) for i in (0, 2, 4))
         torch.testing.assert_close(parts, whole)
+
+
+def test_label_smoothing_mixes_in_the_mean_nll_over_the_vocabulary():
+    """s > 0: each token's loss is (1 - s) * its NLL + s * the mean NLL over all V entries, worked out
+    here from log_softmax; PRIOR's weights multiply it unchanged (alpha = 0 stays NTP), and s = 0 is
+    the plain loss bit for bit."""
+    logits, targets, ref_probs = make_batch()
+    mask = targets != IGNORE
+    logp = torch.log_softmax(logits, -1)
+    nll = -logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    smoothed = 0.9 * nll - 0.1 * logp.mean(-1)
+    torch.testing.assert_close(ntp_loss(logits, targets, smoothing=0.1), smoothed[mask].mean())
+    w = token_weights(ref_probs, targets, 1.0)
+    torch.testing.assert_close(prior_loss(logits, targets, ref_probs, smoothing=0.1),
+                               (w * smoothed)[mask].sum() / mask.sum())
+    assert torch.equal(prior_loss(logits, targets, ref_probs, alpha=0.0, smoothing=0.1),
+                       ntp_loss(logits, targets, smoothing=0.1))
+    assert torch.equal(ntp_loss(logits, targets, smoothing=0.0), ntp_loss(logits, targets))
+    uniform = torch.zeros_like(logits)             # every entry 1/V: smoothing changes nothing
+    torch.testing.assert_close(ntp_loss(uniform, targets, smoothing=0.3), torch.log(torch.tensor(11.0)))
+
+
+def test_label_smoothing_leaves_the_gain_weights_on_the_plain_nll():
+    logits, targets, ref_probs = make_batch()
+    mask = targets != IGNORE
+    plain = token_nll(logits, targets)
+    w = gain_weights(plain, targets, ref_probs, 'gain')
+    expected = (w * token_nll(logits, targets, 0.2))[mask].sum() / mask.sum()
+    torch.testing.assert_close(gain_loss(logits, targets, ref_probs, 'gain', smoothing=0.2), expected)
+
+
+def test_the_objective_reads_label_smoothing_from_the_config():
+    logits, targets, ref_probs = make_batch()
+    for loss in ('ntp', 'prior'):
+        cfg = Config(loss=loss, label_smoothing=0.1)
+        expected = (ntp_loss(logits, targets, smoothing=0.1) if loss == 'ntp'
+                    else prior_loss(logits, targets, ref_probs, smoothing=0.1))
+        assert torch.equal(objective(cfg, logits, targets, None if loss == 'ntp' else ref_probs), expected)
+        assert not torch.equal(objective(Config(loss=loss), logits, targets, None if loss == 'ntp' else ref_probs),
+                               expected)

@@ -33,7 +33,7 @@ from test_captions import make_folder, records
     ('--n_embd=0', 'n_embd'), ('--image_size=0', 'image_size'), ('--patch_size=0', 'patch_size'),
     ('--batch_size=-4', 'batch_size'), ('--learning_rate=0', 'learning_rate'),
     ('--learning_rate=-1e-3', 'learning_rate'),
-    ('--weight_floor=1.5', 'weight_floor'), ('--dropout=1.0', 'dropout'), ('--beta2=1.0', 'beta2'),
+    ('--weight_floor=1.5', 'weight_floor'), ('--label_smoothing=1.0', 'label_smoothing'), ('--dropout=1.0', 'dropout'), ('--beta2=1.0', 'beta2'),
     ('--block_size=2', 'block_size'), ('--eval_interval=0', 'eval_interval'), ('--ckpt_interval=-1', 'ckpt_interval'),
     ('--num_workers=-1', 'num_workers'), ('--max_image_pixels=0', 'max_image_pixels'), ('--val_frac=0.7', 'test_frac'),
     ('--grad_clip=-1', 'grad_clip'), ('--ref_max_iters=0', 'ref_max_iters'), ('--min_lr_ratio=2', 'min_lr_ratio'),
