@@ -148,7 +148,7 @@ def figure(records, fits, ladder, path):
                              label=f"{obj}: compute k = {c['k']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]")
         style(axes[0, -1], 'training FLOPs', '1 - attr_acc', 'main study: compute (U, fixed data)')
         ticks(axes[0, -1], xs, [f'{x:.1e}' for x in xs])
-    fig.suptitle('Data scaling (points: seeds; lines: power-law fits, bootstrap 95% CI of b)')
+    fig.suptitle('Data scaling: points are seeds, lines power-law fits\n(legend: b and its bootstrap 95% CI)', fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
