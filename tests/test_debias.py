@@ -32,7 +32,7 @@ def test_batch_normalised_prior_corrected_recovers_the_data(alpha, floor):
     p_ref = torch.tensor([0.9, 0.05, 0.6, 0.01, 0.3, 0.5, 0.2])         # the reference's P_r of each token
     targets = torch.repeat_interleave(torch.arange(7), counts)[None]    # one 'batch' of 100 positions
     theta = torch.zeros(7, requires_grad=True)
-    cfg = SimpleNamespace(loss='prior_batch', alpha=alpha, weight_floor=floor)
+    cfg = SimpleNamespace(loss='prior_batch', alpha=alpha, weight_floor=floor, label_smoothing=0.0)
     fit(lambda: theta.expand(1, targets.size(1), 7), [theta],
         lambda logits: objective(cfg, logits, targets, p_ref[targets]))
     learned = torch.log_softmax(theta.detach(), -1)
@@ -56,7 +56,7 @@ def test_per_caption_prior_keeps_the_stated_residual_tilt():
     targets = torch.stack([v, u], dim=1)
     ref_probs = torch.stack([r1[v], r2[v, u]], dim=1)
     theta1, theta2 = torch.zeros(4, requires_grad=True), torch.zeros(4, 4, requires_grad=True)
-    cfg = SimpleNamespace(loss='prior', alpha=1.0, weight_floor=0.0)
+    cfg = SimpleNamespace(loss='prior', alpha=1.0, weight_floor=0.0, label_smoothing=0.0)
     fit(lambda: torch.stack([theta1.expand(len(v), 4), theta2[v]], dim=1), [theta1, theta2],
         lambda logits: objective(cfg, logits, targets, ref_probs))
     corrected = debias(torch.log_softmax(theta1.detach(), -1), r1).exp()
@@ -105,11 +105,11 @@ def test_prior_batch_scales_once_per_batch_and_equals_prior_for_one_caption():
     torch.manual_seed(0)
     logits, targets, ref = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5)), torch.rand(2, 5)
     targets[1, 3:] = IGNORE
-    cfg = SimpleNamespace(loss='prior_batch', alpha=1.0, weight_floor=0.0)
+    cfg = SimpleNamespace(loss='prior_batch', alpha=1.0, weight_floor=0.0, label_smoothing=0.0)
     w = prior_weight(ref) * (targets != IGNORE)
     want = (w * 8 / w.sum() * token_nll(logits, targets)).sum() / 8
     assert torch.allclose(objective(cfg, logits, targets, ref), want)
-    per_caption = SimpleNamespace(loss='prior', alpha=1.0, weight_floor=0.0)
+    per_caption = SimpleNamespace(loss='prior', alpha=1.0, weight_floor=0.0, label_smoothing=0.0)
     assert not torch.allclose(objective(cfg, logits, targets, ref), objective(per_caption, logits, targets, ref))
     assert torch.allclose(objective(cfg, logits[:1], targets[:1], ref[:1]),
                           objective(per_caption, logits[:1], targets[:1], ref[:1]))
