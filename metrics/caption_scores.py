@@ -29,22 +29,25 @@ def ngram_counts(tokens, n_max=4):
     return Counter(tuple(tokens[i:i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
 
 
-def closest_ref_len(hyp, refs):
-    """BLEU's reference length for one hypothesis: the reference length closest to it (ties: the shorter)."""
-    return min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+def bleu_lengths(hypotheses, references):
+    """(words generated, BLEU's reference words): for each hypothesis the reference length closest to
+    it (ties: the shorter), COCO's 'closest'."""
+    ref_len = sum(min((abs(len(r) - len(h)), len(r)) for r in refs)[1] for h, refs in zip(hypotheses, references))
+    return sum(map(len, hypotheses)), ref_len
 
 
 def length_ratio(hypotheses, references):
-    """Words generated / BLEU's reference words (closest): below 1, BLEU's brevity penalty exp(1 - 1/ratio)
+    """Words generated / BLEU's reference words: below 1, BLEU's brevity penalty exp(1 - 1/ratio)
     scales every BLEU-n (COCO's evaluation prints it as 'ratio')."""
-    return sum(map(len, hypotheses)) / max(1, sum(closest_ref_len(h, r) for h, r in zip(hypotheses, references)))
+    hyp_len, ref_len = bleu_lengths(hypotheses, references)
+    return hyp_len / max(1, ref_len)
 
 
 def bleu(hypotheses, references, n_max=4):
     """Corpus BLEU-1..n_max (a list): clipped n-gram precisions summed over all captions, BLEU-n the
     geometric mean of precisions 1..n, times a brevity penalty against the reference length closest
     to each hypothesis (COCO's 'closest'; its smoothing constants, so an empty count gives ~0, not 0/0)."""
-    correct, total, hyp_len, ref_len = np.zeros(n_max), np.zeros(n_max), 0, 0
+    correct, total = np.zeros(n_max), np.zeros(n_max)
     for hyp, refs in zip(hypotheses, references):
         counts = ngram_counts(hyp, n_max)
         best = Counter()
@@ -53,8 +56,7 @@ def bleu(hypotheses, references, n_max=4):
         for gram, c in counts.items():
             correct[len(gram) - 1] += min(c, best[gram])
             total[len(gram) - 1] += c
-        hyp_len += len(hyp)
-        ref_len += closest_ref_len(hyp, refs)
+    hyp_len, ref_len = bleu_lengths(hypotheses, references)
     log_precisions = np.log((correct + 1e-15) / (total + 1e-9))
     brevity = min(1.0, math.exp(1 - (ref_len + 1e-9) / (hyp_len + 1e-15)))
     return [float(brevity * np.exp(log_precisions[:n].mean())) for n in range(1, n_max + 1)]
