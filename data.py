@@ -85,6 +85,14 @@ class CaptionData:
             setattr(out, name, None if encoded is None else encoded[rows])
         return out
 
+    def with_second_view(self):
+        """Each caption twice: row len(self) + r is row r read with its image's second view, image
+        n + i of `images` (n images a view; pretrained/features.py's flipped view)."""
+        n_rows, n_images = len(self), len(self.images) // 2
+        out = self.subset(list(range(n_rows)) * 2)
+        out.image_index = torch.cat([self.image_index, self.image_index + n_images])
+        return out
+
     def __getitem__(self, row):                  # for a DataLoader: (uint8 image, row)
         return self.images[int(self.image_index[row])], row
 

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -246,8 +247,11 @@ def setup(cfg, log, ckpt):
               'reference_sha256': reference and weights_digest(reference['model']),
               'image_digests': {k: image_digests(v) for k, v in splits.items()}}     # to name what changed
     step = resume(ckpt, model, optimizer, scaler, inputs, log, checkpoint_path(cfg.out_dir), cfg, splits)
-    if caches_features(cfg):
-        use_cached_features(splits, model.vision, device, cache_root(cfg), log, rank == 0)   # the resumed weights'
+    if caches_features(cfg):                     # the resumed weights' features; flip_view: a mirrored view too
+        use_cached_features(splits, model.vision, device, cache_root(cfg), log, rank == 0,
+                            flip=('train',) if cfg.flip_view else ())
+        if cfg.flip_view and ref_probs is not None:
+            ref_probs = np.concatenate([ref_probs, ref_probs])   # the second view's rows: the same captions
     if rank == 0:
         start_log(os.path.join(cfg.out_dir, 'log.jsonl'), step)
         if ref_ckpt:

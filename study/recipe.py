@@ -56,6 +56,10 @@ CANDIDATES = {                                     # fixed before the sweep ran;
     # of lite1 (beam-3 CIDEr-D 0.475 vs 0.465) is the size that seeds move; the test split stays unread
     'base_s2': ['--seed=2'],
     'lite1_s2': ['--vision=efficientnet_lite1', '--image_size=240', '--seed=2'],
+    # round five, with the new --flip_view (before they ran): a mirrored second view of each training photo, the
+    # regulariser the issue lists; at 3,000 steps, and at 6,000 since the views double the data that over-fit there
+    'flip': ['--flip_view=True'],
+    'flip_steps6k': ['--flip_view=True', '--max_iters=6000'],
 }
 DECODINGS = [(1, 0.0)] + [(beam, lp) for beam in (2, 3, 5) for lp in (0.0, 0.5, 1.0)]
 SHOWN = ('loss', 'retrieval_r1', 'retrieval_ratio_r1', 'bleu1', 'bleu4', 'bleu_len_ratio', 'cider', 'distinct')

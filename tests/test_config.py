@@ -45,6 +45,14 @@ def test_oracle_needs_token_classes():
             load_config(['--loss=label', flag])
 
 
+def test_flip_view_needs_cached_features():
+    assert load_config(['--arch=h', '--init_vision=clip', '--freeze_vision=True', '--flip_view=True']).flip_view
+    for flags in (['--arch=u'], ['--arch=h', '--init_vision=clip'], ['--arch=h', '--init_vision=clip',
+                  '--freeze_vision=True', '--cache_features=False']):
+        with pytest.raises(ValueError, match='flip_view .* needs cached features'):
+            load_config([*flags, '--flip_view=True'])
+
+
 def test_config_file_then_flags(tmp_path):
     f = tmp_path / 'c.py'
     f.write_text("arch = 'h'\nmax_iters = 9\n")

@@ -129,6 +129,46 @@ def test_cached_features_stand_in_for_pixels(shapes_h):
     assert len(logs) == 1
 
 
+def test_flipped_view_adds_each_caption_with_the_mirrored_photos_features(shapes_h):
+    cfg, splits, vocab = shapes_h
+    torch.manual_seed(0)
+    vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_layer, cfg.n_head, cfg.vit_embd, 0.0).eval()
+    train, n = splits['train'], len(splits['train'])
+    rows = torch.arange(6)
+    pixels = train.batch(rows, 'cpu')[0]
+    logs = []
+    use_cached_features({'train': load_splits(cfg, names=('train',))['train']}, vit, 'cpu', cache_root(cfg),
+                        log=logs.append)                        # a run without the flipped view first
+    use_cached_features(splits, vit, 'cpu', cache_root(cfg), log=logs.append, flip=('train',))
+    assert sum('train features (flipped)' in line for line in logs) == 1    # the as-is view read back, the
+    assert sum('train features' in line for line in logs) == 2              # mirrored one computed once
+    doubled = splits['train']
+    assert len(doubled) == 2 * n and any(f'{2 * n} rows' in line for line in logs)
+    as_is, mirrored = doubled.batch(rows, 'cpu'), doubled.batch(rows + n, 'cpu')
+    with torch.no_grad():
+        torch.testing.assert_close(as_is[0], vit(pixels), rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(mirrored[0], vit(pixels.flip(-1)), rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(as_is[0], mirrored[0], atol=1e-3)
+    for a, b in zip(as_is[1:], mirrored[1:]):                   # the same caption rows
+        assert torch.equal(a, b)
+    assert len(splits['val']) < n and len(splits['val'].images) == len(splits['val'].image_index.unique())
+
+
+def test_a_run_with_the_flipped_view_trains_each_caption_with_both(shapes_h, monkeypatch):
+    import train as training
+    cfg, _, _ = shapes_h
+    seen = []
+    real_step = training.train_step
+
+    def spy(cfg, model, raw_model, optimizer, data, *args, **kwargs):
+        seen.append(len(data))
+        return real_step(cfg, model, raw_model, optimizer, data, *args, **kwargs)
+    monkeypatch.setattr(training, 'train_step', spy)
+    flipped = training.train(dataclasses.replace(cfg, flip_view=True, loss='prior', max_iters=4, final_eval=False),
+                             log=lambda *a: None)
+    assert flipped is None and set(seen) == {2 * cfg.n_train}    # PRIOR's weights read the doubled rows too
+
+
 def test_eval_reads_the_frozen_encoders_features_from_the_runs_cache(shapes_h, tmp_path, capsys, monkeypatch):
     import eval as evaluation
     from train import train

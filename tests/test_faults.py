@@ -566,7 +566,7 @@ def test_a_damaged_feature_cache_is_computed_anew(tiny_cfg):
         splits = load_splits(cfg, names=('val',))
         splits['val'].encode(make_vocab(cfg, splits['val']))
         use_cached_features(splits, vit, 'cpu', cache_root(cfg), log=log)
-        return splits['val'].images.array
+        return splits['val'].images.views[0]
     first = cached(lambda *a: None)
     path, first = first.filename, np.array(first)
     open(path, 'r+b').truncate(os.path.getsize(path) - 8)
