@@ -60,6 +60,9 @@ CANDIDATES = {                                     # fixed before the sweep ran;
     # regulariser the issue lists; at 3,000 steps, and at 6,000 since the views double the data that over-fit there
     'flip': ['--flip_view=True'],
     'flip_steps6k': ['--flip_view=True', '--max_iters=6000'],
+    # How round five decides (written before its results): at beam 3 / length penalty 0.5, lite1 replaces Lite0
+    # if its two-seed mean beats base's (base, base_s2) in both CIDEr-D and BLEU-4; a flip candidate joins the
+    # recipe if it beats base's better seed in both, with a val loss no worse than base's mean + 0.01.
 }
 DECODINGS = [(1, 0.0)] + [(beam, lp) for beam in (2, 3, 5) for lp in (0.0, 0.5, 1.0)]
 SHOWN = ('loss', 'retrieval_r1', 'retrieval_ratio_r1', 'bleu1', 'bleu4', 'bleu_len_ratio', 'cider', 'distinct')
