@@ -8,14 +8,21 @@ metrics (loss, retrieval plain and ratio) come from the greedy pass.
     python -m study.recipe                            # every candidate not yet done, one at a time
     python -m study.recipe --candidates=base,steps6k  # some of them
     python -m study.recipe --report=True              # the table of those done
+    python -m study.recipe --test='A/*_seed*.json,B/*_seed*.json'   # two recipes' test runs, seed by seed
+
+--test compares two sets of test records (each a train.py eval_test.json, or a study.flickr record
+holding one as 'test'), paired by the seed in the file names: mean ± std of each, and B - A with a
+t-based 95% interval.
 
 Each candidate's record goes to <results>/<name>.json: its settings, the train.py command, the
 training's wall time (reference and feature pass included when it built them), the val metrics per
 decoding with the seconds each took, and the commit it started at. An existing record is not redone.
 """
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,9 +39,10 @@ from runs.errors import ConfigError
 from runs.files import atomic_write, checkpoint_path
 from runs.reference_files import reference_of
 from study.plan import ROOT, code_state
+from study.stats import mean_std, t_test
 
 FLAGS = {'config': 'configs/flickr_cpu.py', 'candidates': '', 'results': 'study/results/recipe',
-         'out': 'out/sweep', 'report': False}
+         'out': 'out/sweep', 'report': False, 'test': ''}
 CANDIDATES = {                                     # fixed before the sweep ran; flags on top of the config
     'base': [],
     'steps6k': ['--max_iters=6000'],
@@ -65,6 +73,7 @@ CANDIDATES = {                                     # fixed before the sweep ran;
     # recipe if it beats base's better seed in both, with a val loss no worse than base's mean + 0.01.
 }
 DECODINGS = [(1, 0.0)] + [(beam, lp) for beam in (2, 3, 5) for lp in (0.0, 0.5, 1.0)]
+TEST_KEYS = ('bleu1', 'bleu2', 'bleu3', 'bleu4', 'cider', 'retrieval_r1', 'retrieval_ratio_r1', 'loss')
 SHOWN = ('loss', 'retrieval_r1', 'retrieval_ratio_r1', 'bleu1', 'bleu4', 'bleu_len_ratio', 'cider', 'distinct')
 
 
@@ -115,8 +124,39 @@ def report(results):
     print(text)
 
 
+def test_records(pattern):
+    """{seed: test metrics} of the records matching `pattern` (a glob), each named ..._seed<N>[_...].json."""
+    out = {}
+    for path in sorted(glob.glob(pattern)):
+        match = re.search(r'_seed(\d+)(?:_[^/]*)?\.json$', path)
+        if match:
+            record = json.load(open(path))
+            out[int(match.group(1))] = record.get('test', record)
+    if not out:
+        raise ConfigError(f"--test: no records named ..._seed<N>.json match {pattern}")
+    return out
+
+
+def test_report(patterns):
+    """Mean ± std of each recipe's test metrics and the paired difference B - A over their common seeds."""
+    if len(patterns) != 2:
+        raise ConfigError(f"--test takes two globs, A,B; got {patterns}")
+    a, b = (test_records(p) for p in patterns)
+    seeds = sorted(set(a) & set(b))
+    lines = [f"A = {patterns[0]}, B = {patterns[1]}; seeds {seeds} (paired)", '',
+             '| metric | A mean ± std | B mean ± std | B - A [95% CI, t] | p |', '|---|---|---|---|---|']
+    for key in TEST_KEYS:
+        xa, xb = [a[s][key] for s in seeds], [b[s][key] for s in seeds]
+        (ma, sa, _), (mb, sb, _), d = mean_std(xa), mean_std(xb), t_test([y - x for x, y in zip(xa, xb)])
+        lines.append(f"| {key} | {ma:.3f} ± {sa:.3f} | {mb:.3f} ± {sb:.3f} | {d['mean']:+.3f} "
+                     f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {d['p']:.3f} |")
+    print('\n'.join(lines))
+
+
 def main(argv):
     args = parse_flags(argv, FLAGS)
+    if args['test']:
+        return test_report(args['test'].split(','))
     os.makedirs(args['results'], exist_ok=True)
     names = [n for n in args['candidates'].split(',') if n] or list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]

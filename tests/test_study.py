@@ -124,6 +124,22 @@ def test_paired_statistics():
     assert stats.relative_change(0.9, 0.8, True) == pytest.approx(0.125) and stats.relative_change(1, 0, True) is None
 
 
+def test_two_recipes_test_runs_are_paired_by_seed(tmp_path, capsys):
+    from study.recipe import TEST_KEYS, test_report
+    for seed, (a, b) in {1: (0.10, 0.13), 2: (0.20, 0.21), 3: (0.30, 0.32), 7: (0.5, None)}.items():
+        (tmp_path / f'a_seed{seed}.json').write_text(json.dumps({'test': {k: a for k in TEST_KEYS}}))
+        if b is not None:                                           # (an eval_test.json: the metrics themselves)
+            (tmp_path / f'b_seed{seed}_beam3.json').write_text(json.dumps({k: b for k in TEST_KEYS}))
+    test_report([str(tmp_path / 'a_*.json'), str(tmp_path / 'b_*.json')])
+    out = capsys.readouterr().out
+    assert 'seeds [1, 2, 3] (paired)' in out                       # seed 7 has no partner
+    row = next(line for line in out.splitlines() if line.startswith('| cider |'))
+    d = stats.t_test([0.03, 0.01, 0.02])
+    assert f"| 0.200 ± 0.100 | 0.220 ± 0.095 | +0.020 [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {d['p']:.3f} |" in row
+    with pytest.raises(ConfigError, match='no records'):
+        test_report([str(tmp_path / 'a_*.json'), str(tmp_path / 'c_*.json')])
+
+
 def test_noisy_captions_keep_the_recipes_image_folder(tmp_path):
     """The noisy copy of a captions.csv named by path, with its images elsewhere, points at those images
     and keeps every row; a dataset that is not a CSV gets one line naming it."""
