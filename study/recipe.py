@@ -135,8 +135,15 @@ def test_records(pattern):
     for path in sorted(glob.glob(pattern)):
         match = re.search(r'_seed(\d+)(?:_[^/]*)?\.json$', path)
         if match:
-            record = json.load(open(path))
-            out[int(match.group(1))] = record.get('test', record)
+            try:
+                record = json.load(open(path))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--test: {path} is not a readable JSON record ({e})") from e
+            metrics = record.get('test', record)
+            missing = [k for k in TEST_KEYS if k not in metrics]
+            if missing:
+                raise ConfigError(f"--test: {path} has no {', '.join(missing)} (not a test-metrics record?)")
+            out[int(match.group(1))] = metrics
     if not out:
         raise ConfigError(f"--test: no records named ..._seed<N>.json match {pattern}")
     return out
@@ -148,6 +155,8 @@ def test_report(patterns):
         raise ConfigError(f"--test takes two globs, A,B; got {patterns}")
     a, b = (test_records(p) for p in patterns)
     seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ConfigError(f"--test: no seed has a record in both (A: {sorted(a)}, B: {sorted(b)})")
     lines = [f"A = {patterns[0]}, B = {patterns[1]}; seeds {seeds} (paired)", '',
              '| metric | A mean ± std | B mean ± std | B - A [95% CI, t] | p |', '|---|---|---|---|---|']
     for key in TEST_KEYS:

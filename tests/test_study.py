@@ -138,6 +138,12 @@ def test_two_recipes_test_runs_are_paired_by_seed(tmp_path, capsys):
     assert f"| 0.200 ± 0.100 | 0.220 ± 0.095 | +0.020 [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {d['p']:.3f} |" in row
     with pytest.raises(ConfigError, match='no records'):
         test_report([str(tmp_path / 'a_*.json'), str(tmp_path / 'c_*.json')])
+    (tmp_path / 'd_seed9.json').write_text(json.dumps({'bleu4': 0.1}))
+    with pytest.raises(ConfigError, match=r'd_seed9.json has no bleu1'):
+        test_report([str(tmp_path / 'a_*.json'), str(tmp_path / 'd_*.json')])
+    (tmp_path / 'd_seed9.json').write_text(json.dumps({k: 0.1 for k in TEST_KEYS}))
+    with pytest.raises(ConfigError, match='no seed has a record in both'):
+        test_report([str(tmp_path / 'a_*.json'), str(tmp_path / 'd_*.json')])
 
 
 def test_noisy_captions_keep_the_recipes_image_folder(tmp_path):
