@@ -2,8 +2,10 @@
 Imported first by every entry point, before torch (which takes seconds to load): from that moment
 SIGTERM and SIGINT (Ctrl-C) end the program with one line and exit status 3, never a traceback or a
 silent death. runs.cli.cli then raises Interrupted instead (one line too), and a run's own handling
-(runs.stopping.StopOnSignal) takes over inside it. Only for a script of the project's top folder run
-as the program: a program that imports the project (pytest) keeps its own handling.
+(runs.stopping.StopOnSignal) takes over inside it. A raised Interrupted that Python cannot pass on
+(the signal landed inside a weakref callback or a __del__) ends the program at once too. Only for a
+script of the project's top folder run as the program: a program that imports the project (pytest)
+keeps its own handling.
 """
 
 import os
@@ -11,7 +13,7 @@ import signal
 import sys
 import threading
 
-from runs.errors import print_error
+from runs.errors import Interrupted, print_error
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +25,19 @@ def stop_while_starting(signum, frame):
     print_error(f"stopped by {signal.Signals(signum).name} while starting up or shutting down (no file is left "
                 f"half-written)")
     sys.stderr.flush()
-    os._exit(3)                                  # runs.errors.Interrupted.status
+    os._exit(Interrupted.status)
+
+
+def stop_where_unraisable(info):
+    """sys.unraisablehook: Python reports an exception raised inside a weakref callback or a __del__ as
+    "Exception ignored" and goes on, so a signal's Interrupted landing there would be lost and the run
+    would carry on. Such a stop ends the program at once, in one line; any other exception is reported
+    as Python does."""
+    if not isinstance(info.exc_value, Interrupted):
+        return sys.__unraisablehook__(info)
+    print_error(str(info.exc_value))
+    sys.stderr.flush()
+    os._exit(Interrupted.status)
 
 
 def is_entry_point():
@@ -34,3 +48,4 @@ def is_entry_point():
 if is_entry_point() and threading.current_thread() is threading.main_thread():
     for s in SIGNALS:
         signal.signal(s, stop_while_starting)
+    sys.unraisablehook = stop_where_unraisable

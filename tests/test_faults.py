@@ -133,6 +133,23 @@ def test_a_signal_during_start_up_ends_in_one_line(tiny_cfg, tmp_path, script):
         assert err.startswith(f'error: stopped by {sig.name}'), err
 
 
+def test_a_stop_python_cannot_pass_on_still_ends_the_program_in_one_line(tmp_path):
+    """A signal's Interrupted raised inside a weakref callback, which Python reports as "Exception ignored"
+    and goes on from: the entry points' hook ends the program there; any other such exception goes on."""
+    script = tmp_path / 'callback.py'
+    script.write_text(
+        "import sys, weakref\nsys.path.insert(0, sys.argv[1])\n"
+        "from runs.errors import Interrupted\nfrom runs.startup import stop_where_unraisable\n"
+        "sys.unraisablehook = stop_where_unraisable\n"
+        "class Thing: pass\n"
+        "def raising(ref): raise (Interrupted if sys.argv[2] == 'stop' else ValueError)('stopped by SIGINT here')\n"
+        "thing = Thing(); ref = weakref.ref(thing, raising); del thing\nprint('went on')\n")
+    stop, other = (subprocess.run([sys.executable, str(script), ROOT, kind], capture_output=True, text=True)
+                   for kind in ('stop', 'other'))
+    assert (stop.returncode, stop.stdout, stop.stderr) == (Interrupted.status, '', 'error: stopped by SIGINT here\n')
+    assert other.returncode == 0 and other.stdout == 'went on\n' and 'Exception ignored' in other.stderr
+
+
 def test_a_signal_during_a_checkpoint_write_keeps_a_loadable_checkpoint(tiny_cfg, monkeypatch):
     import runs.files as checkpoint
     real_save, saves = checkpoint.torch.save, []
