@@ -16,7 +16,8 @@ before any run: study/results/data_scaling/design.md.
 
 Each run is `python train.py CONFIG ...` in its own process, --jobs at a time with --threads each
 (the first of a ladder alone, on every core: it builds the shared caches). Its record goes to
-<results>/runs/<name>.json (an existing one is not re-run; one made with other settings is refused):
+<results>/runs/<name>.json (an existing one is not re-run; one made with other settings or another
+version of the config file is refused):
 ladder, setting, objective, seed, n_train (the captions it trained on, from its log), the test
 metrics of best.pt, best_step, last_step, capped (reached max_iters before stopping), wall time and
 the commit it started at. The report: <results>/summary.md and <results>/<ladder>.png.
@@ -131,9 +132,10 @@ def execute(job, out_root, runs_dir, threads):
     cmd = command(name, config, flags, facts, out_root)
     if os.path.isfile(path):
         record = read_json(path)
-        if settings(record['command']) != settings(' '.join(cmd[1:])):
-            raise ConfigError(f"{path} was made by `{record['command']}`, not this phase's settings; "
-                              f"move it away or pass another --results")
+        if settings(record['command']) != settings(' '.join(cmd[1:])) or \
+                record.get('config_sha256', file_sha256(config)) != file_sha256(config):
+            raise ConfigError(f"{path} was made by `{record['command']}` with another {config} or other settings "
+                              f"than this phase's; move it away or pass another --results")
         return record
     out_dir = os.path.join(out_root, name)
     done = launch(cmd, name, out_root, threads)     # resumes, times its parts, refuses a failed run

@@ -92,3 +92,8 @@ def test_a_tiny_shapes_ladder_runs_records_and_resumes(tmp_path):
     assert '## shapes, u (8 runs;' in summary and '| 1 - attr_acc | prior + debias |' in summary
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and again.stdout.startswith('# Data scaling')      # nothing re-run: the report alone
+    record = tmp_path / 'results' / 'runs' / f"{runs[0]['name']}.json"
+    record.write_text(json.dumps({**runs[0], 'config_sha256': '0' * 64}))         # as if the preset was edited since
+    edited = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert edited.returncode == 2 and edited.stderr.count('\n') == 1, edited.stderr
+    assert f"{record} was made by" in edited.stderr and 'with another configs/shapes_u.py' in edited.stderr
