@@ -1,6 +1,6 @@
 """
-NTP vs PRIOR (and other objectives) on real photos: configs/flickr_cpu.py (Flickr8k, EfficientNet-Lite0
-frozen) with several seeds, in three conditions:
+NTP vs PRIOR (and other objectives) on real photos: configs/flickr_cpu.py (Flickr8k, a frozen ImageNet
+EfficientNet-Lite: Lite1 since 9241524, Lite0 before) with several seeds, in three conditions:
 
   frozen   the paper's first stage: encoder and LM frozen (the LM is the text-only reference),
            only the projector trains
