@@ -22,10 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def stop_while_starting(signum, frame):
     """Ends the program at once: an exception raised inside an import can be caught there by the library
     being loaded (some catch everything) and leave it half loaded. Every file is written atomically."""
-    print_error(f"stopped by {signal.Signals(signum).name} while starting up or shutting down (no file is left "
-                f"half-written)")
-    sys.stderr.flush()
-    os._exit(Interrupted.status)
+    end_now(f"stopped by {signal.Signals(signum).name} while starting up or shutting down (no file is left "
+            f"half-written)")
 
 
 def stop_where_unraisable(info):
@@ -35,7 +33,12 @@ def stop_where_unraisable(info):
     as Python does."""
     if not isinstance(info.exc_value, Interrupted):
         return sys.__unraisablehook__(info)
-    print_error(str(info.exc_value))
+    end_now(str(info.exc_value))
+
+
+def end_now(message):
+    """One line, then the program ends at once with Interrupted's status (no clean-up runs)."""
+    print_error(message)
     sys.stderr.flush()
     os._exit(Interrupted.status)
 

@@ -41,7 +41,7 @@ from runs.errors import ConfigError
 from runs.files import atomic_write, checkpoint_path, file_sha256, load_checkpoint
 from sources.captions import split_of
 from study import scaling_report
-from study.flickr import csv_source, launch, read_json, settings, write_copy
+from study.flickr import check_record, csv_source, launch, read_json, write_copy
 from study.plan import ROOT
 
 FLAGS = {'ladders': 'shapes,flickr', 'seeds': '1,2,3', 'objectives': 'ntp,prior', 'preset': 'full', 'jobs': 2,
@@ -132,10 +132,7 @@ def execute(job, out_root, runs_dir, threads):
     cmd = command(name, config, flags, facts, out_root)
     if os.path.isfile(path):
         record = read_json(path)
-        if settings(record['command']) != settings(' '.join(cmd[1:])) or \
-                record.get('config_sha256', file_sha256(config)) != file_sha256(config):
-            raise ConfigError(f"{path} was made by `{record['command']}` with another {config} or other settings "
-                              f"than this phase's; move it away or pass another --results")
+        check_record(path, record, cmd, config)
         return record
     out_dir = os.path.join(out_root, name)
     done = launch(cmd, name, out_root, threads)     # resumes, times its parts, refuses a failed run

@@ -146,12 +146,17 @@ def finished(config, condition, loss, seed, out_root, runs_dir, extra, same_conf
     if not os.path.isfile(path):
         return None
     record = read_json(path)
-    cmd = command(config, condition, loss, seed, out_root, extra)
+    check_record(path, record, command(config, condition, loss, seed, out_root, extra), config, same_config)
+    return record
+
+
+def check_record(path, record, cmd, config, same_config=True):
+    """Refuse a finished run's record (at `path`) that train.py's command `cmd` would not remake: other
+    settings, or (same_config) another version of the config file than the one there now."""
     if settings(record['command']) != settings(' '.join(cmd[1:])) or (same_config and
             record.get('config_sha256', file_sha256(config)) != file_sha256(config)):
         raise ConfigError(f"{path} was made by `{record['command']}` with another {config} or other settings than "
-                          f"this comparison's; move it away or pass another --results")
-    return record
+                          f"this study's; move it away or pass another --results")
 
 
 @contextlib.contextmanager
